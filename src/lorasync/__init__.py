@@ -1,0 +1,1 @@
+"""lorasync: move trained LoRA weights into vLLM after every optimizer step, verified."""

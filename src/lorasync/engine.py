@@ -1,0 +1,165 @@
+"""The generator: an in-process (colocated) vLLM engine that takes token ids and new weights.
+
+The engine knows nothing of training. It generates from token ids, scores token sequences
+(prompt logprobs), and accepts checkpoint-format weights, which it loads in place through the
+worker extension in `engine_worker.py`. Every weight load resets the prefix cache (cached
+keys/values of the old weights would otherwise be served) and bumps `weight_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WORKER_EXTENSION = "lorasync.engine_worker.LoraSyncWorkerExtension"
+
+
+@dataclass
+class EngineConfig:
+    """How to build the colocated vLLM engine.
+
+    `enforce_eager` defaults to True because on CPU vLLM's torch.compile warm-up costs about
+    35 s per new model shape, far more than a tiny model ever saves from it.
+    """
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int = 512
+    seed: int = 0
+    enforce_eager: bool = True
+    kv_cache_gib: int = 1
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
+            )
+        if not (Path(self.model) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"EngineConfig.model: no config.json in {self.model!r}; pass a directory "
+                "holding a Hugging Face model (e.g. one made by `lorasync make-tiny`)"
+            )
+        if self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion: token ids, decoded text and each token's sampling logprob."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+
+
+def checkpoint_layout(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a model directory's safetensors files (headers only)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    layout: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                layout[name] = tuple(f.get_slice(name).get_shape())
+    return layout
+
+
+class ColocatedEngine:
+    """vLLM's `LLM` in this process, with the lorasync worker extension loaded."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        # The engine core must live in this process: weights are streamed to the worker as a
+        # Python iterator, which only an in-process executor can take without serializing.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        from vllm import LLM
+
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.weight_version = 0
+        self._layout = checkpoint_layout(config.model)
+        hf_config = json.loads((Path(config.model) / "config.json").read_text())
+        self.vocab_size: int = hf_config["vocab_size"]
+        self.llm = LLM(
+            model=config.model,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]:
+        """The checkpoint names and shapes this engine's model was built from."""
+        return self._layout
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load checkpoint-format tensors in place; return the new weight version.
+
+        The caller must send whole fused groups (q/k/v, gate/up): vLLM's layerwise reload
+        gives undefined results for a partial group.
+        """
+        self.llm.collective_rpc("lorasync_reload", args=(weights,))
+        self.llm.reset_prefix_cache()
+        self.weight_version += 1
+        return self.weight_version
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        n: int = 1,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions per prompt; returns one list of completions per prompt."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, logprobs=0
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        return [
+            [
+                Completion(
+                    token_ids=list(c.token_ids),
+                    text=c.text,
+                    logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Logprob of each token given its prefix (tokens 1..n-1) for each sequence."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+        )
+        return [
+            [lp[t].logprob for t, lp in zip(seq[1:], out.prompt_logprobs[1:])]
+            for seq, out in zip(sequences, outputs)
+        ]
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
