@@ -10,6 +10,29 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+
+
+def _retie_lm_head(model: torch.nn.Module) -> None:
+    """Point a tied lm_head at the (reloaded) input embedding again.
+
+    vLLM 0.32's layerwise reload puts the lm_head's pre-reload tensor back when no
+    `lm_head.weight` arrives ("ParallelLMHead: Failed to load weights"), which unties it: the
+    model would embed with the new weights and project with the old ones. On CPU the head
+    also keeps a packed copy of its weight for the logits GEMM, so it is re-processed too.
+    """
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    embeds = [
+        m
+        for m in model.modules()
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    ]
+    if len(heads) == 1 and len(embeds) == 1:
+        head = heads[0].tie_weights(embeds[0])
+        head.quant_method.process_weights_after_loading(head)
 
 
 class LoraSyncWorkerExtension:
@@ -31,4 +54,6 @@ class LoraSyncWorkerExtension:
                 yield item
 
         self.model_runner.reload_weights(weights_iterator=counted())
+        if self.model_config.hf_config.get_text_config().tie_word_embeddings:
+            _retie_lm_head(self.model_runner.get_model())
         return count

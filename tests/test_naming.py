@@ -1,0 +1,88 @@
+"""PEFT -> checkpoint name rules: one test per rule, and a property test over generated names."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lorasync.naming import base_name, served_name
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def test_strips_peft_prefix():
+    assert served_name("base_model.model.model.norm.weight", "default") == "model.norm.weight"
+
+
+def test_prefix_only_stripped_at_start():
+    assert served_name("model.base_model.model.x.weight", "default") == "model.base_model.model.x.weight"
+
+
+def test_strips_base_layer():
+    assert served_name(f"base_model.model.{Q}.base_layer.weight", "default") == f"{Q}.weight"
+    assert served_name(f"base_model.model.{Q}.base_layer.bias", "default") == f"{Q}.bias"
+
+
+def test_skips_lora_tensors():
+    for tensor in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+        assert served_name(f"base_model.model.{Q}.{tensor}.default.weight", "default") is None
+
+
+def test_skips_original_module():
+    name = "base_model.model.lm_head.original_module.weight"
+    assert served_name(name, "default") is None
+
+
+def test_unwraps_modules_to_save_for_any_adapter_name():
+    for adapter in ("default", "policy", "my_adapter2"):
+        name = f"base_model.model.lm_head.modules_to_save.{adapter}.weight"
+        assert served_name(name, adapter) == "lm_head.weight"
+
+
+def test_skips_other_adapters_modules_to_save():
+    name = "base_model.model.lm_head.modules_to_save.other.weight"
+    assert served_name(name, "policy") is None
+
+
+def test_strips_fsdp_and_checkpoint_wrappers():
+    name = f"_fsdp_wrapped_module.base_model.model.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.base_layer.weight"
+    assert served_name(name, "default") == f"{Q}.weight"
+
+
+def test_base_name_maps_frozen_weights_and_skips_adapter_tensors():
+    assert base_name("base_model.model.lm_head.original_module.weight") == "lm_head.weight"
+    assert base_name(f"base_model.model.{Q}.base_layer.weight") == f"{Q}.weight"
+    assert base_name("base_model.model.lm_head.modules_to_save.default.weight") is None
+    assert base_name(f"base_model.model.{Q}.lora_A.default.weight") is None
+
+
+segment = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True).filter(
+    lambda s: not s.startswith("lora_")
+    and s not in {"base_layer", "original_module", "modules_to_save"}
+    and not s.startswith("_")
+)
+checkpoint_names = st.builds(
+    lambda parts, leaf: ".".join(parts + [leaf]),
+    st.lists(st.one_of(segment, st.integers(0, 99).map(str)), min_size=1, max_size=5),
+    st.sampled_from(["weight", "bias"]),
+)
+adapters = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True)
+
+
+@given(checkpoint_names, adapters, st.booleans(), st.booleans())
+def test_round_trip_over_generated_names(name, adapter, fsdp, ckpt_wrapped):
+    """Every way PEFT and torch decorate a name maps back to it, or is skipped."""
+    module, leaf = name.rsplit(".", 1)
+
+    def wrap(n: str) -> str:
+        n = "base_model.model." + n
+        if ckpt_wrapped:
+            head, tail = n.rsplit(".", 1)
+            n = f"{head}._checkpoint_wrapped_module.{tail}" if "." in head else n
+        return ("_fsdp_wrapped_module." if fsdp else "") + n
+
+    assert served_name(wrap(name), adapter) == name
+    assert served_name(wrap(f"{module}.base_layer.{leaf}"), adapter) == name
+    assert served_name(wrap(f"{module}.modules_to_save.{adapter}.{leaf}"), adapter) == name
+    assert served_name(wrap(f"{module}.modules_to_save.{adapter}x.{leaf}"), adapter) is None
+    assert served_name(wrap(f"{module}.original_module.{leaf}"), adapter) is None
+    assert served_name(wrap(f"{module}.lora_A.{adapter}.weight"), adapter) is None
+    assert base_name(wrap(f"{module}.original_module.{leaf}")) == name
