@@ -1,0 +1,182 @@
+"""Verification catches a wrong sync; training continues after a sync; bad input changes nothing."""
+
+import pytest
+import torch
+
+from helpers import policy
+from lorasync.sync import WeightSync
+from lorasync.verify import probe_sequences, trainer_scores, verify
+
+pytestmark = pytest.mark.vllm
+TOL = 1e-4
+
+
+@pytest.fixture
+def synced(tiny_model, engine_for):
+    """A llama policy with a random all-linear adapter, synced into its engine."""
+    model_dir = tiny_model("llama")
+    engine = engine_for(model_dir)
+    trainer = policy(model_dir, adapter_name="pol", seed=1)
+    sync = WeightSync(trainer, engine)
+    sync()
+    return trainer, engine, sync
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_verification_catches_a_skipped_sync(synced):
+    trainer, engine, sync = synced
+    probes = probe_sequences(engine.vocab_size)
+    assert verify(trainer, engine, probes).max_abs_diff <= TOL
+    with torch.no_grad():  # an optimizer step the engine never hears of
+        for name, param in trainer.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    assert verify(trainer, engine, probes).max_abs_diff > TOL
+    sync()
+    assert verify(trainer, engine, probes).max_abs_diff <= TOL
+
+
+def test_verification_catches_one_corrupted_tensor(synced):
+    trainer, engine, sync = synced
+    probes = probe_sequences(engine.vocab_size)
+    target = "model.layers.1.mlp.down_proj.weight"
+
+    class Corrupting:
+        """The real engine, with one tensor scaled on its way in."""
+
+        dtype = engine.dtype
+        checkpoint_layout = engine.checkpoint_layout
+
+        def load_weights(self, weights):
+            return engine.load_weights(
+                (name, t * 1.5 if name == target else t) for name, t in weights
+            )
+
+    WeightSync(trainer, Corrupting())()
+    assert verify(trainer, engine, probes).max_abs_diff > TOL
+    sync()
+    assert verify(trainer, engine, probes).max_abs_diff <= TOL
+
+
+def test_training_continues_after_sync(tiny_model, engine_for):
+    model_dir = tiny_model("llama")
+    trainer = policy(model_dir, adapter_name="pol", seed=2)
+    trainer.train()
+    probes = probe_sequences(256, n=2, length=16)
+    before = snapshot(trainer)
+    trainable = {n for n, p in trainer.named_parameters() if p.requires_grad}
+    outputs = trainer_scores(trainer, probes)
+
+    WeightSync(trainer, engine_for(model_dir))()
+
+    after = snapshot(trainer)
+    assert trainable == {n for n, p in trainer.named_parameters() if p.requires_grad}
+    assert trainer.training
+    assert not any(getattr(m, "merged", False) for m in trainer.modules())
+    for name in trainable:  # the trained factors are untouched, bit for bit
+        assert torch.equal(before[name], after[name]), name
+    # merge-unmerge rewrites the frozen base in place: equal up to float32 rounding only
+    assert max((before[n] - after[n]).abs().max().item() for n in before) < 1e-6
+    torch.testing.assert_close(torch.tensor(trainer_scores(trainer, probes)), torch.tensor(outputs))
+    loss = trainer(input_ids=torch.tensor(probes), labels=torch.tensor(probes)).loss
+    loss.backward()
+    assert all(trainer.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_unmerge_is_guaranteed_when_loading_fails(tiny_model, engine_for):
+    model_dir = tiny_model("llama")
+    engine = engine_for(model_dir)
+    trainer = policy(model_dir, adapter_name="pol", seed=3)
+
+    class Failing:
+        dtype = engine.dtype
+        checkpoint_layout = engine.checkpoint_layout
+
+        def load_weights(self, weights):
+            next(iter(weights))
+            raise RuntimeError("transport broke")
+
+    with pytest.raises(RuntimeError, match="transport broke"):
+        WeightSync(trainer, Failing())()
+    assert not any(getattr(m, "merged", False) for m in trainer.modules())
+
+
+def test_engine_from_another_model_is_refused_and_nothing_changes(tiny_model, engine_for):
+    engine = engine_for(tiny_model("qwen3"))
+    trainer = policy(tiny_model("llama"), adapter_name="pol")
+    probes = probe_sequences(engine.vocab_size, n=2)
+    version, served = engine.weight_version, engine.score(probes)
+    before = snapshot(trainer)
+
+    with pytest.raises(ValueError, match="not the trainer's base model"):
+        WeightSync(trainer, engine)
+
+    assert engine.weight_version == version
+    assert engine.score(probes) == served
+    assert all(torch.equal(before[n], p) for n, p in trainer.named_parameters())
+
+
+def test_untied_lm_head_on_tied_engine_is_refused(tiny_model, engine_for):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model("qwen2-tied")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = get_peft_model(
+        base, LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    )
+    with pytest.raises(ValueError, match="ensure_weight_tying"):
+        WeightSync(trainer, engine_for(model_dir))
+
+
+def test_non_lora_adapter_is_refused(tiny_model, engine_for):
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model("llama")
+    trainer = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        WeightSync(trainer, engine_for(model_dir))
+
+
+def test_tensors_are_sent_in_the_engine_dtype(tiny_model, engine_for):
+    """float32 LoRA factors over a bfloat16 base arrive in the engine's bfloat16."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model("qwen2")
+    engine = engine_for(model_dir, "bfloat16")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    trainer = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    for name, param in trainer.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+    seen = set()
+
+    class Recording:
+        dtype = engine.dtype
+        checkpoint_layout = engine.checkpoint_layout
+
+        def load_weights(self, weights):
+            def record():
+                for name, t in weights:
+                    seen.add(t.dtype)
+                    yield name, t
+
+            return engine.load_weights(record())
+
+    report = WeightSync(trainer, Recording())()
+    assert seen == {torch.bfloat16}
+    assert report.bytes_sent == 2 * sum(
+        torch.Size(s).numel() for s in engine.checkpoint_layout().values()
+    )
+    result = verify(trainer, engine, probe_sequences(engine.vocab_size))
+    assert result.max_abs_diff <= 5e-2, result
