@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lorasync.tiny import ARCHITECTURES
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # vLLM logs to stdout at INFO by default; keep stdout for results (`--json`). Its
+    # warnings on every reload ("RotaryEmbedding: Failed to load weights") are expected noise.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         return args.func(args)
     except (FileNotFoundError, TypeError, ValueError) as err:

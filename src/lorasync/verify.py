@@ -17,9 +17,11 @@ from safetensors import safe_open
 
 from lorasync.naming import base_name
 
-# Default tolerances per engine dtype for `max_abs_diff`. float32 is what the acceptance
-# criteria pin; bfloat16 kernels in vLLM and transformers round differently (see README).
-TOLERANCES = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+# Default tolerances per engine dtype for `max_abs_diff`. In float32 a right sync measures
+# about 5e-6 on the tiny models. In bfloat16 the merged weight W + s*B@A is rounded to the
+# bf16 grid while the trainer computes the adapter branch separately, and the kernels differ:
+# a right sync measured 0.04-0.05 there, a skipped or corrupted one 1 or more.
+TOLERANCES = {"float32": 1e-4, "bfloat16": 1e-1}
 
 
 class Scorer(Protocol):
