@@ -86,3 +86,11 @@ def test_round_trip_over_generated_names(name, adapter, fsdp, ckpt_wrapped):
     assert served_name(wrap(f"{module}.original_module.{leaf}"), adapter) is None
     assert served_name(wrap(f"{module}.lora_A.{adapter}.weight"), adapter) is None
     assert base_name(wrap(f"{module}.original_module.{leaf}")) == name
+
+
+def test_trainable_tokens_unwrap_and_skip_delta():
+    name = "base_model.model.model.embed_tokens.token_adapter.base_layer.weight"
+    assert served_name(name, "default") == "model.embed_tokens.weight"
+    delta = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"
+    assert served_name(delta, "default") is None
+    assert base_name(delta) is None

@@ -73,6 +73,25 @@ def checkpoint_layout(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return layout
 
 
+def weight_groups(
+    layout: Mapping[str, tuple[int, ...]], packed_modules: Mapping[str, Sequence[str]]
+) -> list[list[str]]:
+    """Group checkpoint names by the vLLM module they load into, in layout order.
+
+    A module's weight and bias form one group (vLLM's layerwise reload processes a layer once
+    all its elements arrived); modules vLLM fuses (`packed_modules_mapping`, e.g. q/k/v into
+    qkv_proj) form one group together.
+    """
+    fused_into = {part: fused for fused, parts in packed_modules.items() for part in parts}
+    groups: dict[str, list[str]] = {}
+    for name in layout:
+        module, _, _ = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        key = f"{parent}.{fused_into[leaf]}" if leaf in fused_into else module
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 class ColocatedEngine:
     """vLLM's `LLM` in this process, with the lorasync worker extension loaded."""
 
@@ -82,6 +101,13 @@ class ColocatedEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         from vllm import LLM
+        from vllm.model_executor.layers import rotary_embedding
+
+        # vLLM caches rotary-embedding modules process-wide (private `_ROPE_DICT`), so two
+        # engines in one process would share them, and an in-place reload of one engine leaves
+        # the other's cos/sin cache on the meta device. Each engine gets its own.
+        # Pinned by tests/test_sync_guards.py (a second engine's scoring crashes without it).
+        rotary_embedding._ROPE_DICT.clear()
 
         self.config = config
         self.dtype = DTYPES[config.dtype]
@@ -99,10 +125,16 @@ class ColocatedEngine:
             worker_extension_cls=WORKER_EXTENSION,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        packed = self.llm.collective_rpc("lorasync_packed_modules")[0]
+        self._groups = weight_groups(self._layout, packed)
 
     def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]:
         """The checkpoint names and shapes this engine's model was built from."""
         return self._layout
+
+    def weight_groups(self) -> list[list[str]]:
+        """Checkpoint names that load into one vLLM parameter set and must be sent together."""
+        return self._groups
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format tensors in place; return the new weight version.

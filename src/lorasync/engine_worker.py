@@ -38,6 +38,10 @@ def _retie_lm_head(model: torch.nn.Module) -> None:
 class LoraSyncWorkerExtension:
     """Methods vLLM's worker gains; `self` is the vLLM worker."""
 
+    def lorasync_packed_modules(self) -> dict[str, list[str]]:
+        """The model's fused modules: {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}."""
+        return dict(getattr(self.model_runner.get_model(), "packed_modules_mapping", {}))
+
     def lorasync_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format tensors in place and return how many were loaded.
 

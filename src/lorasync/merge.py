@@ -1,8 +1,13 @@
-"""Merging the LoRA delta into the weights the engine serves.
+"""Merging the LoRA delta into the weights the engine serves, two ways.
 
-`merged` is the known recipe (Hugging Face TRL's): fold scale * B @ A into the base weights in
-place, read them, fold it back out. The unmerge is guaranteed, whatever happens while merged,
-so the trainer never continues on a merged model.
+- `merged`: the known recipe (Hugging Face TRL's): fold scale * B @ A into the base weights in
+  place, read them, fold it back out. The unmerge is guaranteed, whatever happens while
+  merged, so the trainer never continues on a merged model; but in low precision the round
+  trip drifts the frozen base weights.
+- `merged_tensor`: the streaming merge. It computes one merged tensor into a temporary and
+  leaves the model untouched, so the base weights stay bit-identical after any number of syncs.
+  The arithmetic is PEFT's own (`get_delta_weight`, the variants' `merge_safe`,
+  `get_merged_weights`), so the result equals what `merge_and_unload` gives.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from peft import PeftModel
+
+from lorasync.plan import Entry, Source
 
 
 @contextmanager
@@ -21,3 +29,23 @@ def merged(model: PeftModel) -> Iterator[PeftModel]:
         yield model
     finally:
         model.unmerge_adapter()
+
+
+@torch.no_grad()
+def merged_tensor(model: PeftModel, entry: Entry, adapter_name: str) -> torch.Tensor:
+    """The served value of one planned tensor, as a new tensor when it needs a merge."""
+    if entry.source is Source.PARAM:
+        return model.get_parameter(entry.path).detach()
+    layer = model.get_submodule(entry.path)
+    if entry.source is Source.TOKENS:
+        return layer.get_merged_weights([adapter_name]).detach()
+    base = layer.get_base_layer()
+    if entry.source is Source.LORA_BIAS:
+        return base.bias + layer.lora_B[adapter_name].bias * layer.scaling[adapter_name]
+    if adapter_name in layer.lora_variant:  # DoRA and other variants merge their own way
+        return layer.lora_variant[adapter_name].merge_safe(layer, adapter_name, base.weight.clone())
+    weight = base.weight.detach().clone()
+    # `+=` on the clone is what PEFT's merge does on the weight itself (float32 delta added
+    # into a low-precision weight rounds once), so both give the same bits.
+    weight += layer.get_delta_weight(adapter_name)
+    return weight

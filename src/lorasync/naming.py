@@ -14,15 +14,23 @@ PEFT_PREFIX = "base_model.model."
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 # PEFT's LoRA tuner prefix: lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector (DoRA).
 LORA_PREFIX = "lora_"
+# Segments of PEFT's wrappers around a base layer, removed like `base_layer`.
+LAYER_WRAPPERS = ("base_layer", "token_adapter")
+# Trainable-token rows; the merge writes them into the embedding weight.
+TOKEN_DELTA = "trainable_tokens_delta"
 
 
 def _strip(name: str) -> list[str]:
-    """Drop torch wrapper segments, PEFT's outer prefix and `.base_layer`; return segments."""
+    """Drop torch wrapper segments, PEFT's outer prefix and layer wrappers; return segments."""
     parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
     joined = ".".join(parts)
     if joined.startswith(PEFT_PREFIX):
         joined = joined[len(PEFT_PREFIX) :]
-    return [p for p in joined.split(".") if p != "base_layer"]
+    return [p for p in joined.split(".") if p not in LAYER_WRAPPERS]
+
+
+def _is_adapter_tensor(parts: list[str]) -> bool:
+    return TOKEN_DELTA in parts or any(p.startswith(LORA_PREFIX) for p in parts)
 
 
 def served_name(name: str, adapter_name: str) -> str | None:
@@ -30,14 +38,16 @@ def served_name(name: str, adapter_name: str) -> str | None:
 
     Rules, in order:
     - torch's FSDP and activation-checkpoint wrapper segments are removed;
-    - a leading `base_model.model.` is removed, and every `.base_layer` segment;
-    - LoRA tensors (`lora_*`) are skipped: the merge already folded them into the weight;
+    - a leading `base_model.model.` is removed, and every `.base_layer` and `.token_adapter`
+      segment (the layers PEFT wraps around a LoRA or trainable-tokens base layer);
+    - LoRA tensors (`lora_*`) and trainable-token rows are skipped: the merge folds them into
+      the weight;
     - `original_module` copies are skipped: the trained copy replaces them;
     - `modules_to_save.<adapter_name>.` is unwrapped (the trained copy takes the base name);
       another adapter's `modules_to_save` copy is skipped.
     """
     parts = _strip(name)
-    if any(p.startswith(LORA_PREFIX) for p in parts) or "original_module" in parts:
+    if _is_adapter_tensor(parts) or "original_module" in parts:
         return None
     if "modules_to_save" in parts:
         i = parts.index("modules_to_save")
@@ -53,6 +63,6 @@ def base_name(name: str) -> str | None:
     The base weight of a module wrapped by `modules_to_save` is its `original_module` copy.
     """
     parts = _strip(name)
-    if any(p.startswith(LORA_PREFIX) for p in parts) or "modules_to_save" in parts:
+    if _is_adapter_tensor(parts) or "modules_to_save" in parts:
         return None
     return ".".join(p for p in parts if p != "original_module")

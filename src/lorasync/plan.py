@@ -1,16 +1,23 @@
-"""Plan what a sync sends: which trainer tensor goes to which checkpoint name in the engine.
+"""Plan what a sync sends: which checkpoint tensors, made from which trainer tensors, in what order.
 
 The plan is computed once per (trainer model, engine) pair and checked against the engine's
 checkpoint layout before anything is merged or sent, so a mismatched engine fails fast with
-nothing changed on either side.
+nothing changed on either side. It holds two lists:
+- `full`: every served tensor (a first sync, or the merge-unmerge recipe);
+- `changed`: only what the adapter changes (adapted modules, modules_to_save, trainable
+  tokens), completed to whole groups the engine fuses (q/k/v, gate/up), which vLLM's in-place
+  reload needs complete.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.trainable_tokens import TrainableTokensLayer
 
 from lorasync.adapters import active_lora
 from lorasync.naming import served_name
@@ -18,16 +25,34 @@ from lorasync.naming import served_name
 Layout = Mapping[str, tuple[int, ...]]
 
 
+class Source(Enum):
+    """How the trainer makes one served tensor."""
+
+    PARAM = "param"  # a parameter as it is (frozen base, or a modules_to_save copy)
+    LORA_WEIGHT = "lora_weight"  # base weight of a LoRA layer with the adapter merged in
+    LORA_BIAS = "lora_bias"  # base bias of a LoRA layer with lora_bias merged in
+    TOKENS = "tokens"  # embedding weight with the trainable token rows written in
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One served tensor: its checkpoint name, how to make it, and from what.
+
+    `path` is a parameter name for Source.PARAM and a module path otherwise; `param` is the
+    parameter name the merge-unmerge recipe reads after merging in place.
+    """
+
+    checkpoint: str
+    source: Source
+    path: str
+    param: str
+
+
 @dataclass(frozen=True)
 class SyncPlan:
-    """Pairs of (trainer parameter name, checkpoint name), in send order."""
-
     adapter_name: str
-    entries: tuple[tuple[str, str], ...]
-
-    @property
-    def checkpoint_names(self) -> list[str]:
-        return [ckpt for _, ckpt in self.entries]
+    full: tuple[Entry, ...]
+    changed: tuple[Entry, ...]
 
 
 def _ties_output_embedding(model: PeftModel) -> bool:
@@ -36,14 +61,9 @@ def _ties_output_embedding(model: PeftModel) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
-def plan_full_sync(model: PeftModel, layout: Layout) -> SyncPlan:
-    """Plan a sync of every served tensor, checked name by name and shape by shape.
-
-    Raises TypeError for a non-LoRA adapter and ValueError when the engine's model is not
-    the trainer's base model, or when a tied-embedding engine cannot represent the adapter.
-    """
-    adapter_name, _ = active_lora(model)
-    entries: list[tuple[str, str]] = []
+def _served_params(model: PeftModel, adapter_name: str, layout: Layout) -> dict[str, str]:
+    """checkpoint name -> trainer parameter name for every served tensor, checked."""
+    served: dict[str, str] = {}
     unknown: list[str] = []
     mismatched: list[str] = []
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -55,8 +75,8 @@ def plan_full_sync(model: PeftModel, layout: Layout) -> SyncPlan:
         elif tuple(param.shape) != layout[ckpt]:
             mismatched.append(f"{ckpt}: trainer {tuple(param.shape)}, engine {layout[ckpt]}")
         else:
-            entries.append((name, ckpt))
-    if unknown == ["lm_head.weight"] and "lm_head.weight" not in layout:
+            served[ckpt] = name
+    if unknown == ["lm_head.weight"]:
         # The engine's checkpoint ties lm_head to embed_tokens; that is right only if the
         # trainer's lm_head is its trained input embedding too.
         if not _ties_output_embedding(model):
@@ -67,7 +87,7 @@ def plan_full_sync(model: PeftModel, layout: Layout) -> SyncPlan:
                 "True) or a base model with tie_word_embeddings=False"
             )
         unknown = []
-    missing = sorted(set(layout) - {ckpt for _, ckpt in entries} - set(unknown))
+    missing = sorted(set(layout) - set(served))
     if unknown or mismatched or missing:
         problems = []
         for label, items in (
@@ -82,4 +102,54 @@ def plan_full_sync(model: PeftModel, layout: Layout) -> SyncPlan:
             + "; ".join(problems)
             + ". Build the engine from the base model the adapter was trained on"
         )
-    return SyncPlan(adapter_name=adapter_name, entries=tuple(entries))
+    return served
+
+
+def _merge_sources(model: PeftModel, adapter_name: str, served: dict[str, str]) -> dict[str, Entry]:
+    """Entries for tensors the adapter changes through a merge, keyed by checkpoint name."""
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    by_param = {param: ckpt for ckpt, param in served.items()}
+    merges: dict[str, Entry] = {}
+
+    def add(tensor, source: Source, path: str) -> None:
+        param = param_names[id(tensor)]
+        if param in by_param:  # a tied duplicate the engine does not hold has no entry
+            merges[by_param[param]] = Entry(by_param[param], source, path, param)
+
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            base = module.get_base_layer()
+            add(base.weight, Source.LORA_WEIGHT, path)
+            if module.lora_bias.get(adapter_name, False):
+                add(base.bias, Source.LORA_BIAS, path)
+        elif isinstance(module, TrainableTokensLayer) and adapter_name in module.token_indices:
+            add(module.base_layer.weight, Source.TOKENS, path)
+    return merges
+
+
+def plan_sync(model: PeftModel, layout: Layout, groups: Sequence[Sequence[str]]) -> SyncPlan:
+    """Plan full and changed-only syncs of `model` into an engine with this layout and groups.
+
+    `groups` lists the checkpoint names the engine loads into one fused parameter; every
+    layout name must be in exactly one group. Raises TypeError for a non-LoRA adapter and
+    ValueError when the engine's model is not the trainer's base model, or when a tied
+    embedding engine cannot represent the adapter.
+    """
+    adapter_name, _ = active_lora(model)
+    served = _served_params(model, adapter_name, layout)
+    merges = _merge_sources(model, adapter_name, served)
+    entries = {
+        ckpt: merges.get(ckpt, Entry(ckpt, Source.PARAM, param, param))
+        for ckpt, param in served.items()
+    }
+    changed = set(merges) | {
+        ckpt for ckpt, param in served.items() if "modules_to_save" in param.split(".")
+    }
+    full: list[Entry] = []
+    changed_entries: list[Entry] = []
+    for group in groups:  # group order keeps each fused parameter's tensors together
+        members = [entries[ckpt] for ckpt in group]
+        full.extend(members)
+        if changed.intersection(group):
+            changed_entries.extend(members)
+    return SyncPlan(adapter_name, tuple(full), tuple(changed_entries))

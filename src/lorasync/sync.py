@@ -1,22 +1,32 @@
 """The sync: the small typed interface between the trainer's PeftModel and a generator engine.
 
 The trainer side knows a `WeightReceiver` only: its dtype, the checkpoint layout its model was
-built from, and a call that loads checkpoint-format tensors and returns the new weight
-version. Any engine (colocated vLLM now, servers later) implements those three things.
+built from and how that layout is grouped into fused parameters, and a call that loads
+checkpoint-format tensors and returns the new weight version. Any engine (colocated vLLM now,
+servers later) implements those.
+
+Strategies:
+- `streaming` (default): merged tensors are computed one at a time into temporaries and sent
+  as they are made; the trainer model is never mutated. The first sync sends every tensor
+  (the engine may start from another checkpoint), later ones only the changed groups.
+- `merge-unmerge`: the known recipe, kept as the baseline: merge in place, send everything,
+  unmerge.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 from peft import PeftModel
 
-from lorasync.merge import merged
-from lorasync.plan import SyncPlan, plan_full_sync
+from lorasync.merge import merged, merged_tensor
+from lorasync.plan import Entry, SyncPlan, plan_sync
+
+STRATEGIES = ("streaming", "merge-unmerge")
 
 
 class WeightReceiver(Protocol):
@@ -26,6 +36,8 @@ class WeightReceiver(Protocol):
 
     def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]: ...
 
+    def weight_groups(self) -> Sequence[Sequence[str]]: ...
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int: ...
 
 
@@ -33,6 +45,7 @@ class WeightReceiver(Protocol):
 class SyncReport:
     """What one sync did."""
 
+    strategy: str
     tensors_sent: int
     bytes_sent: int
     seconds: float
@@ -45,27 +58,43 @@ class SyncReport:
 class WeightSync:
     """Syncs a PeftModel's current policy into an engine; the plan is computed once."""
 
-    def __init__(self, model: PeftModel, engine: WeightReceiver) -> None:
+    def __init__(self, model: PeftModel, engine: WeightReceiver, strategy: str = "streaming") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         self.model = model
         self.engine = engine
-        self.plan: SyncPlan = plan_full_sync(model, engine.checkpoint_layout())
+        self.strategy = strategy
+        self.plan: SyncPlan = plan_sync(model, engine.checkpoint_layout(), engine.weight_groups())
+        self.syncs = 0
 
     def __call__(self) -> SyncReport:
-        """Merge, send every planned tensor in the engine's dtype, unmerge."""
+        """Send the current policy; return what was sent and the engine's new version."""
         start = time.perf_counter()
-        params = dict(self.model.named_parameters(remove_duplicate=False))
         sent = {"tensors": 0, "bytes": 0}
+        dtype = self.engine.dtype
 
-        def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, ckpt in self.plan.entries:
-                tensor = params[name].detach().to(self.engine.dtype)
+        def stream(entries: Sequence[Entry], make) -> Iterator[tuple[str, torch.Tensor]]:
+            for entry in entries:
+                tensor = make(entry).to(dtype)
                 sent["tensors"] += 1
                 sent["bytes"] += tensor.numel() * tensor.element_size()
-                yield ckpt, tensor
+                yield entry.checkpoint, tensor
 
-        with torch.no_grad(), merged(self.model):
-            version = self.engine.load_weights(stream())
+        with torch.no_grad():
+            if self.strategy == "merge-unmerge":
+                with merged(self.model):
+                    version = self.engine.load_weights(
+                        stream(self.plan.full, lambda e: self.model.get_parameter(e.param))
+                    )
+            else:
+                entries = self.plan.changed if self.syncs else self.plan.full
+                adapter = self.plan.adapter_name
+                version = self.engine.load_weights(
+                    stream(entries, lambda e: merged_tensor(self.model, e, adapter))
+                )
+        self.syncs += 1
         return SyncReport(
+            strategy=self.strategy,
             tensors_sent=sent["tensors"],
             bytes_sent=sent["bytes"],
             seconds=time.perf_counter() - start,
