@@ -17,6 +17,7 @@ MODELS = {
     "llama": ("llama", False),
     "qwen3": ("qwen3", False),
     "qwen2": ("qwen2", False),
+    "gpt2": ("gpt2", True),
 }
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import policy
+from helpers import VARIANTS, peft_model, policy
 from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.verify import TOLERANCES, probe_sequences, verify
 
@@ -72,3 +72,21 @@ def test_parity_default_strategy_bfloat16(tiny_model, engine_for, model_name):
     step(trainer)
     sync()
     assert verify(trainer, engine, probes).max_abs_diff <= TOLERANCES["bfloat16"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_for_every_lora_variant(tiny_model, engine_for, variant):
+    """The default strategy on real vLLM, for each LoRA variant PEFT offers (float32)."""
+    model_name, config = VARIANTS[variant]
+    model_dir = tiny_model(model_name)
+    engine = engine_for(model_dir)
+    trainer = peft_model(model_dir, config, extra_adapter=variant == "plain")
+    probes = probe_sequences(engine.vocab_size)
+    sync = WeightSync(trainer, engine)
+    sync()
+    step(trainer)
+    sync()
+    result = verify(trainer, engine, probes)
+    assert result.max_abs_diff <= 1e-4, result
+    with trainer.disable_adapter():
+        assert verify(trainer, engine, probes).max_abs_diff > 1e-3

@@ -113,21 +113,25 @@ class AdapterSpec:
         )
 
 
-def attach_random_adapter(base: torch.nn.Module, spec: AdapterSpec) -> PeftModel:
-    """Wrap `base` with a LoRA adapter whose factors and saved modules are random, not zero.
+def randomize_trainable(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Add seeded Gaussian noise to every trainable tensor of the model, in place.
 
     PEFT initialises lora_B to zero (a no-op adapter); a sync test needs one that changes
-    the outputs, so B and the modules_to_save copies are perturbed with a seeded generator.
+    the outputs, so all trainable tensors (LoRA factors, saved modules, token rows, DoRA
+    magnitudes) are perturbed.
     """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_((torch.randn(param.shape, generator=gen) * std).to(param.dtype))
+
+
+def attach_random_adapter(base: torch.nn.Module, spec: AdapterSpec) -> PeftModel:
+    """Wrap `base` with a LoRA adapter whose trainable tensors are random, not zero."""
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     model = get_peft_model(base, spec.lora_config(tied), adapter_name=spec.adapter_name)
-    gen = torch.Generator().manual_seed(spec.seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            noise = torch.randn(param.shape, generator=gen) * spec.init_std
-            param.add_(noise.to(param.dtype))
+    randomize_trainable(model, spec.seed, spec.init_std)
     return model
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.trainable_tokens import TrainableTokensLayer
@@ -55,43 +56,37 @@ class SyncPlan:
     changed: tuple[Entry, ...]
 
 
-def _ties_output_embedding(model: PeftModel) -> bool:
-    """Whether the trainer's lm_head weight is its (active) input embedding weight."""
-    out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
-
-
 def _served_params(model: PeftModel, adapter_name: str, layout: Layout) -> dict[str, str]:
     """checkpoint name -> trainer parameter name for every served tensor, checked."""
     served: dict[str, str] = {}
-    unknown: list[str] = []
+    unknown: dict[str, torch.nn.Parameter] = {}
     mismatched: list[str] = []
     for name, param in model.named_parameters(remove_duplicate=False):
         ckpt = served_name(name, adapter_name)
         if ckpt is None:
             continue
         if ckpt not in layout:
-            unknown.append(ckpt)
+            unknown[ckpt] = param
         elif tuple(param.shape) != layout[ckpt]:
             mismatched.append(f"{ckpt}: trainer {tuple(param.shape)}, engine {layout[ckpt]}")
         else:
             served[ckpt] = name
-    if unknown == ["lm_head.weight"]:
-        # The engine's checkpoint ties lm_head to embed_tokens; that is right only if the
-        # trainer's lm_head is its trained input embedding too.
-        if not _ties_output_embedding(model):
-            raise ValueError(
-                "the engine's model ties lm_head to embed_tokens, but the trainer's lm_head "
-                "is a separate tensor (modules_to_save on a tied embedding without weight "
-                "tying); vLLM cannot serve that policy. Fix: LoraConfig(ensure_weight_tying="
-                "True) or a base model with tie_word_embeddings=False"
-            )
-        unknown = []
+    # A tied duplicate (lm_head of a tied model) is fine when the very same trainer tensor is
+    # served under a name the engine holds: vLLM ties the two the same way.
+    held = {id(model.get_parameter(name)) for name in served.values()}
+    unknown = {ckpt: p for ckpt, p in unknown.items() if id(p) not in held}
+    if list(unknown) == ["lm_head.weight"]:
+        raise ValueError(
+            "the engine's model ties lm_head to embed_tokens, but the trainer's lm_head "
+            "is a separate tensor (modules_to_save on a tied embedding without weight "
+            "tying); vLLM cannot serve that policy. Fix: LoraConfig(ensure_weight_tying="
+            "True) or a base model with tie_word_embeddings=False"
+        )
     missing = sorted(set(layout) - set(served))
     if unknown or mismatched or missing:
         problems = []
         for label, items in (
-            ("names unknown to the engine", unknown),
+            ("names unknown to the engine", list(unknown)),
             ("shape mismatches", mismatched),
             ("engine weights the trainer lacks", missing),
         ):

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
@@ -22,7 +23,7 @@ from transformers import (
     Qwen3Config,
 )
 
-ARCHITECTURES = ("qwen2", "llama", "qwen3")
+ARCHITECTURES = ("qwen2", "llama", "qwen3", "gpt2")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 _WORDS = (
     "the a one two three four five six seven eight nine zero cat dog sun moon red blue "
@@ -110,6 +111,19 @@ def tiny_config(arch: str, shape: TinyShape, tie_word_embeddings: bool) -> Pretr
         return Qwen2Config(**common)
     if arch == "llama":
         return LlamaConfig(**common)
+    if arch == "gpt2":  # Conv1D layers: LoRA with fan_in_fan_out
+        return GPT2Config(
+            n_embd=shape.hidden_size,
+            n_layer=shape.num_layers,
+            n_head=shape.num_heads,
+            n_inner=shape.intermediate_size,
+            vocab_size=shape.vocab_size,
+            n_positions=shape.max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     if arch == "qwen3":
         return Qwen3Config(head_dim=shape.hidden_size // shape.num_heads, **common)
     raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")

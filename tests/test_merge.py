@@ -1,0 +1,72 @@
+"""The streaming merge equals PEFT's own merge_and_unload, for every LoRA variant PEFT offers,
+and never touches the trainer model. No vLLM here: the claim is about the trainer side."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from helpers import PACKED, VARIANTS, peft_model
+from lorasync.adapters import randomize_trainable
+from lorasync.engine import checkpoint_layout, weight_groups
+from lorasync.merge import merged_tensor
+from lorasync.plan import plan_sync
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant):
+    model_dir = tiny_model(VARIANTS[variant][0])
+    model = peft_model(model_dir, VARIANTS[variant][1], extra_adapter=variant == "plain")
+    layout = checkpoint_layout(model_dir)
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+
+    streamed = {e.checkpoint: merged_tensor(model, e, plan.adapter_name) for e in plan.full}
+
+    assert set(streamed) == set(layout)
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert any(not torch.equal(streamed[n], AutoModelForCausalLM.from_pretrained(model_dir).state_dict()[n])
+               for n in streamed)  # the adapter does change something
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_plan_completes_fused_groups(tiny_model):
+    model_dir = tiny_model("qwen2")
+    model = peft_model(model_dir, dict(target_modules=["q_proj"]))
+    layout = checkpoint_layout(model_dir)
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    changed = {e.checkpoint for e in plan.changed}
+    attn = "model.layers.{}.self_attn.{}_proj.{}"
+    assert changed == {attn.format(i, p, t) for i in (0, 1) for p in "qkv" for t in ("weight", "bias")}
+    assert len(plan.full) == len(layout)
+
+
+def test_plan_sends_modules_to_save_whole_and_tied_embedding_once(tiny_model):
+    model_dir = tiny_model("qwen2-tied")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(
+        base, LoraConfig(target_modules=["o_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    )
+    layout = checkpoint_layout(model_dir)
+    assert "lm_head.weight" not in layout
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    changed = [e.checkpoint for e in plan.changed]
+    assert changed.count("model.embed_tokens.weight") == 1
+    assert sorted(changed) == sorted(["model.embed_tokens.weight"] + [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)])
+
+
+def test_base_weights_bit_identical_after_many_streamed_merges_in_bf16(tiny_model):
+    model_dir = tiny_model("llama")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    randomize_trainable(model, seed=0, std=0.05)
+    layout = checkpoint_layout(model_dir)
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(50):
+        for entry in plan.changed:
+            merged_tensor(model, entry, plan.adapter_name)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
