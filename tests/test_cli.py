@@ -63,3 +63,22 @@ def test_bad_repeat_is_a_clear_error(made):
         "--repeat", "0",
     )
     assert r.returncode == 2 and "--repeat must be >= 1, got 0" in r.stderr
+
+
+@pytest.mark.vllm
+def test_1000_bf16_syncs_leave_base_bit_identical_unlike_merge_unmerge(tmp_path):
+    """The drift target of issue 3, on the tiny model: streaming 0, merge-unmerge > 0."""
+    from lorasync.check import SyncCheckConfig, run_sync_check
+
+    assert lorasync("make-tiny", "--arch", "llama", "--out", str(tmp_path / "base")).returncode == 0
+    r = lorasync("make-adapter", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "ad"))
+    assert r.returncode == 0
+    results = {
+        strategy: run_sync_check(
+            SyncCheckConfig(str(tmp_path / "base"), str(tmp_path / "ad"), "bfloat16", 1000, strategy=strategy)
+        )
+        for strategy in ("streaming", "merge-unmerge")
+    }
+    assert results["streaming"]["base_max_abs_change"] == 0
+    assert results["streaming"]["ok"] and results["streaming"]["weight_version"] == 1000
+    assert results["merge-unmerge"]["base_max_abs_change"] > 0

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from lorasync.adapters import load_policy
 from lorasync.engine import ColocatedEngine, EngineConfig
-from lorasync.sync import WeightSync
+from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.verify import TOLERANCES, base_weight_change, probe_sequences, verify
 
 
@@ -23,6 +23,7 @@ class SyncCheckConfig:
     dtype: str = "float32"
     repeat: int = 1
     tolerance: float | None = None
+    strategy: str = "streaming"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -31,6 +32,10 @@ class SyncCheckConfig:
             raise ValueError(f"--repeat must be >= 1, got {self.repeat}")
         if self.tolerance is None:
             self.tolerance = TOLERANCES[self.dtype]
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+            )
         if self.tolerance <= 0:
             raise ValueError(f"--tolerance must be > 0, got {self.tolerance}")
 
@@ -40,7 +45,7 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
     model = load_policy(config.base, config.adapter, config.dtype)
     engine = ColocatedEngine(EngineConfig(model=config.base, dtype=config.dtype))
     try:
-        sync = WeightSync(model, engine)
+        sync = WeightSync(model, engine, config.strategy)
         reports = [sync() for _ in tqdm(range(config.repeat), desc="sync", disable=not progress)]
         verification = verify(model, engine, probe_sequences(engine.vocab_size))
     finally:
@@ -52,6 +57,7 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
         "mean_abs_logprob_diff": verification.mean_abs_diff,
         "tolerance": config.tolerance,
         "dtype": config.dtype,
+        "strategy": config.strategy,
         "tensors_sent": last.tensors_sent,
         "bytes_sent": last.bytes_sent,
         "sync_seconds": last.seconds,

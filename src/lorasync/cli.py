@@ -42,6 +42,7 @@ def _sync_check(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         repeat=args.repeat,
         tolerance=args.tolerance,
+        strategy=args.strategy,
     )
     result = run_sync_check(config, progress=not args.json)
     if args.json:
@@ -56,6 +57,22 @@ def _sync_check(args: argparse.Namespace) -> int:
             f"base weights changed by at most {result['base_max_abs_change']:.3g}"
         )
     return 0 if result["ok"] else 1
+
+
+def _bench_sync(args: argparse.Namespace) -> int:
+    from lorasync.bench import BenchConfig, format_table, run_bench
+
+    config = BenchConfig(
+        arch=args.arch,
+        shape=args.shape,
+        dtype=args.dtype,
+        rank=args.rank,
+        targets=tuple(args.targets),
+        repeats=args.repeats,
+    )
+    result = run_bench(config, progress=not args.json)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tolerance", type=float, default=None, help="max |logprob diff| (default per dtype)"
     )
+    p.add_argument(
+        "--strategy",
+        default="streaming",
+        help="streaming (default: changed-only, drift-free) or merge-unmerge (TRL's recipe)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_sync_check)
+
+    bench = sub.add_parser("bench", help="benchmarks (commands, not tests)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    p = bench_sub.add_parser(
+        "sync", help="time the sync strategies and the bare-reload floor side by side"
+    )
+    p.add_argument("--arch", default="qwen2", help="model architecture")
+    p.add_argument("--shape", default="0.5b", help="model shape: 0.5b (Qwen2-0.5B) or tiny")
+    p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--targets", nargs="+", default=["all-linear"], help="LoRA target modules")
+    p.add_argument("--repeats", type=int, default=5, help="timed syncs per strategy")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_sync)
     return parser
 
 

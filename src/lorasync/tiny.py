@@ -24,6 +24,7 @@ from transformers import (
 )
 
 ARCHITECTURES = ("qwen2", "llama", "qwen3", "gpt2")
+TOKENIZER_VOCAB = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 _WORDS = (
     "the a one two three four five six seven eight nine zero cat dog sun moon red blue "
@@ -59,6 +60,21 @@ class TinyShape:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
             )
+
+
+# Real shapes, for benchmarks: the weights are random, only the sizes are real.
+SHAPES = {
+    "tiny": TinyShape(),
+    "0.5b": TinyShape(  # Qwen2-0.5B: 494 M parameters with tied embeddings
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+    ),
+}
 
 
 def synthetic_corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
@@ -140,10 +156,14 @@ def make_tiny_model(
     """Build a random model plus tokenizer and save both (safetensors) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(shape.vocab_size, seed=seed)
-    if len(tokenizer) != shape.vocab_size:
-        # A corpus too small for the requested vocabulary yields fewer merges.
-        shape = TinyShape(**{**shape.__dict__, "vocab_size": len(tokenizer)})
+    # The synthetic corpus supports about 512 tokens; a larger model vocabulary (a real
+    # model's shape) simply leaves the rows above the tokenizer's ids unused.
+    tokenizer = build_tokenizer(min(shape.vocab_size, TOKENIZER_VOCAB), seed=seed)
+    if len(tokenizer) > shape.vocab_size:
+        raise ValueError(
+            f"TinyShape.vocab_size ({shape.vocab_size}) is below the tokenizer's "
+            f"{len(tokenizer)} tokens: raise it"
+        )
     config = tiny_config(arch, shape, tie_word_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
