@@ -26,8 +26,8 @@ def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant):
     streamed = {e.checkpoint: merged_tensor(model, e, plan.adapter_name) for e in plan.full}
 
     assert set(streamed) == set(layout)
-    for name, tensor in streamed.items():
-        assert torch.equal(tensor, expected[name]), name
+    for name, tensor in streamed.items():  # float32: equal up to rounding order
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-6, msg=name)
     assert any(not torch.equal(streamed[n], AutoModelForCausalLM.from_pretrained(model_dir).state_dict()[n])
                for n in streamed)  # the adapter does change something
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -6,8 +6,11 @@
   trip drifts the frozen base weights.
 - `merged_tensor`: the streaming merge. It computes one merged tensor into a temporary and
   leaves the model untouched, so the base weights stay bit-identical after any number of syncs.
-  The arithmetic is PEFT's own (`get_delta_weight`, the variants' `merge_safe`,
-  `get_merged_weights`), so the result equals what `merge_and_unload` gives.
+  For plain LoRA on linear layers it is one fused `addmm` in the weight's dtype; everything
+  else (DoRA and other variants, embeddings, trainable tokens) uses PEFT's own arithmetic
+  (`get_delta_weight`, the variants' `merge_safe`, `get_merged_weights`). Either way the result
+  matches what `merge_and_unload` gives (bit for bit on PEFT's path, to float rounding on the
+  fused one).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
 
 from lorasync.plan import Entry, Source
 
@@ -44,6 +48,16 @@ def merged_tensor(model: PeftModel, entry: Entry, adapter_name: str) -> torch.Te
         return base.bias + layer.lora_B[adapter_name].bias * layer.scaling[adapter_name]
     if adapter_name in layer.lora_variant:  # DoRA and other variants merge their own way
         return layer.lora_variant[adapter_name].merge_safe(layer, adapter_name, base.weight.clone())
+    if isinstance(layer, LoraLinear):
+        # PEFT's path (float32 delta, then a mixed-precision in-place add into a clone) runs
+        # 4-8x slower on CPU in bf16 than this fused multiply-add, which also rounds once.
+        weight = base.weight.detach()
+        lora_a = layer.lora_A[adapter_name].weight.to(weight.dtype)
+        lora_b = layer.lora_B[adapter_name].weight.to(weight.dtype)
+        scale = layer.scaling[adapter_name]
+        if layer.fan_in_fan_out:  # GPT-2 Conv1D stores the weight as (in, out)
+            return torch.addmm(weight, lora_a.T, lora_b.T, alpha=scale)
+        return torch.addmm(weight, lora_b, lora_a, alpha=scale)
     weight = base.weight.detach().clone()
     # `+=` on the clone is what PEFT's merge does on the weight itself (float32 delta added
     # into a low-precision weight rounds once), so both give the same bits.

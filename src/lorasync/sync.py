@@ -16,9 +16,10 @@ Strategies:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from peft import PeftModel
@@ -27,6 +28,7 @@ from lorasync.merge import merged, merged_tensor
 from lorasync.plan import Entry, SyncPlan, plan_sync
 
 STRATEGIES = ("streaming", "merge-unmerge")
+T = TypeVar("T")
 
 
 class WeightReceiver(Protocol):
@@ -55,6 +57,23 @@ class SyncReport:
         return asdict(self)
 
 
+def _one_ahead(make: Callable[[Entry], T], entries: Sequence[Entry]) -> Iterator[T]:
+    """Yield make(entry) for each entry, computing the next one on a helper thread meanwhile.
+
+    vLLM's CPU worker limits torch to one thread in this process, so the merge of the next
+    tensor runs on the other core while the engine loads the current one. At most two merged
+    tensors exist at a time (the one loading, the one being made).
+    """
+    if not entries:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasync-merge") as pool:
+        pending = pool.submit(make, entries[0])
+        for entry in entries[1:]:
+            current, pending = pending, pool.submit(make, entry)
+            yield current.result()
+        yield pending.result()
+
+
 class WeightSync:
     """Syncs a PeftModel's current policy into an engine; the plan is computed once."""
 
@@ -73,25 +92,29 @@ class WeightSync:
         sent = {"tensors": 0, "bytes": 0}
         dtype = self.engine.dtype
 
-        def stream(entries: Sequence[Entry], make) -> Iterator[tuple[str, torch.Tensor]]:
-            for entry in entries:
-                tensor = make(entry).to(dtype)
+        def counted(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in tensors:
                 sent["tensors"] += 1
                 sent["bytes"] += tensor.numel() * tensor.element_size()
-                yield entry.checkpoint, tensor
+                yield name, tensor
 
         with torch.no_grad():
             if self.strategy == "merge-unmerge":
                 with merged(self.model):
                     version = self.engine.load_weights(
-                        stream(self.plan.full, lambda e: self.model.get_parameter(e.param))
+                        counted(
+                            (e.checkpoint, self.model.get_parameter(e.param).to(dtype))
+                            for e in self.plan.full
+                        )
                     )
             else:
                 entries = self.plan.changed if self.syncs else self.plan.full
                 adapter = self.plan.adapter_name
-                version = self.engine.load_weights(
-                    stream(entries, lambda e: merged_tensor(self.model, e, adapter))
-                )
+
+                def make(entry: Entry) -> tuple[str, torch.Tensor]:
+                    return entry.checkpoint, merged_tensor(self.model, entry, adapter).to(dtype)
+
+                version = self.engine.load_weights(counted(_one_ahead(make, entries)))
         self.syncs += 1
         return SyncReport(
             strategy=self.strategy,
