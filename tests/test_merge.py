@@ -70,3 +70,22 @@ def test_base_weights_bit_identical_after_many_streamed_merges_in_bf16(tiny_mode
         for entry in plan.changed:
             merged_tensor(model, entry, plan.adapter_name)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_fused_merge_matches_peft_in_bfloat16_to_one_rounding(tiny_model):
+    """In bf16 the fused addmm rounds the factors and the result once each; PEFT rounds the
+    delta and the sum. They agree to one bf16 rounding of the weight plus one of the delta."""
+    model_dir = tiny_model("llama")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    randomize_trainable(model, seed=0, std=0.05)
+    layout = checkpoint_layout(model_dir)
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
+    eps = torch.finfo(torch.bfloat16).eps
+    for entry in plan.full:
+        got = merged_tensor(model, entry, plan.adapter_name).float()
+        want = expected[entry.checkpoint].float()
+        delta = (want - original[entry.checkpoint].float()).abs().max()
+        assert ((got - want).abs() <= eps * (want.abs() + delta)).all(), entry.checkpoint

@@ -100,7 +100,12 @@ def _model_dir(config: BenchConfig) -> Path:
     out = Path(config.cache_dir) / f"{config.arch}-{config.shape}-{config.dtype}"
     if not (out / "model.safetensors").is_file():
         make_tiny_model(
-            out, config.arch, SHAPES[config.shape], tie_word_embeddings=True, dtype=DTYPES[config.dtype]
+            out,
+            config.arch,
+            SHAPES[config.shape],
+            tie_word_embeddings=True,
+            dtype=DTYPES[config.dtype],
+            init_std=0.02,
         )
     return out
 

@@ -16,19 +16,17 @@ Strategies:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import torch
 from peft import PeftModel
 
 from lorasync.merge import merged, merged_tensor
-from lorasync.plan import Entry, SyncPlan, plan_sync
+from lorasync.plan import SyncPlan, plan_sync
 
 STRATEGIES = ("streaming", "merge-unmerge")
-T = TypeVar("T")
 
 
 class WeightReceiver(Protocol):
@@ -55,23 +53,6 @@ class SyncReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _one_ahead(make: Callable[[Entry], T], entries: Sequence[Entry]) -> Iterator[T]:
-    """Yield make(entry) for each entry, computing the next one on a helper thread meanwhile.
-
-    vLLM's CPU worker limits torch to one thread in this process, so the merge of the next
-    tensor runs on the other core while the engine loads the current one. At most two merged
-    tensors exist at a time (the one loading, the one being made).
-    """
-    if not entries:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasync-merge") as pool:
-        pending = pool.submit(make, entries[0])
-        for entry in entries[1:]:
-            current, pending = pending, pool.submit(make, entry)
-            yield current.result()
-        yield pending.result()
 
 
 class WeightSync:
@@ -111,10 +92,14 @@ class WeightSync:
                 entries = self.plan.changed if self.syncs else self.plan.full
                 adapter = self.plan.adapter_name
 
-                def make(entry: Entry) -> tuple[str, torch.Tensor]:
-                    return entry.checkpoint, merged_tensor(self.model, entry, adapter).to(dtype)
-
-                version = self.engine.load_weights(counted(_one_ahead(make, entries)))
+                # One merged temporary at a time: made, sent, dropped. (Merging the next one on
+                # a helper thread was measured slower: torch already uses both cores here.)
+                version = self.engine.load_weights(
+                    counted(
+                        (e.checkpoint, merged_tensor(self.model, e, adapter).to(dtype))
+                        for e in entries
+                    )
+                )
         self.syncs += 1
         return SyncReport(
             strategy=self.strategy,

@@ -152,8 +152,14 @@ def make_tiny_model(
     tie_word_embeddings: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    init_std: float = 0.08,
 ) -> Path:
-    """Build a random model plus tokenizer and save both (safetensors) into `out_dir`."""
+    """Build a random model plus tokenizer and save both (safetensors) into `out_dir`.
+
+    Matrices are drawn with std `init_std`. The default, wider than transformers' 0.02, makes
+    a tiny model's logprobs react clearly to weight changes, so a wrong sync shows in
+    verification; deep real-shape models (benchmarks) use 0.02, or activations blow up.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The synthetic corpus supports about 512 tokens; a larger model vocabulary (a real
@@ -167,12 +173,10 @@ def make_tiny_model(
     config = tiny_config(arch, shape, tie_word_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Default init (std 0.02) makes a nearly uniform model whose logprobs barely react to
-    # weight changes; a wider init gives probes that tell a wrong sync from a right one.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
-                param.normal_(0.0, 0.08)
+                param.normal_(0.0, init_std)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.02)
     model.save_pretrained(out, safe_serialization=True)

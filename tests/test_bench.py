@@ -1,0 +1,28 @@
+"""`lorasync bench sync` runs and reports what it promises (a smoke test on the tiny shape;
+the benchmark itself is a command, and its timings are not asserted)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.vllm
+def test_bench_sync_json_on_tiny_shape(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "lorasync.cli", "bench", "sync", "--shape", "tiny", "--rank", "4",
+         "--repeats", "2", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["strategies"]) == {"streaming", "merge-unmerge"}
+    for stats in result["strategies"].values():
+        assert {"min_s", "median_s", "bytes_sent", "tensors_sent", "peak_extra_bytes"} <= set(stats)
+    assert {"min_s", "median_s", "bytes_sent"} <= set(result["floor"])
+    assert result["speedup_vs_merge_unmerge"] > 0 and result["ratio_to_floor"] > 0
+    assert result["largest_tensor_bytes"] > 0
+    streaming, baseline = result["strategies"]["streaming"], result["strategies"]["merge-unmerge"]
+    assert streaming["bytes_sent"] == result["floor"]["bytes_sent"] < baseline["bytes_sent"]
+    assert streaming["base_max_abs_change"] == 0
