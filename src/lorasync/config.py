@@ -1,0 +1,224 @@
+"""Training run configuration: dataclasses, validated on creation, loaded from YAML plus overrides.
+
+`lorasync train --config run.yaml rollout.num_generations=4 optim.lr=1e-3` reads the YAML file,
+applies each `section.field=value` (the value parsed as YAML), and builds `TrainConfig`. Unknown
+sections or fields, and values that break a rule, fail with the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the field and the fix."""
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r}: {rule}")
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""  # a Hugging Face model folder (vLLM and the trainer both load it)
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.base), "model.base", self.base, "set it to a model folder")
+        _require(
+            self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype, "use float32 or bfloat16"
+        )
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        _require(bool(self.targets), "lora.targets", self.targets, "name modules or all-linear")
+        _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    # Prompts: a JSONL file, a folder saved by `datasets` (save_to_disk), or an inline list.
+    path: str = ""
+    prompts: list[str] = field(default_factory=list)
+    prompt_field: str = "prompt"
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.path) != bool(self.prompts),
+            "data.path / data.prompts",
+            (self.path, len(self.prompts)),
+            "set exactly one: a JSONL file or dataset folder, or an inline list of prompts",
+        )
+
+
+@dataclass
+class RewardSpec:
+    function: str = ""  # "module:function", TRL's signature fn(prompts, completions, **columns)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            ":" in self.function,
+            "rewards[].function",
+            self.function,
+            "write it as 'package.module:function'",
+        )
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    max_tokens: int = 16
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "must be >= 1")
+        _require(
+            self.num_generations >= 2,
+            "rollout.num_generations",
+            self.num_generations,
+            "GRPO compares completions within a group: use >= 2",
+        )
+        _require(self.max_tokens >= 1, "rollout.max_tokens", self.max_tokens, "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 50
+    lr: float = 5e-3
+    schedule: str = "constant"  # any transformers scheduler name: constant, linear, cosine, ...
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    num_iterations: int = 1  # optimizer steps per generation batch (GRPO's mu)
+    clip_eps: float = 0.2
+    beta: float = 0.0  # KL weight to the reference (the adapter disabled)
+    is_cap: float = 2.0  # truncation of the engine/trainer importance weight
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "optim.steps", self.steps, "must be >= 1")
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "must be >= 1")
+        _require(self.num_iterations >= 1, "optim.num_iterations", self.num_iterations, "must be >= 1")
+        _require(self.clip_eps > 0, "optim.clip_eps", self.clip_eps, "must be > 0")
+        _require(self.beta >= 0, "optim.beta", self.beta, "must be >= 0")
+        _require(self.is_cap >= 1, "optim.is_cap", self.is_cap, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    rewards: list[RewardSpec]
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = "runs/train"
+    sync_strategy: str = "streaming"
+    save_every: int = 0  # 0: only at the end
+    logprob_tolerance: float | None = None  # engine/trainer health check; default per dtype
+
+    def __post_init__(self) -> None:
+        _require(bool(self.rewards), "rewards", self.rewards, "list at least one reward function")
+        _require(
+            self.rollout.prompts_per_step * self.rollout.num_generations % self.optim.grad_accum == 0,
+            "optim.grad_accum",
+            self.optim.grad_accum,
+            f"must divide prompts_per_step * num_generations = "
+            f"{self.rollout.prompts_per_step * self.rollout.num_generations}",
+        )
+        _require(
+            self.sync_strategy in ("streaming", "merge-unmerge"),
+            "sync_strategy",
+            self.sync_strategy,
+            "use streaming or merge-unmerge",
+        )
+        _require(self.save_every >= 0, "save_every", self.save_every, "must be >= 0")
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraSettings,
+    "rollout": RolloutConfig,
+    "optim": OptimConfig,
+}
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} = {values!r}: must be a mapping of fields")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown field; valid fields are {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    """Build a TrainConfig from plain data (as parsed from YAML)."""
+    raw = dict(raw)
+    sections = {name: _build(cls, raw.pop(name, {}), name) for name, cls in _SECTIONS.items()}
+    rewards = raw.pop("rewards", [])
+    if not isinstance(rewards, list):
+        raise ConfigError(f"rewards = {rewards!r}: must be a list of {{function, weight}}")
+    specs = [_build(RewardSpec, r, f"rewards[{i}]") for i, r in enumerate(rewards)]
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - set(_SECTIONS) - {"rewards"}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown field; valid top-level fields are "
+            f"{', '.join(sorted(top | set(_SECTIONS) | {'rewards'}))}"
+        )
+    return TrainConfig(rewards=specs, **sections, **raw)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `a.b=value` override (value parsed as YAML) to the raw config in place."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: write it as section.field=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML run file, apply `key=value` overrides, and validate."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {str(file)!r} does not exist")
+    raw = yaml.safe_load(file.read_text()) or {}
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,81 @@
+"""GRPO's arithmetic: group-relative advantages and the clipped, importance-corrected loss.
+
+Pure tensor functions, no model and no engine, so each piece is testable on its own. The loss
+follows GRPO (Shao et al., 2024, arXiv:2402.03300) as TRL implements it, with these choices:
+1. one policy update per generation batch, so the "old" logprobs are the current ones
+   detached (the ratio is 1 and the clip acts through the gradient only);
+2. the token-level mean over all completion tokens of the batch (no per-sequence mean),
+   so long completions are not down-weighted;
+3. a truncated importance weight min(exp(trainer - engine), cap) on each token corrects for
+   the engine sampling from slightly different numbers than the trainer computes;
+4. KL to the reference (the adapter disabled) uses the k3 estimator exp(r) - r - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(reward - group mean) / (group std + eps) for rewards laid out group after group."""
+    if rewards.numel() % group_size:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of {group_size}: "
+            "each prompt needs exactly num_generations completions"
+        )
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    kl: float
+    clip_fraction: float
+    is_weight_mean: float
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    is_cap: float,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+) -> LossParts:
+    """Per-token clipped policy-gradient loss, averaged over the completion tokens in `mask`.
+
+    Shapes: (batch, tokens) for the logprobs and `mask`, (batch,) for `advantages`.
+    """
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    per_token = -torch.min(unclipped, clipped)
+    is_weight = torch.exp(old_logprobs - engine_logprobs).clamp(max=is_cap).detach()
+    per_token = per_token * is_weight
+    kl = torch.zeros((), dtype=logprobs.dtype)
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs (the policy with the adapter disabled)")
+        log_ratio = ref_logprobs - logprobs
+        per_token_kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + beta * per_token_kl
+        kl = (per_token_kl * mask).sum() / mask.sum()
+    tokens = mask.sum().clamp_min(1)
+    loss = (per_token * mask).sum() / tokens
+    clipped_tokens = ((ratio - 1).abs() > clip_eps).float()
+    return LossParts(
+        loss=loss,
+        kl=float(kl),
+        clip_fraction=float((clipped_tokens * mask).sum() / tokens),
+        is_weight_mean=float((is_weight * mask).sum() / tokens),
+    )
