@@ -171,6 +171,18 @@ def _build(cls: type, values: Any, where: str) -> Any:
         raise ConfigError(
             f"{where}.{unknown[0]}: unknown field; valid fields are {', '.join(sorted(known))}"
         )
+    numbers = {f.name: f.type for f in dataclasses.fields(cls) if f.type in ("int", "float", "float | None")}
+    values = dict(values)
+    for name, kind in numbers.items():
+        value = values.get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        try:  # YAML reads 1e-3 (no dot) as a string
+            values[name] = int(value) if kind == "int" else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.{name} = {value!r}: must be a number ({kind})") from None
+        if kind == "int" and values[name] != float(value):
+            raise ConfigError(f"{where}.{name} = {value!r}: must be a whole number")
     try:
         return cls(**values)
     except TypeError as err:

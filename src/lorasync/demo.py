@@ -44,18 +44,18 @@ def demo_prompts(n: int = 64, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 4))) for _ in range(n)]
 
 
-def demo_config(out: Path, steps: int = 40, seed: int = 0) -> TrainConfig:
+def demo_config(out: Path, steps: int = 60, seed: int = 0) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(base=str(out / "base")),
         data=DataConfig(prompts=demo_prompts(seed=seed)),
         rewards=[RewardSpec(function="lorasync.rewards:digit_fraction")],
         rollout=RolloutConfig(prompts_per_step=4, num_generations=8, max_tokens=12),
-        optim=OptimConfig(steps=steps, lr=1e-2, seed=seed),
+        optim=OptimConfig(steps=steps, lr=2e-3, seed=seed),
         output_dir=str(out),
     )
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int = 40, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(out: str | Path = "runs/demo", steps: int = 60, seed: int = 0, progress: bool = True) -> dict:
     """Build, pre-train, train; return a summary (also written to summary.json)."""
     from lorasync.engine import ColocatedEngine, EngineConfig
     from lorasync.trainer import GRPOTrainer

@@ -13,9 +13,13 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    from vllm import LLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORKER_EXTENSION = "lorasync.engine_worker.LoraSyncWorkerExtension"
@@ -90,6 +94,25 @@ def weight_groups(
         key = f"{parent}.{fused_into[leaf]}" if leaf in fused_into else module
         groups.setdefault(key, []).append(name)
     return list(groups.values())
+
+
+def prompt_logprobs(llm: LLM, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Logprob of each token given its prefix (tokens 1..n-1) for each sequence, from a vLLM `LLM`.
+
+    A function rather than only a method so that an `LLM` built elsewhere (TRL's) scores the
+    same way as `ColocatedEngine`.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+    )
+    return [
+        [lp[t].logprob for t, lp in zip(seq[1:], out.prompt_logprobs[1:])]
+        for seq, out in zip(sequences, outputs)
+    ]
 
 
 class ColocatedEngine:
@@ -179,17 +202,7 @@ class ColocatedEngine:
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (tokens 1..n-1) for each sequence."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
-        )
-        return [
-            [lp[t].logprob for t, lp in zip(seq[1:], out.prompt_logprobs[1:])]
-            for seq, out in zip(sequences, outputs)
-        ]
+        return prompt_logprobs(self.llm, sequences)
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""

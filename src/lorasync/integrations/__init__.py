@@ -1,0 +1,1 @@
+"""Integrations of lorasync's sync into other training libraries (TRL: `lorasync.integrations.trl`)."""
