@@ -75,6 +75,9 @@ class TRLColocatedEngine:
         self.vocab_size: int = model_config.get_vocab_size()
         self.weight_version = 0
         self._layout = checkpoint_layout(_model_folder(model_config.model, model_config.revision))
+        # `collective_rpc` calls a function with the worker as its first argument, which is what
+        # the extension's methods expect as `self`. In-process (TRL's external_launcher
+        # executor) the call is direct: nothing is pickled, the weight generator included.
         packed = llm.collective_rpc(LoraSyncWorkerExtension.lorasync_packed_modules)[0]
         self._groups = weight_groups(self._layout, packed)
 
@@ -152,6 +155,8 @@ def use_lorasync_sync(trainer: Trainer) -> WeightSync:
             "use_lorasync_sync needs every trainer process to hold whole parameters, but FSDP "
             "or DeepSpeed ZeRO-3 shards them: use DDP or ZeRO-1/2"
         )
+    # `trainer.vllm_generation` (a VLLMGeneration) and its `model`, `llm` and `sync_weights`
+    # are TRL 1.16 internals, shared by GRPOTrainer and RLOOTrainer; hence the version check.
     generation = trainer.vllm_generation
     if not isinstance(generation.model, PeftModel):
         raise TypeError(
