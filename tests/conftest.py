@@ -57,3 +57,13 @@ def engine_for():
     yield get
     for engine in engines.values():
         engine.close()
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """The demo's base model: a tiny Qwen2 pre-trained briefly (about 45 s, once a session)."""
+    from lorasync.demo import pretrain
+
+    out = make_tiny_model(tmp_path_factory.mktemp("demo") / "base", arch="qwen2")
+    pretrain(out)
+    return out

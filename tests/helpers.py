@@ -25,6 +25,7 @@ class Tap:
 
     def __init__(self, engine, transform):
         self.engine = engine
+        self.generate = engine.generate
         self.dtype = engine.dtype
         self.checkpoint_layout = engine.checkpoint_layout
         self.weight_groups = engine.weight_groups
