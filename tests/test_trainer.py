@@ -53,11 +53,12 @@ def test_broken_sync_shows_in_the_health_metric(tmp_path, demo_base, engine_for)
 
 def test_resume_continues_with_the_same_step_optimizer_and_weights(tmp_path, demo_base, engine_for):
     engine = engine_for(str(demo_base))
-    straight = GRPOTrainer(config_for(demo_base, tmp_path / "a", steps=4), engine)
+    opts = dict(beta=0.05, grad_accum=2)  # the KL and accumulation paths too
+    straight = GRPOTrainer(config_for(demo_base, tmp_path / "a", steps=4, **opts), engine)
     straight.train(progress=False)
 
-    GRPOTrainer(config_for(demo_base, tmp_path / "b", steps=2, save_every=2), engine).train(progress=False)
-    resumed = GRPOTrainer(config_for(demo_base, tmp_path / "b", steps=4), engine)
+    GRPOTrainer(config_for(demo_base, tmp_path / "b", steps=2, save_every=2, **opts), engine).train(progress=False)
+    resumed = GRPOTrainer(config_for(demo_base, tmp_path / "b", steps=4, **opts), engine)
     assert resumed.resume() is not None and resumed.step == 2
     resumed.train(resume=True, progress=False)
 
@@ -68,3 +69,26 @@ def test_resume_continues_with_the_same_step_optimizer_and_weights(tmp_path, dem
     assert [s["step"] for s in sa["state"].values()] == [s["step"] for s in sb["state"].values()]
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["kl"] >= 0 for r in rows) and rows[-1]["kl"] > 0
+
+
+def test_train_command_with_yaml_and_overrides(tmp_path, demo_base):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).parent.parent / "configs" / "digits.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "lorasync.cli", "train", "--config", str(config),
+         f"model.base={demo_base}", "optim.steps=2", f"output_dir={tmp_path}",
+         f"data.path={config.parent / 'digits_prompts.jsonl'}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained 2 steps" in r.stdout
+    assert (tmp_path / "checkpoints" / "step-000002" / "adapter" / "adapter_config.json").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lorasync.cli", "train", "--config", str(config), "optim.lr=-1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert bad.returncode == 2 and "optim.lr = -1.0: must be > 0" in bad.stderr

@@ -60,6 +60,7 @@ def plot_report(rows: list[dict], path: str | Path) -> None:
     top.grid(alpha=0.3)
     bottom.plot(steps, [1000 * r["sync_seconds"] for r in rows], color="tab:orange")
     bottom.set_ylabel("sync ms")
+    bottom.set_ylim(bottom=0)
     bottom.set_xlabel("optimizer step")
     bottom.grid(alpha=0.3)
     diff = max(r["logprob_diff_max"] for r in rows)
