@@ -165,3 +165,31 @@ def test_tensors_are_sent_in_the_engine_dtype(tiny_model, engine_for):
     )
     result = verify(trainer, engine, probe_sequences(engine.vocab_size))
     assert result.max_abs_diff <= TOLERANCES["bfloat16"], result
+
+
+def test_prefix_cache_would_serve_the_old_policy_without_the_reset(tiny_model, engine_for):
+    """vLLM keeps cached prompt blocks across a weight load; the engine must reset them."""
+    from lorasync.merge import merged_tensor
+
+    model_dir = tiny_model("qwen3")
+    engine = engine_for(model_dir)
+    old, new = policy(model_dir, seed=11), policy(model_dir, seed=12)
+    WeightSync(old, engine)()
+    prompt = probe_sequences(engine.vocab_size, n=1, length=400)[0]  # > one KV block (128 on CPU)
+
+    def greedy():
+        return engine.generate([prompt], max_tokens=4, temperature=0.0)[0][0]
+
+    greedy()  # fills the prefix cache with the old policy's keys and values
+    plan = WeightSync(new, engine).plan
+    weights = [(e.checkpoint, merged_tensor(new, e, plan.adapter_name)) for e in plan.full]
+    engine.llm.collective_rpc("lorasync_reload", args=(iter(weights),))  # no reset
+    stale = greedy()
+    engine.load_weights(iter(weights))  # the engine's own load resets the cache
+    fresh = greedy()
+
+    expected = trainer_scores(new, [prompt + fresh.token_ids])[0][-len(fresh.token_ids):]
+    assert max(abs(a - b) for a, b in zip(fresh.logprobs, expected)) <= TOL
+    assert stale.token_ids != fresh.token_ids or max(
+        abs(a - b) for a, b in zip(stale.logprobs, fresh.logprobs)
+    ) > 1e-3
