@@ -58,13 +58,17 @@ def test_plan_sends_modules_to_save_whole_and_tied_embedding_once(tiny_model):
     assert sorted(changed) == sorted(["model.embed_tokens.weight"] + [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)])
 
 
-def test_base_weights_bit_identical_after_many_streamed_merges_in_bf16(tiny_model):
-    model_dir = tiny_model("llama")
+def bf16_llama(model_dir):
+    """A bf16 llama with a random all-linear adapter, and its sync plan."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
     randomize_trainable(model, seed=0, std=0.05)
     layout = checkpoint_layout(model_dir)
-    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    return model, plan_sync(model, layout, weight_groups(layout, PACKED))
+
+
+def test_base_weights_bit_identical_after_many_streamed_merges_in_bf16(tiny_model):
+    model, plan = bf16_llama(tiny_model("llama"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(50):
         for entry in plan.changed:
@@ -76,11 +80,7 @@ def test_fused_merge_matches_peft_in_bfloat16_to_one_rounding(tiny_model):
     """In bf16 the fused addmm rounds the factors and the result once each; PEFT rounds the
     delta and the sum. They agree to one bf16 rounding of the weight plus one of the delta."""
     model_dir = tiny_model("llama")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
-    randomize_trainable(model, seed=0, std=0.05)
-    layout = checkpoint_layout(model_dir)
-    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    model, plan = bf16_llama(model_dir)
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
     eps = torch.finfo(torch.bfloat16).eps
