@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from lorasync.adapters import load_policy
 from lorasync.engine import ColocatedEngine, EngineConfig
+from lorasync.adapter_sync import ADAPTER
 from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.verify import TOLERANCES, base_weight_change, probe_sequences, verify
 
@@ -32,9 +33,10 @@ class SyncCheckConfig:
             raise ValueError(f"--repeat must be >= 1, got {self.repeat}")
         if self.tolerance is None:
             self.tolerance = TOLERANCES[self.dtype]
-        if self.strategy not in STRATEGIES:
+        if self.strategy not in (*STRATEGIES, ADAPTER):
             raise ValueError(
-                f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+                f"--strategy must be one of {', '.join((*STRATEGIES, ADAPTER))}, "
+                f"got {self.strategy!r}"
             )
         if self.tolerance <= 0:
             raise ValueError(f"--tolerance must be > 0, got {self.tolerance}")
@@ -43,7 +45,16 @@ class SyncCheckConfig:
 def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
     """Run the check and return its result; `result["ok"]` says whether parity held."""
     model = load_policy(config.base, config.adapter, config.dtype)
-    engine = ColocatedEngine(EngineConfig(model=config.base, dtype=config.dtype))
+    engine = ColocatedEngine(
+        EngineConfig(
+            model=config.base,
+            dtype=config.dtype,
+            enable_lora=config.strategy == ADAPTER,
+            # the adapter's own rank (or pattern maximum), so any servable rank loads
+            max_lora_rank=max([16, model.active_peft_config.r,
+                               *(model.active_peft_config.rank_pattern or {}).values()]),
+        )
+    )
     try:
         sync = WeightSync(model, engine, config.strategy)
         reports = [sync() for _ in tqdm(range(config.repeat), desc="sync", disable=not progress)]

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strategy",
         default="streaming",
-        help="streaming (default: changed-only, drift-free) or merge-unmerge (TRL's recipe)",
+        help="streaming (default: changed-only, drift-free), merge-unmerge (TRL's recipe) or "
+        "adapter (LoRA factors only, served by vLLM's LoRA support)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_sync_check)

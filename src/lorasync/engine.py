@@ -4,12 +4,16 @@ The engine knows nothing of training. It generates from token ids, scores token 
 (prompt logprobs), and accepts checkpoint-format weights, which it loads in place through the
 worker extension in `engine_worker.py`. Every weight load resets the prefix cache (cached
 keys/values of the old weights would otherwise be served) and bumps `weight_version`.
+With `enable_lora` it also serves a LoRA adapter through vLLM's own LoRA support instead
+(`load_adapter`, each version under a new name).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from safetensors import safe_open
 
 if TYPE_CHECKING:
     from vllm import LLM
+    from vllm.lora.request import LoRARequest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORKER_EXTENSION = "lorasync.engine_worker.LoraSyncWorkerExtension"
@@ -40,6 +45,10 @@ class EngineConfig:
     enforce_eager: bool = True
     kv_cache_gib: int = 1
     enable_prefix_caching: bool = True
+    # vLLM's own LoRA support, needed by the `adapter` sync strategy (and `auto`, which
+    # measures it); adapters of rank above max_lora_rank are refused.
+    enable_lora: bool = False
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -96,7 +105,9 @@ def weight_groups(
     return list(groups.values())
 
 
-def prompt_logprobs(llm: LLM, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+def prompt_logprobs(
+    llm: LLM, sequences: Sequence[Sequence[int]], lora_request: LoRARequest | None = None
+) -> list[list[float]]:
     """Logprob of each token given its prefix (tokens 1..n-1) for each sequence, from a vLLM `LLM`.
 
     A function rather than only a method so that an `LLM` built elsewhere (TRL's) scores the
@@ -107,7 +118,10 @@ def prompt_logprobs(llm: LLM, sequences: Sequence[Sequence[int]]) -> list[list[f
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
     outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+        [TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
+        params,
+        use_tqdm=False,
+        lora_request=lora_request,
     )
     return [
         [lp[t].logprob for t, lp in zip(seq[1:], out.prompt_logprobs[1:])]
@@ -135,6 +149,10 @@ class ColocatedEngine:
         self.config = config
         self.dtype = DTYPES[config.dtype]
         self.weight_version = 0
+        # The adapter being served (strategy `adapter`), and where its files live: tmpfs when
+        # the machine has one, so installing an adapter never touches a disk.
+        self.adapter: LoRARequest | None = None
+        self._adapter_root: Path | None = None
         self._layout = checkpoint_layout(config.model)
         hf_config = json.loads((Path(config.model) / "config.json").read_text())
         self.vocab_size: int = hf_config["vocab_size"]
@@ -146,6 +164,7 @@ class ColocatedEngine:
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             worker_extension_cls=WORKER_EXTENSION,
+            **({"enable_lora": True, "max_lora_rank": config.max_lora_rank} if config.enable_lora else {}),
         )
         self.tokenizer = self.llm.get_tokenizer()
         packed = self.llm.collective_rpc("lorasync_packed_modules")[0]
@@ -166,9 +185,70 @@ class ColocatedEngine:
         gives undefined results for a partial group.
         """
         self.llm.collective_rpc("lorasync_reload", args=(weights,))
+        # Loaded weights are the whole policy now: an adapter on top would apply twice.
+        self._remove_adapter()
         self.llm.reset_prefix_cache()
         self.weight_version += 1
         return self.weight_version
+
+    def load_adapter(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping, name: str = "policy"
+    ) -> int:
+        """Serve a LoRA adapter on the checkpoint's base weights; return the new weight version.
+
+        `tensors` are the LoRA factors under PEFT's saved names and `config` the content of
+        PEFT's adapter_config.json. Each call installs the adapter under a new name and id,
+        `{name}-v{version}` and `version`: vLLM keys prefix-cache blocks by adapter name and
+        path, so blocks computed with an older adapter can never be served for this one.
+        The older adapter is removed from vLLM and its files deleted. The engine's weights
+        must be the checkpoint's (a merged sync since would apply the policy twice).
+        """
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not self.config.enable_lora:
+            raise ValueError(
+                "this engine was built without LoRA support, so it cannot serve an adapter: "
+                "build it with EngineConfig(enable_lora=True)"
+            )
+        rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+        if rank > self.config.max_lora_rank:
+            raise ValueError(
+                f"adapter rank {rank} exceeds the engine's max_lora_rank "
+                f"{self.config.max_lora_rank}: build the engine with "
+                f"EngineConfig(max_lora_rank={rank}) or more"
+            )
+        if self._adapter_root is None:
+            shm = Path("/dev/shm")
+            self._adapter_root = Path(
+                tempfile.mkdtemp(prefix="lorasync-adapters-", dir=shm if shm.is_dir() else None)
+            )
+        version = self.weight_version + 1
+        folder = self._adapter_root / f"{name}-v{version}"
+        folder.mkdir()
+        save_file(
+            {k: t.detach().contiguous() for k, t in tensors.items()},
+            str(folder / "adapter_model.safetensors"),
+        )
+        (folder / "adapter_config.json").write_text(json.dumps(dict(config)))
+        request = LoRARequest(lora_name=folder.name, lora_int_id=version, lora_path=str(folder))
+        try:
+            # Public API: loads the adapter now, so a bad adapter fails here, not mid-rollout.
+            self.llm.llm_engine.add_lora(request)
+        except Exception:
+            shutil.rmtree(folder)
+            raise
+        self._remove_adapter()
+        self.adapter = request
+        self.weight_version = version
+        return version
+
+    def _remove_adapter(self) -> None:
+        """Stop serving the current adapter: remove it from vLLM and delete its files."""
+        if self.adapter is not None:
+            self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
+            self.adapter = None
 
     def generate(
         self,
@@ -177,8 +257,13 @@ class ColocatedEngine:
         temperature: float = 1.0,
         n: int = 1,
         seed: int | None = None,
+        use_adapter: bool = True,
     ) -> list[list[Completion]]:
-        """Sample `n` completions per prompt; returns one list of completions per prompt."""
+        """Sample `n` completions per prompt; returns one list of completions per prompt.
+
+        The current adapter, if any, is applied unless `use_adapter` is False (which serves the
+        engine's weights alone: how `bench` and `auto` time decoding without the adapter).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -186,7 +271,10 @@ class ColocatedEngine:
             n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, logprobs=0
         )
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self.adapter if use_adapter else None,
         )
         return [
             [
@@ -202,9 +290,11 @@ class ColocatedEngine:
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (tokens 1..n-1) for each sequence."""
-        return prompt_logprobs(self.llm, sequences)
+        return prompt_logprobs(self.llm, sequences, self.adapter)
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+        if self._adapter_root is not None:
+            shutil.rmtree(self._adapter_root, ignore_errors=True)

@@ -11,6 +11,10 @@ Strategies:
   (the engine may start from another checkpoint), later ones only the changed groups.
 - `merge-unmerge`: the known recipe, kept as the baseline: merge in place, send everything,
   unmerge.
+- `adapter`: only the LoRA factors and config; the engine serves them through vLLM's LoRA
+  support on its base weights (smallest sync, slower decoding). See `adapter_sync.py`.
+- `auto`: measures `streaming` and `adapter` on this engine at the first sync and keeps the
+  one cheaper for `tokens_per_step` generated tokens per step (`WeightSync.decision`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,26 @@ from typing import Protocol
 import torch
 from peft import PeftModel
 
+from lorasync.adapter_sync import (
+    ADAPTER,
+    MERGED,
+    Decision,
+    Measurements,
+    adapter_payload,
+    check_servable,
+    choose_strategy,
+    decode_seconds_per_token,
+)
 from lorasync.merge import merged, merged_tensor
 from lorasync.plan import SyncPlan, plan_sync
+from lorasync.verify import probe_sequences
 
+# Strategies that load merged weights (any engine serves them)...
 STRATEGIES = ("streaming", "merge-unmerge")
+# ...and all of them: `adapter` and `auto` need an engine with LoRA support (AdapterReceiver).
+ALL_STRATEGIES = (*STRATEGIES, ADAPTER, "auto")
+# What `auto` decodes to time decoding with and without the adapter (greedy, one batch).
+AUTO_PROMPTS, AUTO_PROMPT_TOKENS, AUTO_DECODE_TOKENS = 4, 16, 32
 
 
 class WeightReceiver(Protocol):
@@ -39,6 +59,18 @@ class WeightReceiver(Protocol):
     def weight_groups(self) -> Sequence[Sequence[str]]: ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int: ...
+
+
+class AdapterReceiver(WeightReceiver, Protocol):
+    """What the `adapter` and `auto` strategies need in addition: serving a PEFT adapter."""
+
+    vocab_size: int
+
+    def load_adapter(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping, name: str = "policy"
+    ) -> int: ...
+
+    def generate(self, prompts, max_tokens, temperature=1.0, n=1, seed=None, use_adapter=True): ...
 
 
 @dataclass(frozen=True)
@@ -58,17 +90,72 @@ class SyncReport:
 class WeightSync:
     """Syncs a PeftModel's current policy into an engine; the plan is computed once."""
 
-    def __init__(self, model: PeftModel, engine: WeightReceiver, strategy: str = "streaming") -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    def __init__(
+        self,
+        model: PeftModel,
+        engine: WeightReceiver,
+        strategy: str = "streaming",
+        tokens_per_step: int | None = None,
+    ) -> None:
+        if strategy not in ALL_STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {', '.join(ALL_STRATEGIES)}, got {strategy!r}"
+            )
+        if (strategy == "auto") != (tokens_per_step is not None):
+            raise ValueError(
+                "tokens_per_step (tokens generated between two syncs) is what strategy='auto' "
+                f"decides by, and only that: got strategy={strategy!r}, "
+                f"tokens_per_step={tokens_per_step!r}"
+            )
         self.model = model
         self.engine = engine
         self.strategy = strategy
+        self.tokens_per_step = tokens_per_step
         self.plan: SyncPlan = plan_sync(model, engine.checkpoint_layout(), engine.weight_groups())
+        if strategy in (ADAPTER, "auto"):
+            check_servable(model)  # fail before anything is sent, not at the first sync
         self.syncs = 0
+        self._merged_synced = False
+        self.decision: Decision | None = None
 
     def __call__(self) -> SyncReport:
         """Send the current policy; return what was sent and the engine's new version."""
+        if self.strategy == "auto" and self.decision is None:
+            self.decision = self._choose()
+        if self.strategy == "auto":
+            return self._sync(self.decision.strategy)
+        return self._sync(self.strategy)
+
+    def _choose(self) -> Decision:
+        """Measure both strategies' sync and decode cost on this engine, and decide.
+
+        The adapter is measured first, on the engine's checkpoint weights. Streaming then
+        merges into the engine; if the adapter wins, the base weights of the merged tensors are
+        sent back, so the adapter is again applied on the base alone.
+        """
+        prompts = probe_sequences(
+            self.engine.vocab_size, n=AUTO_PROMPTS, length=AUTO_PROMPT_TOKENS, seed=1
+        )
+        sync_seconds, decode = {}, {}
+        for strategy in (ADAPTER, MERGED):
+            self._sync(strategy)  # the first streaming sync sends everything; time the next
+            sync_seconds[strategy] = self._sync(strategy).seconds
+            decode[strategy] = min(
+                decode_seconds_per_token(
+                    self.engine, prompts, AUTO_DECODE_TOKENS, use_adapter=strategy == ADAPTER
+                )
+                for _ in range(2)  # the first batch of a new adapter or shape warms up
+            )
+        decision = choose_strategy(Measurements(sync_seconds, decode), self.tokens_per_step)
+        if decision.strategy == ADAPTER:
+            with torch.no_grad():
+                self.engine.load_weights(
+                    (e.checkpoint, self.model.get_parameter(e.param).to(self.engine.dtype))
+                    for e in self.plan.changed
+                )
+        return decision
+
+    def _sync(self, strategy: str) -> SyncReport:
         start = time.perf_counter()
         sent = {"tensors": 0, "bytes": 0}
         dtype = self.engine.dtype
@@ -80,7 +167,14 @@ class WeightSync:
                 yield name, tensor
 
         with torch.no_grad():
-            if self.strategy == "merge-unmerge":
+            if strategy == ADAPTER:
+                tensors, config = adapter_payload(self.model)
+                version = self.engine.load_adapter(
+                    dict(counted((k, t.to(dtype)) for k, t in tensors.items())),
+                    config,
+                    name=self.plan.adapter_name,
+                )
+            elif strategy == "merge-unmerge":
                 with merged(self.model):
                     version = self.engine.load_weights(
                         counted(
@@ -89,7 +183,7 @@ class WeightSync:
                         )
                     )
             else:
-                entries = self.plan.changed if self.syncs else self.plan.full
+                entries = self.plan.changed if self._merged_synced else self.plan.full
                 adapter = self.plan.adapter_name
 
                 # One merged temporary at a time: made, sent, dropped. (Merging the next one on
@@ -101,8 +195,11 @@ class WeightSync:
                     )
                 )
         self.syncs += 1
+        # Unchanged tensors hold the checkpoint's (= trainer's frozen base) values after any
+        # full merged sync, and an adapter sync leaves the engine's weights alone.
+        self._merged_synced = self._merged_synced or strategy != ADAPTER
         return SyncReport(
-            strategy=self.strategy,
+            strategy=strategy,
             tensors_sent=sent["tensors"],
             bytes_sent=sent["bytes"],
             seconds=time.perf_counter() - start,
