@@ -17,7 +17,7 @@ def test_bench_sync_json_on_tiny_shape(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert set(result["strategies"]) == {"streaming", "merge-unmerge"}
+    assert set(result["strategies"]) == {"streaming", "merge-unmerge", "adapter"}
     for stats in result["strategies"].values():
         assert {"min_s", "median_s", "bytes_sent", "tensors_sent", "peak_extra_bytes"} <= set(stats)
     assert {"min_s", "median_s", "bytes_sent"} <= set(result["floor"])
@@ -26,3 +26,13 @@ def test_bench_sync_json_on_tiny_shape(tmp_path):
     streaming, baseline = result["strategies"]["streaming"], result["strategies"]["merge-unmerge"]
     assert streaming["bytes_sent"] == result["floor"]["bytes_sent"] < baseline["bytes_sent"]
     assert streaming["base_max_abs_change"] == 0
+    adapter = result["strategies"]["adapter"]
+    assert 0 < adapter["bytes_sent"] < streaming["bytes_sent"]
+    assert adapter["base_max_abs_change"] == 0
+    decode = result["decode"]
+    assert decode["merged_s_per_token"] > 0 and decode["adapter_s_per_token"] > 0
+    assert decode["merged_over_adapter_throughput"] == pytest.approx(
+        decode["adapter_s_per_token"] / decode["merged_s_per_token"]
+    )
+    assert result["auto"]["strategy"] in ("streaming", "adapter")
+    assert result["auto"]["tokens_per_step"] == decode["tokens"]

@@ -90,7 +90,9 @@ class Decision:
     strategy: str
     tokens_per_step: int
     seconds_per_step: Mapping[str, float]
-    break_even_tokens: float | None  # tokens per step above which merged wins; None: never
+    # Tokens per step above which merged is cheaper (0: always); None when merged decodes no
+    # faster, so the sync cost alone decides.
+    break_even_tokens: float | None
     measurements: Measurements
 
     def to_dict(self) -> dict:
@@ -120,7 +122,9 @@ def choose_strategy(measurements: Measurements, tokens_per_step: int) -> Decisio
         )
     cost = {s: sync[s] + tokens_per_step * decode[s] for s in (MERGED, ADAPTER)}
     extra_decode = decode[ADAPTER] - decode[MERGED]
-    break_even = (sync[MERGED] - sync[ADAPTER]) / extra_decode if extra_decode > 0 else None
+    break_even = (
+        max(0.0, (sync[MERGED] - sync[ADAPTER]) / extra_decode) if extra_decode > 0 else None
+    )
     return Decision(
         strategy=ADAPTER if cost[ADAPTER] < cost[MERGED] else MERGED,
         tokens_per_step=tokens_per_step,

@@ -4,6 +4,11 @@ The machine is shared and noisy, so absolute seconds drift between runs; the rat
 within one run on the same engine and trainer, are the result. The floor is a bare vLLM
 in-place reload of exactly the tensors the changed-only plan sends, made beforehand: what a
 sync would cost if merging were free.
+
+The `adapter` strategy runs first, while the engine still holds the checkpoint's weights it
+needs; right after it, the same prompts are decoded greedily with and without the adapter,
+which gives the decode cost each kind of strategy pays per token, and `auto`'s choice for
+the decoded tokens per step.
 """
 
 from __future__ import annotations
@@ -22,12 +27,23 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from lorasync.adapter_sync import (
+    ADAPTER,
+    MERGED,
+    Measurements,
+    choose_strategy,
+    decode_seconds_per_token,
+)
 from lorasync.adapters import randomize_trainable
 from lorasync.engine import DTYPES, ColocatedEngine, EngineConfig
 from lorasync.merge import merged_tensor
 from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.tiny import ARCHITECTURES, SHAPES, make_tiny_model
 from lorasync.verify import base_weight_change, probe_sequences, verify
+
+# The decode comparison: this many prompts, each decoding this many tokens greedily (the
+# 8 x 32 batch of ../shared/research/vllm-cpu-findings.md).
+DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_TOKENS = 8, 16, 32
 
 
 @dataclass
@@ -117,12 +133,21 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     targets = config.targets[0] if config.targets == ("all-linear",) else list(config.targets)
     trainer = get_peft_model(base, LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=targets))
     randomize_trainable(trainer, seed=0, std=0.02)
-    engine = ColocatedEngine(EngineConfig(model=str(model_dir), dtype=config.dtype, max_model_len=256))
+    engine = ColocatedEngine(
+        EngineConfig(
+            model=str(model_dir),
+            dtype=config.dtype,
+            max_model_len=256,
+            enable_lora=True,
+            max_lora_rank=max(16, config.rank),
+        )
+    )
     result: dict = {"config": config.__dict__ | {"targets": list(config.targets)}, "strategies": {}}
     try:
-        bar = tqdm(total=len(STRATEGIES) + 1, desc="bench sync", disable=not progress)
-        # streaming first: merge-unmerge drifts the trainer's base weights in low precision
-        for strategy in STRATEGIES:
+        bar = tqdm(total=len(STRATEGIES) + 2, desc="bench sync", disable=not progress)
+        # adapter first (it needs the checkpoint's weights in the engine), then streaming:
+        # merge-unmerge drifts the trainer's base weights in low precision
+        for strategy in (ADAPTER, *STRATEGIES):
             sync = WeightSync(trainer, engine, strategy)
             sync()  # the first sync sends everything; steady state is what a step pays
             reports = []
@@ -134,6 +159,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
                 "base_max_abs_change": base_weight_change(trainer, model_dir),
                 "syncs": config.repeats + 1,
             }
+            if strategy == ADAPTER:
+                result["decode"] = _decode(engine)
             bar.update()
         plan = sync.plan
         tensors = [
@@ -148,9 +175,37 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     finally:
         engine.close()
     default, baseline = result["strategies"]["streaming"], result["strategies"]["merge-unmerge"]
+    measured = Measurements(
+        sync_seconds={s: result["strategies"][s]["median_s"] for s in (MERGED, ADAPTER)},
+        decode_seconds_per_token={
+            MERGED: result["decode"]["merged_s_per_token"],
+            ADAPTER: result["decode"]["adapter_s_per_token"],
+        },
+    )
+    result["auto"] = choose_strategy(measured, result["decode"]["tokens"]).to_dict()
     result["speedup_vs_merge_unmerge"] = baseline["median_s"] / default["median_s"]
     result["ratio_to_floor"] = default["median_s"] / result["floor"]["median_s"]
     return result
+
+
+def _decode(engine: ColocatedEngine) -> dict:
+    """Greedy decoding of the same prompts with the adapter and without (the engine's weights
+    alone: what a merged sync decodes with), best of two batches each."""
+    prompts = probe_sequences(engine.vocab_size, n=DECODE_PROMPTS, length=DECODE_PROMPT_TOKENS)
+    seconds = {
+        use_adapter: min(
+            decode_seconds_per_token(engine, prompts, DECODE_TOKENS, use_adapter)
+            for _ in range(2)  # the first batch warms up
+        )
+        for use_adapter in (True, False)
+    }
+    return {
+        "prompts": DECODE_PROMPTS,
+        "tokens": DECODE_PROMPTS * DECODE_TOKENS,
+        "merged_s_per_token": seconds[False],
+        "adapter_s_per_token": seconds[True],
+        "merged_over_adapter_throughput": seconds[True] / seconds[False],
+    }
 
 
 def format_table(result: dict) -> str:
@@ -181,5 +236,21 @@ def format_table(result: dict) -> str:
         + ", ".join(f"{n} ({v['syncs']} syncs): {v['base_max_abs_change']:.3g}" for n, v in s.items()),
         "max |logprob diff| after syncing: "
         + ", ".join(f"{n}: {v['max_abs_logprob_diff']:.3g}" for n, v in s.items()),
+    ]
+    decode, auto = result["decode"], result["auto"]
+    lines += [
+        f"greedy decode, {decode['prompts']} prompts x {decode['tokens'] // decode['prompts']} "
+        f"tokens: merged {1000 * decode['merged_s_per_token']:.2f} ms/token, adapter "
+        f"{1000 * decode['adapter_s_per_token']:.2f} ms/token (merged decodes "
+        f"{decode['merged_over_adapter_throughput']:.2f}x as fast)",
+        f"auto for {auto['tokens_per_step']} tokens per step: {auto['strategy']} "
+        + "("
+        + ", ".join(f"{n} {v:.3f} s/step" for n, v in auto["seconds_per_step"].items())
+        + "); merged wins above "
+        + (
+            f"{auto['break_even_tokens']:.0f} tokens per step"
+            if auto["break_even_tokens"] is not None
+            else "no token count"
+        ),
     ]
     return "\n".join(lines)
