@@ -4,7 +4,10 @@ Pure tests of the decision and the refusals run without vLLM; the rest use one r
 with LoRA enabled, reset to the checkpoint's weights before each test.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,7 +77,9 @@ def test_auto_needs_tokens_per_step_and_only_auto_takes_it():
 # --- what vLLM's LoRA cannot serve is refused, with the fix ----------------------------
 
 
-@pytest.mark.parametrize("variant", ["dora", "lora-bias", "modules-to-save", "trainable-tokens"])
+@pytest.mark.parametrize(
+    "variant", ["dora", "lora-bias", "modules-to-save", "trainable-tokens", "embedding-lora"]
+)
 def test_adapters_vllm_cannot_serve_are_refused(tiny_model, variant):
     model_name, config = VARIANTS[variant]
     model = peft_model(tiny_model(model_name), config)
@@ -213,3 +218,40 @@ def test_auto_measures_decides_and_keeps_parity(lora_engine, monkeypatch, choice
     assert verify(trainer, engine, probes).max_abs_diff <= 1e-4
     with torch.no_grad(), trainer.disable_adapter():
         assert verify(trainer, engine, probes).max_abs_diff > 1e-2
+
+
+# --- the CLI ----------------------------------------------------------------------------
+
+
+def lorasync(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lorasync.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.vllm
+def test_sync_check_strategy_adapter(tiny_model, tmp_path):
+    base = tiny_model("llama")
+    r = lorasync("make-adapter", "--base", base, "--out", str(tmp_path / "adapter"),
+                 "--rank", "4", "--adapter-name", "pol", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    r = lorasync("sync-check", "--base", base, "--adapter", str(tmp_path / "adapter"),
+                 "--strategy", "adapter", "--repeat", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["ok"] and result["max_abs_logprob_diff"] <= 1e-4
+    assert result["strategy"] == "adapter" and result["weight_version"] == 2
+    assert result["base_max_abs_change"] == 0
+
+
+def test_sync_check_strategy_adapter_refuses_modules_to_save_before_building_an_engine(
+    tiny_model, tmp_path
+):
+    base = tiny_model("llama")
+    r = lorasync("make-adapter", "--base", base, "--out", str(tmp_path / "adapter"),
+                 "--targets", "q_proj", "--modules-to-save", "lm_head")
+    assert r.returncode == 0, r.stderr
+    r = lorasync("sync-check", "--base", base, "--adapter", str(tmp_path / "adapter"),
+                 "--strategy", "adapter")
+    assert r.returncode == 2
+    assert "modules_to_save=['lm_head']" in r.stderr and "strategy='streaming'" in r.stderr

@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from lorasync.adapters import active_lora
+from lorasync.engine import EMBEDDING_MODULES
 
 # The merged strategy `auto` weighs against `adapter` (the default, changed-only one).
 MERGED = "streaming"
@@ -34,10 +36,19 @@ def check_servable(model: PeftModel) -> tuple[str, LoraConfig]:
 
     vLLM's rule (`vllm/lora/peft_helper.py`, `PEFTHelper._validate_features`): plain LoRA or
     rsLoRA factors, no DoRA, no LoRA bias, no full modules (modules_to_save, except a
-    classifier head), no trainable tokens. The fix is the merged strategy (`streaming`),
-    which serves every PEFT LoRA variant.
+    classifier head), no trainable tokens. And lorasync's engine keeps embeddings and the
+    lm_head out of vLLM's LoRA (see `ColocatedEngine._lora_args`), so LoRA on those is
+    refused too. The fix is the merged strategy (`streaming`), which serves every PEFT LoRA
+    variant.
     """
     name, config = active_lora(model)
+    heads = sorted(
+        {
+            path.rsplit(".", 1)[-1]
+            for path, module in model.named_modules()
+            if isinstance(module, LoraLayer) and path.rsplit(".", 1)[-1] in EMBEDDING_MODULES
+        }
+    )
     unsupported = [
         label
         for label, used in (
@@ -46,6 +57,7 @@ def check_servable(model: PeftModel) -> tuple[str, LoraConfig]:
             (f"modules_to_save={sorted(config.modules_to_save or [])}", config.modules_to_save),
             ("trainable tokens (trainable_token_indices)", config.trainable_token_indices),
             ("layer_replication", config.layer_replication),
+            (f"LoRA on {heads}", heads),
         )
         if used
     ]
@@ -53,7 +65,7 @@ def check_servable(model: PeftModel) -> tuple[str, LoraConfig]:
         raise ValueError(
             f"vLLM's LoRA support cannot serve adapter {name!r}: it uses "
             f"{', '.join(unsupported)}, and vLLM serves plain LoRA (or rsLoRA) factors on "
-            "linear layers only. Fix: sync with strategy='streaming', which merges every "
+            "the blocks' linear layers only. Fix: sync with strategy='streaming', which merges every "
             "PEFT LoRA variant, or train without these options"
         )
     return name, config

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from lorasync.adapters import load_policy
 from lorasync.engine import ColocatedEngine, EngineConfig
-from lorasync.adapter_sync import ADAPTER
+from lorasync.adapter_sync import ADAPTER, check_servable
 from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.verify import TOLERANCES, base_weight_change, probe_sequences, verify
 
@@ -45,6 +45,8 @@ class SyncCheckConfig:
 def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
     """Run the check and return its result; `result["ok"]` says whether parity held."""
     model = load_policy(config.base, config.adapter, config.dtype)
+    if config.strategy == ADAPTER:
+        check_servable(model)  # before the engine is built (about 20 s)
     engine = ColocatedEngine(
         EngineConfig(
             model=config.base,

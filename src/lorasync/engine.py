@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORKER_EXTENSION = "lorasync.engine_worker.LoraSyncWorkerExtension"
+# Checkpoint module names of embeddings and output heads: never LoRA targets in vLLM here.
+EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe"})
 
 
 @dataclass
@@ -164,11 +166,33 @@ class ColocatedEngine:
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             worker_extension_cls=WORKER_EXTENSION,
-            **({"enable_lora": True, "max_lora_rank": config.max_lora_rank} if config.enable_lora else {}),
+            **(self._lora_args() if config.enable_lora else {}),
         )
         self.tokenizer = self.llm.get_tokenizer()
         packed = self.llm.collective_rpc("lorasync_packed_modules")[0]
         self._groups = weight_groups(self._layout, packed)
+
+    def _lora_args(self) -> dict:
+        """vLLM's LoRA settings: adapters on the linear layers of the blocks only.
+
+        Left to itself, vLLM 0.32 also wraps an untied lm_head for LoRA, and then every
+        prompt-logprob request with an adapter crashes on CPU (punica `bgmv_shrink`:
+        "einsum(): subscript b has size 4 ... does not broadcast with ... 31": the logits of
+        all prompt tokens meet per-sequence LoRA indices). Naming the block linears as
+        `lora_target_modules` keeps the lm_head and embeddings out (adapters that train them
+        are refused on the trainer side). Pinned by tests/test_adapter_sync.py (sync-check of
+        an untied llama with the adapter strategy).
+        """
+        linears = {
+            name.rsplit(".", 2)[-2]
+            for name, shape in self._layout.items()
+            if name.endswith(".weight") and len(shape) == 2
+        } - EMBEDDING_MODULES
+        return {
+            "enable_lora": True,
+            "max_lora_rank": self.config.max_lora_rank,
+            "lora_target_modules": sorted(linears),
+        }
 
     def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]:
         """The checkpoint names and shapes this engine's model was built from."""
