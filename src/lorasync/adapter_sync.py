@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -25,6 +26,9 @@ from peft.utils import get_peft_model_state_dict
 
 from lorasync.adapters import active_lora
 from lorasync.engine import EMBEDDING_MODULES
+
+if TYPE_CHECKING:
+    from lorasync.sync import AdapterReceiver
 
 # The merged strategy `auto` weighs against `adapter` (the default, changed-only one).
 MERGED = "streaming"
@@ -46,7 +50,9 @@ def check_servable(model: PeftModel) -> tuple[str, LoraConfig]:
         {
             path.rsplit(".", 1)[-1]
             for path, module in model.named_modules()
-            if isinstance(module, LoraLayer) and path.rsplit(".", 1)[-1] in EMBEDDING_MODULES
+            if isinstance(module, LoraLayer)
+            and name in module.scaling
+            and path.rsplit(".", 1)[-1] in EMBEDDING_MODULES
         }
     )
     unsupported = [
@@ -65,8 +71,8 @@ def check_servable(model: PeftModel) -> tuple[str, LoraConfig]:
         raise ValueError(
             f"vLLM's LoRA support cannot serve adapter {name!r}: it uses "
             f"{', '.join(unsupported)}, and vLLM serves plain LoRA (or rsLoRA) factors on "
-            "the blocks' linear layers only. Fix: sync with strategy='streaming', which merges every "
-            "PEFT LoRA variant, or train without these options"
+            "the blocks' linear layers only. Fix: sync with strategy='streaming', which "
+            "merges every PEFT LoRA variant, or train without these options"
         )
     return name, config
 
@@ -147,7 +153,7 @@ def choose_strategy(measurements: Measurements, tokens_per_step: int) -> Decisio
 
 
 def decode_seconds_per_token(
-    engine, prompts: Sequence[Sequence[int]], max_tokens: int, use_adapter: bool
+    engine: AdapterReceiver, prompts: Sequence[Sequence[int]], max_tokens: int, use_adapter: bool
 ) -> float:
     """Seconds per generated token for one greedy batch (tokens counted, as EOS may stop early)."""
     start = time.perf_counter()

@@ -70,7 +70,15 @@ class AdapterReceiver(WeightReceiver, Protocol):
         self, tensors: Mapping[str, torch.Tensor], config: Mapping, name: str = "policy"
     ) -> int: ...
 
-    def generate(self, prompts, max_tokens, temperature=1.0, n=1, seed=None, use_adapter=True): ...
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        n: int = 1,
+        seed: int | None = None,
+        use_adapter: bool = True,
+    ) -> list: ...
 
 
 @dataclass(frozen=True)
