@@ -34,6 +34,8 @@ def _make_adapter(args: argparse.Namespace) -> int:
 
 
 def _sync_check(args: argparse.Namespace) -> int:
+    if args.server:
+        return _server_sync_check(args)
     from lorasync.check import SyncCheckConfig, run_sync_check
 
     config = SyncCheckConfig(
@@ -59,6 +61,40 @@ def _sync_check(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def _server_sync_check(args: argparse.Namespace) -> int:
+    from lorasync.server import run_server_sync_check
+
+    result = run_server_sync_check(
+        args.base, args.adapter, args.server, args.token, args.repeat, args.tolerance
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        verdict = "OK" if result["ok"] else "MISMATCH"
+        print(
+            f"{verdict}: max |logprob diff| {result['max_abs_logprob_diff']:.3g} over "
+            f"{len(result['servers'])} server(s) (tolerance {result['tolerance']:.3g}), "
+            f"{result['wire_bytes'] / 1e6:.3f} MB on the wire in {result['sync_seconds']:.3f} s, "
+            f"served versions {result['served_versions']}"
+        )
+    return 0 if result["ok"] else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lorasync.server import TOKEN_ENV, serve_command, serve_env
+
+    env = serve_env(args.token or os.environ.get(TOKEN_ENV, ""))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"lorasync serve: warning: binding {args.host}; the token and the weights travel "
+            "unencrypted over HTTP and TCP, so expose this only on a trusted network",
+            file=sys.stderr,
+        )
+    command = serve_command(args.model, args.host, args.port, args.vllm_args)
+    os.execve(command[0], command, env)  # the server replaces this process: signals go to it
+    return 0  # not reached
+
+
 def _bench_sync(args: argparse.Namespace) -> int:
     from lorasync.bench import BenchConfig, format_table, run_bench
 
@@ -71,7 +107,14 @@ def _bench_sync(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     result = run_bench(config, progress=not args.json)
-    print(json.dumps(result) if args.json else format_table(result))
+    if args.server:
+        from lorasync.server_bench import format_server, run_server_bench
+
+        result["server"] = run_server_bench(config)
+    table = format_table(result)
+    if args.server:
+        table += "\n" + format_server(result["server"])
+    print(json.dumps(result) if args.json else table)
     return 0
 
 
@@ -154,8 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="streaming (default: changed-only, drift-free), merge-unmerge (TRL's recipe) or "
         "adapter (LoRA factors only, served by vLLM's LoRA support)",
     )
+    p.add_argument(
+        "--server", action="append", default=[],
+        help="sync by LoRA factors into this running `lorasync serve` server instead of a "
+        "colocated engine (repeat for several; dtype is the servers')",
+    )
+    p.add_argument("--token", default=None, help="the servers' token (default $LORASYNC_TOKEN)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_sync_check)
+
+    p = sub.add_parser(
+        "serve",
+        help="start a vLLM OpenAI server that takes lorasync syncs (token-guarded); "
+        "arguments it does not know go to vLLM",
+    )
+    p.add_argument("--model", required=True, help="local model folder (safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--token", default=None, help="required on every route but /health (default $LORASYNC_TOKEN)"
+    )
+    p.set_defaults(func=_serve, vllm_args=[])
 
     p = sub.add_parser("train", help="GRPO with LoRA and vLLM generation, from a YAML config")
     p.add_argument("--config", required=True, help="YAML run file (see configs/)")
@@ -180,13 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", nargs="+", default=["all-linear"], help="LoRA target modules")
     p.add_argument("--repeats", type=int, default=5, help="timed syncs per strategy")
+    p.add_argument(
+        "--server", action="store_true",
+        help="also start a `lorasync serve` server and measure the LoRA-factor sync into it",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_sync)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve":
+        args.vllm_args = unknown
     # vLLM logs to stdout at INFO by default; keep stdout for results (`--json`). Its
     # warnings on every reload ("RotaryEmbedding: Failed to load weights") are expected noise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

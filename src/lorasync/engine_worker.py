@@ -7,7 +7,7 @@ side: it runs inside vLLM's worker and knows nothing of training.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from vllm.model_executor.layers.vocab_parallel_embedding import (
@@ -50,14 +50,34 @@ class LoraSyncWorkerExtension:
         `model.load_weights` on the live model instead crashes on the CPU backend, whose
         linear layers are re-laid out after the initial load.
         """
-        loaded: set[str] = set()
+        return reload_tensors(
+            lambda stream: self.model_runner.reload_weights(weights_iterator=stream),
+            self.model_runner.get_model(),
+            self.model_config.hf_config.get_text_config().tie_word_embeddings,
+            weights,
+        )
 
-        def recorded() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                loaded.add(name)
-                yield name, tensor
 
-        self.model_runner.reload_weights(weights_iterator=recorded())
-        if self.model_config.hf_config.get_text_config().tie_word_embeddings:
-            _retie_lm_head(self.model_runner.get_model(), loaded)
-        return len(loaded)
+def reload_tensors(
+    reload: Callable[[Iterable[tuple[str, torch.Tensor]]], None],
+    model: torch.nn.Module,
+    tie_word_embeddings: bool,
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> int:
+    """Stream checkpoint-format tensors through `reload` (an in-place reload of `model`),
+    re-tie a tied lm_head, and return how many tensors were loaded.
+
+    Shared by the worker extension (colocated engines) and the server receiver
+    (`receiver.py`), which reload through different vLLM entry points.
+    """
+    loaded: set[str] = set()
+
+    def recorded() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            loaded.add(name)
+            yield name, tensor
+
+    reload(recorded())
+    if tie_word_embeddings:
+        _retie_lm_head(model, loaded)
+    return len(loaded)

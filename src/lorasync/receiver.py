@@ -1,0 +1,249 @@
+"""The server side of a server sync: a vLLM weight-transfer backend and the token guard.
+
+Loaded into a vLLM OpenAI server by vLLM's plugin mechanism: `register` is the package's
+`vllm.general_plugins` entry point, which vLLM calls in each of its processes; it registers
+`LoraTransferEngine` with vLLM's `WeightTransferEngineFactory` under the name `lorasync`, so
+`--weight-transfer-config '{"backend": "lorasync"}'` selects it and vLLM's own routes drive it
+(`/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
+`/finish_weight_update`). `TokenGuard` is the ASGI middleware `lorasync serve` adds with vLLM's
+`--middleware`: those routes need VLLM_SERVER_DEV_MODE=1, which also opens unguarded dev routes.
+
+The engine receives LoRA factors over TCP (`transfer.py`) and merges on the engine side: it
+keeps a host-memory copy of the checkpoint's values of only the groups a sync touches (the
+"pristine" copy), computes W0 + scale * B @ A, and reloads whole fused groups in place.
+Nothing here imports lorasync's trainer side.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from vllm.distributed.weight_transfer.base import WeightTransferEngine
+
+from lorasync.engine import weight_groups
+from lorasync.engine_worker import reload_tensors
+from lorasync.transfer import MAGIC, NONCE_BYTES, PayloadError, Record, recv_payload
+
+BACKEND = "lorasync"
+TOKEN_ENV = "LORASYNC_TOKEN"
+MAX_BYTES_ENV = "LORASYNC_MAX_PAYLOAD_BYTES"
+TIMEOUT_ENV = "LORASYNC_TRANSFER_TIMEOUT"
+# Routes anyone may call: liveness probes only. Everything else, the OpenAI API included,
+# needs the token: a dev-mode server can be reconfigured through its other routes.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
+
+log = logging.getLogger(__name__)
+
+
+def register() -> None:
+    """vLLM plugin entry point: make the `lorasync` weight-transfer backend available.
+
+    vLLM calls plugins once per process, but a process may import them again (tests, or
+    several engines in one process), so a second registration is skipped.
+    """
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND not in WeightTransferEngineFactory._registry:  # private: the registry dict
+        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "LoraTransferEngine")
+
+
+class TokenGuard:
+    """ASGI middleware: every route but PUBLIC_PATHS needs `Authorization: Bearer <token>`.
+
+    The token comes from the LORASYNC_TOKEN environment variable of the server process
+    (`lorasync serve` sets it; the command line would show it in `ps`). Without it every
+    guarded route is refused: a misconfigured server fails closed.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.token = os.environ.get(TOKEN_ENV, "").encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"")
+        if self.token and hmac.compare_digest(given, b"Bearer " + self.token):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        detail = (
+            "this server was started without LORASYNC_TOKEN, so every route but "
+            f"{sorted(PUBLIC_PATHS)} is closed; restart it with `lorasync serve --token`"
+            if not self.token
+            else "missing or wrong token: send the header 'Authorization: Bearer <token>' "
+            "(openai client: api_key=<token>)"
+        )
+        body = json.dumps({"error": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class Endpoint:
+    """Where the client waits for the receiver's connection, and the nonce that proves it."""
+
+    host: str
+    port: int
+    nonce: str  # hex
+
+    def connect(self, timeout: float) -> socket.socket:
+        if len(bytes.fromhex(self.nonce)) != NONCE_BYTES:
+            raise ValueError(f"nonce must be {NONCE_BYTES} bytes in hex")
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock.sendall(MAGIC + bytes.fromhex(self.nonce))
+        return sock
+
+
+def _checkpoint_index(model_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
+    """Names, shapes and files of the tensors in the served model's safetensors files."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"the lorasync receiver needs the served model as a local folder of *.safetensors "
+            f"files; {model_dir!r} has none. Serve a local model folder"
+        )
+    layout, where = {}, {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                layout[name] = tuple(f.get_slice(name).get_shape())
+                where[name] = path
+    return layout, where
+
+
+class LoraTransferEngine(WeightTransferEngine):
+    """vLLM WeightTransferEngine receiving LoRA factors over TCP, merging on the engine side.
+
+    Built by vLLM's worker after the model is loaded (`WeightTransferEngineFactory`).
+    """
+
+    init_info_cls = Endpoint
+    update_info_cls = Endpoint
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.dtype: torch.dtype = vllm_config.model_config.dtype
+        self.layout, self._files = _checkpoint_index(vllm_config.model_config.model)
+        packed = dict(getattr(model, "packed_modules_mapping", {}))
+        self.groups = weight_groups(self.layout, packed)
+        self._group_of = {name: i for i, g in enumerate(self.groups) for name in g}
+        self.pristine: dict[str, torch.Tensor] = {}
+        self._pending: list[Record] | None = None
+        self.timeout = float(os.environ.get(TIMEOUT_ENV, "120"))
+        # A valid payload never exceeds the full size of every checkpoint tensor (factors
+        # are smaller than the tensors they change); anything larger is refused unread.
+        full = sum(self._numel(s) for s in self.layout.values()) * self._elem
+        self.max_bytes = int(os.environ.get(MAX_BYTES_ENV, full))
+
+    @property
+    def _elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @staticmethod
+    def _numel(shape: tuple[int, ...]) -> int:
+        return int(torch.Size(shape).numel())
+
+    def init_transfer_engine(self, init_info: Endpoint) -> None:
+        """Tell the client what this server serves: layout, fused groups, dtype, vocab."""
+        hf = self.model_config.hf_config.get_text_config()
+        info = json.dumps(
+            {
+                "layout": {k: list(v) for k, v in self.layout.items()},
+                "groups": self.groups,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "vocab_size": hf.vocab_size,
+                "max_payload_bytes": self.max_bytes,
+            }
+        ).encode()
+        with init_info.connect(self.timeout) as sock:
+            sock.sendall(struct.pack("<Q", len(info)) + info)
+
+    def start_weight_update(self) -> None:
+        self._pending = None
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class also synchronizes an accelerator; there is none to wait for here.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info: Endpoint) -> None:
+        """Read and check the whole payload, and the pristine values it needs; load nothing.
+
+        Loading waits for `finish_weight_update`, so a transfer that fails here (bad
+        payload, client gone, timeout) leaves the served weights as they were.
+        """
+        self._pending = None
+        with update_info.connect(self.timeout) as sock:
+            records = recv_payload(sock, self.layout, self.dtype, self.max_bytes)
+        for name in self._touched(records):
+            if name not in self.pristine:
+                with safe_open(self._files[name], framework="pt") as f:
+                    self.pristine[name] = f.get_tensor(name).to(self.dtype)
+        log.info(
+            "lorasync: received %d records; pristine copy %.1f MB over %d tensors",
+            len(records), self.pristine_bytes / 1e6, len(self.pristine),
+        )
+        self._pending = records
+
+    @property
+    def pristine_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pristine.values())
+
+    def _touched(self, records: list[Record]) -> list[str]:
+        """Every member of every group a record touches (vLLM reloads whole groups)."""
+        groups = sorted({self._group_of[r.name] for r in records})
+        return [name for g in groups for name in self.groups[g]]
+
+    def _merged(self, records: list[Record]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each touched tensor's new value, one at a time: full, merged or pristine."""
+        by_name = {r.name: r for r in records}
+        for name in self._touched(records):
+            record = by_name.get(name)
+            if record is None:
+                yield name, self.pristine[name]
+            elif record.scale is None:
+                yield name, record.tensors[0]
+            else:
+                b, a = record.tensors
+                yield name, torch.addmm(self.pristine[name], b, a, alpha=record.scale)
+
+    def finish_weight_update(self) -> None:
+        """Load the pending transfer in place (whole fused groups), then drop it."""
+        records, self._pending = self._pending, None
+        if not records:
+            return
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+        reload_tensors(
+            lambda stream: reload_weights(
+                self.vllm_config, self.model, stream, None, is_checkpoint_format=True
+            ),
+            self.model,
+            self.model_config.hf_config.get_text_config().tie_word_embeddings,
+            self._merged(records),
+        )
+
+    def shutdown(self) -> None:
+        self._pending = None
+
+__all__ = ["BACKEND", "LoraTransferEngine", "PayloadError", "TokenGuard", "register"]

@@ -1,0 +1,93 @@
+"""`lorasync bench sync --server`: the server path beside the colocated strategies.
+
+Starts one `lorasync serve` server on the benchmark's model (the real 0.5B shape by default),
+syncs the same kind of adapter into it by LoRA factors, and reports bytes on the wire per sync
+against the merged changed-only bytes the colocated streaming sync sends, the sync seconds
+(pause, transfer, server-side merge and reload, resume, over HTTP and TCP on loopback), the
+server's pristine copy, and logprob parity.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lorasync.adapters import randomize_trainable
+from lorasync.bench import BenchConfig, _model_dir
+from lorasync.engine import DTYPES
+from lorasync.server import FactorSync, ServerEngine, start_server, wait_healthy
+from lorasync.verify import probe_sequences, verify
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_server_bench(config: BenchConfig) -> dict:
+    """Measure the factor sync into a fresh local server; return the JSON-ready result."""
+    model_dir = _model_dir(config)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
+    targets = config.targets[0] if config.targets == ("all-linear",) else list(config.targets)
+    trainer = get_peft_model(
+        base, LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=targets)
+    )
+    randomize_trainable(trainer, seed=0, std=0.02)
+    token, port = secrets.token_hex(16), _free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    server = start_server(
+        str(model_dir), token, port,
+        ["--dtype", config.dtype, "--max-model-len", "256", "--enforce-eager"],
+        env_extra={"VLLM_LOGGING_LEVEL": "WARNING"},
+    )
+    try:
+        wait_healthy(url, server, timeout=600)
+        result: dict = {"server_startup_s": time.perf_counter() - started}
+        for compress in (False, True):
+            engine = ServerEngine(url, token, timeout=300, compress=compress)
+            sync = FactorSync(trainer, engine)
+            layout = engine.checkpoint_layout()
+            elem = torch.empty((), dtype=engine.dtype).element_size()
+            merged = sum(torch.Size(layout[e.checkpoint]).numel() * elem for e in sync.plan.changed)
+            sync()  # the first sync also reads the server's pristine copy from disk
+            seconds = [sync().seconds for _ in range(config.repeats)]
+            probes = probe_sequences(engine.vocab_size, n=2)
+            key = "compressed" if compress else "raw"
+            result[key] = {
+                "median_s": statistics.median(seconds),
+                "min_s": min(seconds),
+                "wire_bytes": engine.last_wire_bytes,
+                "wire_over_merged": engine.last_wire_bytes / merged,
+                "max_abs_logprob_diff": verify(trainer, engine, probes).max_abs_diff,
+            }
+            engine.close()
+        # the server keeps the checkpoint values of every group a sync touches
+        result |= {"merged_changed_bytes": merged, "pristine_bytes": merged}
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    return result
+
+
+def format_server(result: dict) -> str:
+    lines = [
+        f"server (lorasync serve, LoRA factors; merged changed-only would be "
+        f"{result['merged_changed_bytes'] / 1e6:.1f} MB, the server's pristine copy "
+        f"{result['pristine_bytes'] / 1e6:.1f} MB; server start {result['server_startup_s']:.0f} s):"
+    ]
+    for key in ("raw", "compressed"):
+        r = result[key]
+        lines.append(
+            f"  {key}: median {r['median_s']:.3f} s per sync, {r['wire_bytes'] / 1e6:.2f} MB on "
+            f"the wire = {100 * r['wire_over_merged']:.2f}% of merged, max |logprob diff| "
+            f"{r['max_abs_logprob_diff']:.3g}"
+        )
+    return "\n".join(lines)

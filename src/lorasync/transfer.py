@@ -1,0 +1,268 @@
+"""The wire format of a server sync: LoRA factors (or whole tensors) over one TCP stream.
+
+Shared by the trainer-side client (`server.py`) and the receiver inside vLLM (`receiver.py`),
+so it imports neither side. One transfer is one connection, opened by the receiver to the
+address the client named in the `/update_weights` request:
+
+    receiver -> client:  MAGIC, 32-byte nonce (from the request, proves which request it serves)
+    client -> receiver:  MAGIC, u64 manifest length, manifest (JSON), tensor bytes, end of stream
+
+The manifest lists records in order. A `lora` record carries `b` then `a` with
+`delta = scale * b @ a` in the checkpoint tensor's orientation (the client transposes for
+GPT-2's Conv1D); a `full` record carries the tensor itself (modules_to_save, and variants the
+receiver cannot merge from factors). Every size is declared before any byte is read and checked
+against the receiver's checkpoint, so a malformed, truncated or oversized payload is refused
+before the model is touched.
+
+Optional lossless compression (`encoding: "zlib-top-byte"`): each tensor's most significant
+byte plane (sign and high exponent bits, a few distinct values for trained weights) is sent
+zlib-compressed, the other planes raw; on bf16 LoRA factors that is ~72% of the raw bytes.
+Both ends are assumed little-endian (x86, ARM).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = b"LSYNC1\n"
+NONCE_BYTES = 32
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is ~100 bytes a tensor; 16 MiB is ~150k tensors
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+_CHUNK = 4 << 20
+ENCODINGS = ("raw", "zlib-top-byte")
+
+
+class PayloadError(ValueError):
+    """A transfer broke the wire format; nothing was loaded."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One checkpoint tensor in a transfer: LoRA factors (`b`, `a`, `scale`) or the full value."""
+
+    name: str
+    tensors: tuple[torch.Tensor, ...]  # (b, a) for `lora`, (tensor,) for `full`
+    scale: float | None = None  # None: a full tensor
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.scale is None else "lora"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype}")
+    return _DTYPE_NAMES[dtype]
+
+
+def manifest(records: list[Record], encoding: str = "raw") -> dict:
+    """The JSON manifest describing `records` (names, kinds, scales, shapes, one dtype)."""
+    dtypes = {t.dtype for r in records for t in r.tensors}
+    if len(dtypes) > 1:
+        raise ValueError(f"all tensors of one transfer must share a dtype, got {sorted(map(str, dtypes))}")
+    return {
+        "dtype": dtype_name(dtypes.pop()) if dtypes else "float32",
+        "encoding": encoding,
+        "records": [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "scale": r.scale,
+                "shapes": [list(t.shape) for t in r.tensors],
+            }
+            for r in records
+        ],
+    }
+
+
+def send_payload(sock: socket.socket, records: list[Record], compress: bool = False) -> int:
+    """Write one transfer to `sock`; return the bytes written."""
+    head = json.dumps(manifest(records, ENCODINGS[compress])).encode()
+    sock.sendall(MAGIC + struct.pack("<Q", len(head)) + head)
+    sent = len(MAGIC) + 8 + len(head)
+    for record in records:
+        for tensor in record.tensors:
+            planes = tensor.detach().contiguous().view(torch.uint8).reshape(tensor.numel(), -1)
+            if compress:
+                top = zlib.compress(planes[:, -1].contiguous().numpy(), 1)
+                sock.sendall(struct.pack("<Q", len(top)) + top)
+                sent += 8 + len(top)
+                planes = planes[:, :-1]
+            data = planes.contiguous().reshape(-1).numpy()
+            sock.sendall(memoryview(data))
+            sent += data.nbytes
+    return sent
+
+
+def _recv_tensor(
+    sock: socket.socket, shape: tuple[int, ...], dtype: torch.dtype, encoding: str, what: str
+) -> torch.Tensor:
+    """One tensor of a checked manifest, decoded; a corrupt compressed plane is refused."""
+    n, elem = _numel(shape), _elem(dtype)
+    if encoding == "raw":
+        return torch.frombuffer(recv_exact(sock, n * elem, what), dtype=dtype).view(shape)
+    (length,) = struct.unpack("<Q", recv_exact(sock, 8, f"{what} plane length"))
+    if length > n + n // 1000 + 64:  # over zlib's worst case for n bytes: not a valid plane
+        raise PayloadError(f"{what}: compressed plane of {length} bytes for {n} values")
+    inflater = zlib.decompressobj()
+    try:
+        top = inflater.decompress(recv_exact(sock, length, f"{what} plane"), n)
+    except zlib.error as err:
+        raise PayloadError(f"{what}: corrupt compressed plane ({err})") from None
+    if len(top) != n or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+        raise PayloadError(f"{what}: compressed plane does not hold exactly {n} bytes")
+    planes = torch.empty((n, elem), dtype=torch.uint8)
+    planes[:, -1] = torch.frombuffer(bytearray(top), dtype=torch.uint8)
+    if elem > 1:
+        rest = recv_exact(sock, n * (elem - 1), what)
+        planes[:, :-1] = torch.frombuffer(rest, dtype=torch.uint8).view(n, elem - 1)
+    return planes.view(-1).view(dtype).view(shape)
+
+
+def recv_exact(sock: socket.socket, n: int, what: str) -> bytearray:
+    """Read exactly `n` bytes or raise PayloadError (the peer closed early: truncated)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, _CHUNK))
+        if k == 0:
+            raise PayloadError(f"truncated payload: {what} ended after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+def _shape(value, what: str) -> tuple[int, ...]:
+    if not (isinstance(value, list) and all(isinstance(d, int) and d > 0 for d in value)):
+        raise PayloadError(f"{what}: a shape must be a list of positive ints, got {value!r}")
+    return tuple(value)
+
+
+def check_manifest(
+    head: Mapping, layout: Mapping[str, tuple[int, ...]], dtype: torch.dtype
+) -> list[tuple[str, float | None, list[tuple[int, ...]]]]:
+    """Validate a manifest against the receiver's checkpoint layout and dtype.
+
+    Returns (name, scale or None, shapes) per record. A `lora` record must target a 2-D
+    checkpoint tensor (out, in) with b (out, r) and a (r, in), 0 < r <= min(out, in); a `full`
+    record must have the checkpoint tensor's shape; names are unique.
+    """
+    if not isinstance(head, Mapping) or not isinstance(head.get("records"), list):
+        raise PayloadError("manifest must be a JSON object with a 'records' list")
+    if head.get("dtype") != dtype_name(dtype):
+        raise PayloadError(
+            f"payload dtype {head.get('dtype')!r} is not the server's dtype {dtype_name(dtype)!r}; "
+            "send tensors in the engine's dtype"
+        )
+    out, seen = [], set()
+    for i, rec in enumerate(head["records"]):
+        what = f"record {i}"
+        if not isinstance(rec, Mapping) or not isinstance(rec.get("name"), str):
+            raise PayloadError(f"{what}: needs a string 'name'")
+        name = rec["name"]
+        what = f"record {i} ({name})"
+        if name not in layout:
+            raise PayloadError(f"{what}: not a tensor of the server's checkpoint")
+        if name in seen:
+            raise PayloadError(f"{what}: sent twice")
+        seen.add(name)
+        shapes = rec.get("shapes")
+        if not isinstance(shapes, list):
+            raise PayloadError(f"{what}: needs a 'shapes' list")
+        shapes = [_shape(s, what) for s in shapes]
+        target = layout[name]
+        if rec.get("kind") == "full":
+            if shapes != [target]:
+                raise PayloadError(f"{what}: full tensor shapes {shapes}, checkpoint has {list(target)}")
+            out.append((name, None, shapes))
+        elif rec.get("kind") == "lora":
+            scale = rec.get("scale")
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+                raise PayloadError(f"{what}: a lora record needs a numeric 'scale', got {scale!r}")
+            ok = (
+                len(target) == 2
+                and len(shapes) == 2
+                and len(shapes[0]) == 2
+                and len(shapes[1]) == 2
+                and shapes[0][0] == target[0]
+                and shapes[1][1] == target[1]
+                and shapes[0][1] == shapes[1][0] <= min(target)
+            )
+            if not ok:
+                raise PayloadError(
+                    f"{what}: lora factors b {shapes[0] if shapes else None}, a "
+                    f"{shapes[1] if len(shapes) > 1 else None} do not fit checkpoint tensor "
+                    f"{list(target)} (need b (out, r), a (r, in), r <= min(out, in))"
+                )
+            out.append((name, float(scale), shapes))
+        else:
+            raise PayloadError(f"{what}: kind must be 'lora' or 'full', got {rec.get('kind')!r}")
+    return out
+
+
+def payload_bytes(records: list[tuple[str, float | None, list[tuple[int, ...]]]], dtype: torch.dtype) -> int:
+    """Tensor bytes a checked manifest declares."""
+    return sum(_elem(dtype) * _numel(s) for _, _, shapes in records for s in shapes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def recv_payload(
+    sock: socket.socket,
+    layout: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    max_bytes: int,
+) -> list[Record]:
+    """Read and validate one transfer; every check runs before the caller touches weights.
+
+    Refuses a bad magic, a manifest over MAX_MANIFEST_BYTES, a payload declaring more than
+    `max_bytes`, shapes that do not fit the checkpoint, a stream that ends early (truncated)
+    and bytes after the declared end (oversized).
+    """
+    if bytes(recv_exact(sock, len(MAGIC), "magic")) != MAGIC:
+        raise PayloadError("not a lorasync payload (bad magic); client and server versions differ?")
+    (length,) = struct.unpack("<Q", recv_exact(sock, 8, "manifest length"))
+    if length > MAX_MANIFEST_BYTES:
+        raise PayloadError(f"manifest of {length} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
+    try:
+        head = json.loads(bytes(recv_exact(sock, length, "manifest")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PayloadError(f"manifest is not valid JSON: {err}") from None
+    checked = check_manifest(head, layout, dtype)
+    encoding = head.get("encoding", "raw")
+    if encoding not in ENCODINGS:
+        raise PayloadError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    total = payload_bytes(checked, dtype)
+    if total > max_bytes:
+        raise PayloadError(
+            f"payload declares {total} bytes, over the server's limit of {max_bytes} "
+            "(LORASYNC_MAX_PAYLOAD_BYTES on the server)"
+        )
+    records = []
+    for name, scale, shapes in checked:
+        tensors = tuple(_recv_tensor(sock, s, dtype, encoding, name) for s in shapes)
+        records.append(Record(name, tensors, scale))
+    if sock.recv(1):
+        raise PayloadError(f"oversized payload: bytes follow the declared {total} tensor bytes")
+    return records
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
