@@ -4,6 +4,7 @@ Two servers are started once for the module (about 35 s each on 2 cores); every 
 before it checks, so the order of tests does not matter.
 """
 
+import json
 import os
 import signal
 import socket
@@ -237,3 +238,22 @@ def test_server_killed_mid_transfer_raises_in_bounded_time_and_a_restart_resyncs
     sync()
     assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= 1e-4
     engine.close()
+
+
+def test_sync_check_command_against_running_servers(servers, tiny_model, tmp_path):
+    """Another adapter (q, v only) after the all-linear one: the groups only the earlier
+    syncs changed go back to the checkpoint, or parity fails."""
+    from lorasync.adapters import AdapterSpec, make_random_adapter
+
+    base = tiny_model("qwen2")
+    adapter = make_random_adapter(base, tmp_path / "adapter", AdapterSpec(targets=["q_proj", "v_proj"]))
+    r = subprocess.run(
+        [sys.executable, "-m", "lorasync.cli", "sync-check", "--base", base, "--adapter",
+         str(adapter), "--json", *(a for s in servers for a in ("--server", s.url))],
+        capture_output=True, text=True, timeout=300, env=os.environ | {"LORASYNC_TOKEN": TOKEN},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["ok"] and len(result["per_server_max_abs_logprob_diff"]) == 2
+    assert result["max_abs_logprob_diff"] <= 1e-4
+    assert result["served_versions"][0] == result["served_versions"][1] == str(result["weight_version"])

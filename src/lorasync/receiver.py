@@ -34,7 +34,14 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from lorasync.engine import weight_groups
 from lorasync.engine_worker import reload_tensors
-from lorasync.transfer import MAGIC, NONCE_BYTES, PayloadError, Record, recv_payload
+from lorasync.transfer import (
+    MAGIC,
+    NONCE_BYTES,
+    PayloadError,
+    Record,
+    recv_payload,
+    tensor_bytes,
+)
 
 BACKEND = "lorasync"
 TOKEN_ENV = "LORASYNC_TOKEN"
@@ -150,19 +157,15 @@ class LoraTransferEngine(WeightTransferEngine):
         self._group_of = {name: i for i, g in enumerate(self.groups) for name in g}
         self.pristine: dict[str, torch.Tensor] = {}
         self._pending: list[Record] | None = None
+        # Groups whose served values differ from the checkpoint. A sync reloads them too, so
+        # each sync is complete on its own: what an earlier client (another adapter, other
+        # target modules) changed and this payload does not touch goes back to the checkpoint.
+        self._dirty: set[int] = set()
         self.timeout = float(os.environ.get(TIMEOUT_ENV, "120"))
         # A valid payload never exceeds the full size of every checkpoint tensor (factors
         # are smaller than the tensors they change); anything larger is refused unread.
-        full = sum(self._numel(s) for s in self.layout.values()) * self._elem
+        full = sum(tensor_bytes(shape, self.dtype) for shape in self.layout.values())
         self.max_bytes = int(os.environ.get(MAX_BYTES_ENV, full))
-
-    @property
-    def _elem(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    @staticmethod
-    def _numel(shape: tuple[int, ...]) -> int:
-        return int(torch.Size(shape).numel())
 
     def init_transfer_engine(self, init_info: Endpoint) -> None:
         """Tell the client what this server serves: layout, fused groups, dtype, vocab."""
@@ -195,8 +198,9 @@ class LoraTransferEngine(WeightTransferEngine):
         self._pending = None
         with update_info.connect(self.timeout) as sock:
             records = recv_payload(sock, self.layout, self.dtype, self.max_bytes)
+        full = {r.name for r in records if r.scale is None}  # sent whole: no base value needed
         for name in self._touched(records):
-            if name not in self.pristine:
+            if name not in self.pristine and name not in full:
                 with safe_open(self._files[name], framework="pt") as f:
                     self.pristine[name] = f.get_tensor(name).to(self.dtype)
         log.info(
@@ -209,9 +213,13 @@ class LoraTransferEngine(WeightTransferEngine):
     def pristine_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pristine.values())
 
+    def _groups_of(self, records: list[Record]) -> set[int]:
+        return {self._group_of[r.name] for r in records}
+
     def _touched(self, records: list[Record]) -> list[str]:
-        """Every member of every group a record touches (vLLM reloads whole groups)."""
-        groups = sorted({self._group_of[r.name] for r in records})
+        """Every member of every group a record touches or an earlier sync changed (vLLM
+        reloads whole groups)."""
+        groups = sorted(self._groups_of(records) | self._dirty)
         return [name for g in groups for name in self.groups[g]]
 
     def _merged(self, records: list[Record]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -242,8 +250,10 @@ class LoraTransferEngine(WeightTransferEngine):
             self.model_config.hf_config.get_text_config().tie_word_embeddings,
             self._merged(records),
         )
+        self._dirty = self._groups_of(records)
 
     def shutdown(self) -> None:
         self._pending = None
+
 
 __all__ = ["BACKEND", "LoraTransferEngine", "PayloadError", "TokenGuard", "register"]

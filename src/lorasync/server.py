@@ -199,6 +199,9 @@ class ServerEngine:
         out = self._clients[index].completions.create(
             model=self._servers[index].model, prompt=[list(s) for s in sequences], echo=True,
             logprobs=0, max_tokens=1, temperature=1.0,
+            # token ids instead of echoed text: no detokenizing of the prompt, which fails
+            # for ids the tokenizer lacks (random models of a real shape have a small one)
+            extra_body={"return_token_ids": True},
         )
         choices = sorted(out.choices, key=lambda c: c.index)
         return [c.logprobs.token_logprobs[1 : len(s)] for c, s in zip(choices, sequences)]

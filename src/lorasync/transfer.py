@@ -212,9 +212,14 @@ def check_manifest(
     return out
 
 
+def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype."""
+    return _elem(dtype) * _numel(shape)
+
+
 def payload_bytes(records: list[tuple[str, float | None, list[tuple[int, ...]]]], dtype: torch.dtype) -> int:
     """Tensor bytes a checked manifest declares."""
-    return sum(_elem(dtype) * _numel(s) for _, _, shapes in records for s in shapes)
+    return sum(tensor_bytes(s, dtype) for _, _, shapes in records for s in shapes)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
