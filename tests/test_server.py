@@ -257,3 +257,40 @@ def test_sync_check_command_against_running_servers(servers, tiny_model, tmp_pat
     assert result["ok"] and len(result["per_server_max_abs_logprob_diff"]) == 2
     assert result["max_abs_logprob_diff"] <= 1e-4
     assert result["served_versions"][0] == result["served_versions"][1] == str(result["weight_version"])
+
+
+def test_a_sync_is_atomic_for_requests_running_beside_it(servers, trainer):
+    """Requests sent all through a sync see the old policy or the new one, never a mixture."""
+    import threading
+
+    engine = ServerEngine(servers[0].url, TOKEN)
+    sync = FactorSync(trainer, engine)
+    probe = probe_sequences(engine.vocab_size, n=1)
+    sync()
+    old = engine.score(probe)[0]
+    seen, stop = [], threading.Event()
+
+    def keep_scoring() -> None:
+        while not stop.is_set():
+            seen.append(engine.score(probe)[0])
+
+    scorer = threading.Thread(target=keep_scoring)
+    scorer.start()
+    try:
+        for _ in range(3):
+            step(trainer)
+            sync()
+    finally:
+        stop.set()
+        scorer.join()
+    new = engine.score(probe)[0]
+    assert max(abs(a - b) for a, b in zip(old, new)) > 1e-2
+    assert len(seen) >= 3
+    # Four policies were served (the first and three syncs), so at most four distinct answers:
+    # an answer from half-loaded weights would be a fifth.
+    distinct: list[list[float]] = []
+    for scores in seen + [old, new]:
+        if not any(max(abs(a - b) for a, b in zip(scores, d)) <= 1e-4 for d in distinct):
+            distinct.append(scores)
+    assert len(distinct) <= 4, f"{len(distinct)} distinct answers for 4 policies"
+    engine.close()
