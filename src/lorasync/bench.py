@@ -112,7 +112,7 @@ def _measure(run: Callable[[], object], repeats: int) -> dict:
     }
 
 
-def _model_dir(config: BenchConfig) -> Path:
+def bench_model_dir(config: BenchConfig) -> Path:
     out = Path(config.cache_dir) / f"{config.arch}-{config.shape}-{config.dtype}"
     if not (out / "model.safetensors").is_file():
         make_tiny_model(
@@ -128,7 +128,7 @@ def _model_dir(config: BenchConfig) -> Path:
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     """Measure each strategy and the floor; return the JSON-ready result."""
-    model_dir = _model_dir(config)
+    model_dir = bench_model_dir(config)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
     targets = config.targets[0] if config.targets == ("all-linear",) else list(config.targets)
     trainer = get_peft_model(base, LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=targets))

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lorasync.adapters import randomize_trainable
-from lorasync.bench import BenchConfig, _model_dir
+from lorasync.bench import BenchConfig, bench_model_dir
 from lorasync.engine import DTYPES
 from lorasync.server import FactorSync, ServerEngine, start_server, wait_healthy
 from lorasync.verify import probe_sequences, verify
@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def run_server_bench(config: BenchConfig) -> dict:
     """Measure the factor sync into a fresh local server; return the JSON-ready result."""
-    model_dir = _model_dir(config)
+    model_dir = bench_model_dir(config)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
     targets = config.targets[0] if config.targets == ("all-linear",) else list(config.targets)
     trainer = get_peft_model(
