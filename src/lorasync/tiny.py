@@ -110,36 +110,35 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizer
 
 def tiny_config(arch: str, shape: TinyShape, tie_word_embeddings: bool) -> PretrainedConfig:
     """A transformers config of the given architecture with a tiny shape."""
+    shared = dict(
+        vocab_size=shape.vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    if arch == "gpt2":  # Conv1D layers: LoRA with fan_in_fan_out; GPT-2's own field names
+        return GPT2Config(
+            n_embd=shape.hidden_size,
+            n_layer=shape.num_layers,
+            n_head=shape.num_heads,
+            n_inner=shape.intermediate_size,
+            n_positions=shape.max_position_embeddings,
+            **shared,
+        )
     common = dict(
         hidden_size=shape.hidden_size,
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
         intermediate_size=shape.intermediate_size,
-        vocab_size=shape.vocab_size,
         max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
+        **shared,
     )
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "llama":
         return LlamaConfig(**common)
-    if arch == "gpt2":  # Conv1D layers: LoRA with fan_in_fan_out
-        return GPT2Config(
-            n_embd=shape.hidden_size,
-            n_layer=shape.num_layers,
-            n_head=shape.num_heads,
-            n_inner=shape.intermediate_size,
-            vocab_size=shape.vocab_size,
-            n_positions=shape.max_position_embeddings,
-            tie_word_embeddings=tie_word_embeddings,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=1,
-        )
     if arch == "qwen3":
         return Qwen3Config(head_dim=shape.hidden_size // shape.num_heads, **common)
     raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
