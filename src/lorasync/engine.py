@@ -134,6 +134,8 @@ def prompt_logprobs(
 class ColocatedEngine:
     """vLLM's `LLM` in this process, with the lorasync worker extension loaded."""
 
+    _live = 0  # engines built and not yet closed in this process (see `close`)
+
     def __init__(self, config: EngineConfig) -> None:
         # The engine core must live in this process: weights are streamed to the worker as a
         # Python iterator, which only an in-process executor can take without serializing.
@@ -168,6 +170,7 @@ class ColocatedEngine:
             worker_extension_cls=WORKER_EXTENSION,
             **(self._lora_args() if config.enable_lora else {}),
         )
+        ColocatedEngine._live += 1
         self.tokenizer = self.llm.get_tokenizer()
         packed = self.llm.collective_rpc("lorasync_packed_modules")[0]
         self._groups = weight_groups(self._layout, packed)
@@ -317,8 +320,24 @@ class ColocatedEngine:
         return prompt_logprobs(self.llm, sequences, self.adapter)
 
     def close(self) -> None:
-        """Shut the engine down and free its memory."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Shut the engine down and free its memory.
+
+        vLLM's in-process EngineCore.shutdown also tears down vLLM's process-wide distributed
+        state (`cleanup_dist_env_and_memory`), which every other engine in this process still
+        uses: their next step fails with "pipeline model parallel group is not initialized".
+        So that teardown (a private vLLM name) is skipped while other engines are alive.
+        Pinned by tests/test_trainer.py (the demo closes its engine beside a live one).
+        """
+        from vllm.v1.engine import core
+
+        ColocatedEngine._live -= 1
+        teardown = core.cleanup_dist_env_and_memory
+        if ColocatedEngine._live > 0:
+            core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            core.cleanup_dist_env_and_memory = teardown
         del self.llm
         if self._adapter_root is not None:
             shutil.rmtree(self._adapter_root, ignore_errors=True)
