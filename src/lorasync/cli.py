@@ -1,4 +1,4 @@
-"""The `lorasync` command line: make tiny models and adapters, check a sync end to end."""
+"""The `lorasync` command line: demo, train, tiny models and adapters, sync checks, serve, bench."""
 
 from __future__ import annotations
 
