@@ -35,48 +35,39 @@ def _make_adapter(args: argparse.Namespace) -> int:
 
 def _sync_check(args: argparse.Namespace) -> int:
     if args.server:
-        return _server_sync_check(args)
-    from lorasync.check import SyncCheckConfig, run_sync_check
+        from lorasync.server import run_server_sync_check
 
-    config = SyncCheckConfig(
-        base=args.base,
-        adapter=args.adapter,
-        dtype=args.dtype,
-        repeat=args.repeat,
-        tolerance=args.tolerance,
-        strategy=args.strategy,
-    )
-    result = run_sync_check(config, progress=not args.json)
-    if args.json:
-        print(json.dumps(result))
+        result = run_server_sync_check(
+            args.base, args.adapter, args.server, args.token, args.repeat, args.tolerance
+        )
+        details = (
+            f"over {len(result['servers'])} server(s) (tolerance {result['tolerance']:.3g}), "
+            f"{result['wire_bytes'] / 1e6:.3f} MB on the wire in {result['sync_seconds']:.3f} s, "
+            f"served versions {result['served_versions']}"
+        )
     else:
-        verdict = "OK" if result["ok"] else "MISMATCH"
-        print(
-            f"{verdict}: max |logprob diff| {result['max_abs_logprob_diff']:.3g} "
+        from lorasync.check import SyncCheckConfig, run_sync_check
+
+        config = SyncCheckConfig(
+            base=args.base,
+            adapter=args.adapter,
+            dtype=args.dtype,
+            repeat=args.repeat,
+            tolerance=args.tolerance,
+            strategy=args.strategy,
+        )
+        result = run_sync_check(config, progress=not args.json)
+        details = (
             f"(tolerance {result['tolerance']:.3g}), {result['tensors_sent']} tensors, "
             f"{result['bytes_sent'] / 1e6:.2f} MB in {result['sync_seconds']:.3f} s, "
             f"weight version {result['weight_version']}, "
             f"base weights changed by at most {result['base_max_abs_change']:.3g}"
         )
-    return 0 if result["ok"] else 1
-
-
-def _server_sync_check(args: argparse.Namespace) -> int:
-    from lorasync.server import run_server_sync_check
-
-    result = run_server_sync_check(
-        args.base, args.adapter, args.server, args.token, args.repeat, args.tolerance
-    )
     if args.json:
         print(json.dumps(result))
     else:
         verdict = "OK" if result["ok"] else "MISMATCH"
-        print(
-            f"{verdict}: max |logprob diff| {result['max_abs_logprob_diff']:.3g} over "
-            f"{len(result['servers'])} server(s) (tolerance {result['tolerance']:.3g}), "
-            f"{result['wire_bytes'] / 1e6:.3f} MB on the wire in {result['sync_seconds']:.3f} s, "
-            f"served versions {result['served_versions']}"
-        )
+        print(f"{verdict}: max |logprob diff| {result['max_abs_logprob_diff']:.3g} {details}")
     return 0 if result["ok"] else 1
 
 
