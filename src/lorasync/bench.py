@@ -8,20 +8,22 @@ sync would cost if merging were free.
 The `adapter` strategy runs first, while the engine still holds the checkpoint's weights it
 needs; right after it, the same prompts are decoded greedily with and without the adapter,
 which gives the decode cost each kind of strategy pays per token, and `auto`'s choice for
-the decoded tokens per step.
+the decoded tokens per step. Then streaming, merge-unmerge and the floor take turns, one
+call of each per round, so that the machine's drift (runs here differ by up to 30%) falls
+on all three alike; merge-unmerge works on its own copy of the trainer, whose base weights
+it drifts.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
@@ -44,6 +46,8 @@ from lorasync.verify import base_weight_change, probe_sequences, verify
 # The decode comparison: this many prompts, each decoding this many tokens greedily (the
 # 8 x 32 batch of ../shared/research/vllm-cpu-findings.md).
 DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_TOKENS = 8, 16, 32
+# Syncs in a row over which each strategy's peak extra memory is taken.
+MEMORY_REPEATS = 3
 
 
 @dataclass
@@ -68,48 +72,66 @@ class BenchConfig:
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread; `extra` is the peak above the start."""
+    """The peak resident memory of this process inside the block, above its start (`extra`).
 
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.process = psutil.Process()
+    Read from the kernel's high-water mark (VmHWM), reset on entry through
+    /proc/self/clear_refs: exact, and free. A sampling thread misses short peaks and, on this
+    2-core machine, slowed the Python-heavy streaming loop it was measuring.
+    """
 
     def __enter__(self) -> PeakRSS:
         gc.collect()
-        self.start = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak to the current RSS
+        self.start = _status_kib("VmRSS")
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.peak = _status_kib("VmHWM")
 
     @property
     def extra(self) -> int:
-        return self.peak - self.start
+        return (self.peak - self.start) * 1024
 
 
-def _measure(run: Callable[[], object], repeats: int) -> dict:
-    """Time `run` `repeats` times, tracking the peak extra memory of any one call."""
-    seconds, peaks = [], []
+def _status_kib(field: str) -> int:
+    """One memory field of /proc/self/status, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line (lorasync bench needs Linux)")
+
+
+def _measure(runs: dict[str, Callable[[], object]], repeats: int, bar: tqdm) -> dict[str, dict]:
+    """Time each of `runs` `repeats` times, taking turns (one call of each per round) so that
+    the machine's drift falls on all of them alike.
+
+    Then the peak extra memory of each, over `MEMORY_REPEATS` calls in a row after one more:
+    what a training loop that syncs the same way every step sees. Measured in turns, the
+    memory one call freed (merge-unmerge frees ~600 MB) moved the next one's peak by up to
+    ~200 MB, the allocator's doing, not the call's.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        with PeakRSS() as rss:
+        for name, run in runs.items():
             start = time.perf_counter()
             run()
-            seconds.append(time.perf_counter() - start)
-        peaks.append(rss.extra)
-    return {
-        "min_s": min(seconds),
-        "median_s": statistics.median(seconds),
-        "peak_extra_bytes": max(peaks),
-    }
+            seconds[name].append(time.perf_counter() - start)
+            bar.update()
+    stats = {}
+    for name, run in runs.items():
+        run()
+        peaks = []
+        for _ in range(MEMORY_REPEATS):
+            with PeakRSS() as rss:
+                run()
+            peaks.append(rss.extra)
+        bar.update()
+        stats[name] = {
+            "min_s": min(seconds[name]),
+            "median_s": statistics.median(seconds[name]),
+            "peak_extra_bytes": max(peaks),
+        }
+    return stats
 
 
 def bench_model_dir(config: BenchConfig) -> Path:
@@ -143,35 +165,39 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         )
     )
     result: dict = {"config": config.__dict__ | {"targets": list(config.targets)}, "strategies": {}}
+    bar = tqdm(total=4 * (config.repeats + 1), desc="bench sync", disable=not progress)
     try:
-        bar = tqdm(total=len(STRATEGIES) + 2, desc="bench sync", disable=not progress)
-        # adapter first (it needs the checkpoint's weights in the engine), then streaming:
-        # merge-unmerge drifts the trainer's base weights in low precision
-        for strategy in (ADAPTER, *STRATEGIES):
-            sync = WeightSync(trainer, engine, strategy)
-            sync()  # the first sync sends everything; steady state is what a step pays
-            reports = []
-            stats = _measure(lambda: reports.append(sync()), config.repeats)
-            result["strategies"][strategy] = stats | {
-                "bytes_sent": reports[-1].bytes_sent,
-                "tensors_sent": reports[-1].tensors_sent,
-                "max_abs_logprob_diff": verify(trainer, engine, probe_sequences(engine.vocab_size, n=2)).max_abs_diff,
-                "base_max_abs_change": base_weight_change(trainer, model_dir),
-                "syncs": config.repeats + 1,
-            }
-            if strategy == ADAPTER:
-                result["decode"] = _decode(engine)
-            bar.update()
-        plan = sync.plan
+        # The adapter goes first and alone: it is served on the checkpoint's weights, which the
+        # merged strategies overwrite.
+        adapter = WeightSync(trainer, engine, ADAPTER)
+        adapter()  # the first sync of a new adapter warms up vLLM's LoRA path
+        stats = _measure({ADAPTER: adapter}, config.repeats, bar)
+        result["strategies"][ADAPTER] = stats[ADAPTER] | _checked(adapter, engine, model_dir)
+        result["decode"] = _decode(engine)
+        # merge-unmerge drifts its trainer's base weights in low precision: it gets a copy, so
+        # that each strategy's base-weight change is its own.
+        syncs = {
+            "streaming": WeightSync(trainer, engine, "streaming"),
+            "merge-unmerge": WeightSync(copy.deepcopy(trainer), engine, "merge-unmerge"),
+        }
+        for name in STRATEGIES:
+            syncs[name]()  # the first sync sends everything; steady state is what a step pays
+        plan = syncs["streaming"].plan
         tensors = [
             (e.checkpoint, merged_tensor(trainer, e, plan.adapter_name).to(engine.dtype).clone())
             for e in plan.changed
         ]
-        floor = _measure(lambda: engine.load_weights(iter(tensors)), config.repeats)
-        result["floor"] = floor | {"bytes_sent": sum(t.numel() * t.element_size() for _, t in tensors)}
-        result["largest_tensor_bytes"] = max(t.numel() * t.element_size() for _, t in tensors)
-        bar.update()
+        stats |= _measure(
+            {name: syncs[name] for name in STRATEGIES}
+            | {"floor": lambda: engine.load_weights(iter(tensors))},
+            config.repeats,
+            bar,
+        )
         bar.close()
+        for name, sync in syncs.items():
+            result["strategies"][name] = stats[name] | _checked(sync, engine, model_dir)
+        result["floor"] = stats["floor"] | {"bytes_sent": sum(t.numel() * t.element_size() for _, t in tensors)}
+        result["largest_tensor_bytes"] = max(t.numel() * t.element_size() for _, t in tensors)
     finally:
         engine.close()
     default, baseline = result["strategies"]["streaming"], result["strategies"]["merge-unmerge"]
@@ -186,6 +212,19 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     result["speedup_vs_merge_unmerge"] = baseline["median_s"] / default["median_s"]
     result["ratio_to_floor"] = default["median_s"] / result["floor"]["median_s"]
     return result
+
+
+def _checked(sync: WeightSync, engine: ColocatedEngine, model_dir: Path) -> dict:
+    """One more sync, reported with its sizes, then what the engine serves checked against
+    that strategy's trainer, and how far that trainer's base weights moved from the checkpoint."""
+    report = sync()
+    return {
+        "bytes_sent": report.bytes_sent,
+        "tensors_sent": report.tensors_sent,
+        "max_abs_logprob_diff": verify(sync.model, engine, probe_sequences(engine.vocab_size, n=2)).max_abs_diff,
+        "base_max_abs_change": base_weight_change(sync.model, model_dir),
+        "syncs": sync.syncs,
+    }
 
 
 def _decode(engine: ColocatedEngine) -> dict:

@@ -35,9 +35,48 @@ def merged(model: PeftModel) -> Iterator[PeftModel]:
         model.unmerge_adapter()
 
 
+class ScratchPool:
+    """Output buffers for merged tensors, handed out again once nothing else holds them.
+
+    A receiver may keep a sent tensor for a while (vLLM's layerwise reload holds q, k and v
+    until all three have arrived), so a buffer is reused only when no tensor but the pool's
+    own refers to its memory. Reuse keeps a streaming sync's extra memory at a handful of
+    tensors after the first sync, where fresh temporaries left the allocator holding up to
+    ~190 MB more at the peak (measured on the 0.5B shape).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+
+    def like(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A free buffer with the shape, dtype and device of `tensor`.
+
+        Each hand-out is a new view of the pool's buffer, so whoever still holds one (or a
+        view of it) shows in the storage's use count; holding the same tensor object would not.
+        """
+        buffers = self._buffers.setdefault((tensor.shape, tensor.dtype, tensor.device), [])
+        free = [
+            buffer
+            for buffer in buffers
+            # 2: the pool's own tensor and the storage handle made to ask
+            if torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
+        ]
+        if not free:
+            free.append(torch.empty_like(tensor))
+            buffers.append(free[0])
+        return free[0].view(tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bs in self._buffers.values() for b in bs)
+
+
 @torch.no_grad()
-def merged_tensor(model: PeftModel, entry: Entry, adapter_name: str) -> torch.Tensor:
-    """The served value of one planned tensor, as a new tensor when it needs a merge."""
+def merged_tensor(
+    model: PeftModel, entry: Entry, adapter_name: str, scratch: ScratchPool | None = None
+) -> torch.Tensor:
+    """The served value of one planned tensor, as a new tensor when it needs a merge (in a
+    buffer of `scratch` on the fused path, when given)."""
     if entry.source is Source.PARAM:
         return model.get_parameter(entry.path).detach()
     layer = model.get_submodule(entry.path)
@@ -55,9 +94,10 @@ def merged_tensor(model: PeftModel, entry: Entry, adapter_name: str) -> torch.Te
         lora_a = layer.lora_A[adapter_name].weight.to(weight.dtype)
         lora_b = layer.lora_B[adapter_name].weight.to(weight.dtype)
         scale = layer.scaling[adapter_name]
+        out = scratch.like(weight) if scratch is not None else None
         if layer.fan_in_fan_out:  # GPT-2 Conv1D stores the weight as (in, out)
-            return torch.addmm(weight, lora_a.T, lora_b.T, alpha=scale)
-        return torch.addmm(weight, lora_b, lora_a, alpha=scale)
+            return torch.addmm(weight, lora_a.T, lora_b.T, alpha=scale, out=out)
+        return torch.addmm(weight, lora_b, lora_a, alpha=scale, out=out)
     weight = base.weight.detach().clone()
     # `+=` on the clone is what PEFT's merge does on the weight itself (float32 delta added
     # into a low-precision weight rounds once), so both give the same bits.

@@ -37,7 +37,7 @@ from lorasync.adapter_sync import (
     choose_strategy,
     decode_seconds_per_token,
 )
-from lorasync.merge import merged, merged_tensor
+from lorasync.merge import ScratchPool, merged, merged_tensor
 from lorasync.plan import SyncPlan, plan_sync
 from lorasync.verify import probe_sequences
 
@@ -124,6 +124,7 @@ class WeightSync:
             check_servable(model)  # fail before anything is sent, not at the first sync
         self.syncs = 0
         self._merged_synced = False
+        self.scratch = ScratchPool()
         self.decision: Decision | None = None
 
     def __call__(self) -> SyncReport:
@@ -194,11 +195,11 @@ class WeightSync:
                 entries = self.plan.changed if self._merged_synced else self.plan.full
                 adapter = self.plan.adapter_name
 
-                # One merged temporary at a time: made, sent, dropped. (Merging the next one on
-                # a helper thread was measured slower: torch already uses both cores here.)
+                # Merged one at a time into reused buffers, sent as made. (Merging the next one
+                # on a helper thread was measured slower: the sync is memory-bound here.)
                 version = self.engine.load_weights(
                     counted(
-                        (e.checkpoint, merged_tensor(self.model, e, adapter).to(dtype))
+                        (e.checkpoint, merged_tensor(self.model, e, adapter, self.scratch).to(dtype))
                         for e in entries
                     )
                 )
