@@ -46,8 +46,8 @@ from lorasync.verify import base_weight_change, probe_sequences, verify
 # The decode comparison: this many prompts, each decoding this many tokens greedily (the
 # 8 x 32 batch of ../shared/research/vllm-cpu-findings.md).
 DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_TOKENS = 8, 16, 32
-# Syncs in a row over which each strategy's peak extra memory is taken.
-MEMORY_REPEATS = 3
+# Syncs in a row over whose peaks each strategy's peak extra memory is the median.
+MEMORY_REPEATS = 5
 
 
 @dataclass
@@ -105,10 +105,11 @@ def _measure(runs: dict[str, Callable[[], object]], repeats: int, bar: tqdm) -> 
     """Time each of `runs` `repeats` times, taking turns (one call of each per round) so that
     the machine's drift falls on all of them alike.
 
-    Then the peak extra memory of each, over `MEMORY_REPEATS` calls in a row after one more:
-    what a training loop that syncs the same way every step sees. Measured in turns, the
-    memory one call freed (merge-unmerge frees ~600 MB) moved the next one's peak by up to
-    ~200 MB, the allocator's doing, not the call's.
+    Then the peak extra memory of each: the median, over `MEMORY_REPEATS` calls in a row after
+    one more, of each call's peak resident memory above its start; what a training loop that
+    syncs the same way every step sees. Single calls vary by up to ~70 MB either way, the C
+    allocator's doing (the floor's too); measured in turns, the ~600 MB merge-unmerge frees
+    moved the next call's peak by up to ~200 MB.
     """
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
@@ -129,7 +130,7 @@ def _measure(runs: dict[str, Callable[[], object]], repeats: int, bar: tqdm) -> 
         stats[name] = {
             "min_s": min(seconds[name]),
             "median_s": statistics.median(seconds[name]),
-            "peak_extra_bytes": max(peaks),
+            "peak_extra_bytes": statistics.median(peaks),
         }
     return stats
 

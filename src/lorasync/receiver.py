@@ -121,6 +121,14 @@ class Endpoint:
         return sock
 
 
+@dataclass
+class Update(Endpoint):
+    """An `/update_weights` request: where to read the payload from, or, with `discard`, drop
+    the payload this session received (another server of the same sync failed its transfer)."""
+
+    discard: bool = False
+
+
 def _checkpoint_index(model_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
     """Names, shapes and files of the tensors in the served model's safetensors files."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -145,7 +153,7 @@ class LoraTransferEngine(WeightTransferEngine):
     """
 
     init_info_cls = Endpoint
-    update_info_cls = Endpoint
+    update_info_cls = Update
     supports_draft_weight_update = False
 
     def __init__(self, config, vllm_config, device, model) -> None:
@@ -189,13 +197,16 @@ class LoraTransferEngine(WeightTransferEngine):
         # The base class also synchronizes an accelerator; there is none to wait for here.
         self.receive_weights(self.parse_update_info(update_info))
 
-    def receive_weights(self, update_info: Endpoint) -> None:
+    def receive_weights(self, update_info: Update) -> None:
         """Read and check the whole payload, and the pristine values it needs; load nothing.
 
         Loading waits for `finish_weight_update`, so a transfer that fails here (bad
-        payload, client gone, timeout) leaves the served weights as they were.
+        payload, client gone, timeout), or one discarded, leaves the served weights as they were.
         """
         self._pending = None
+        if update_info.discard:
+            log.info("lorasync: received payload discarded")
+            return
         with update_info.connect(self.timeout) as sock:
             records = recv_payload(sock, self.layout, self.dtype, self.max_bytes)
         full = {r.name for r in records if r.scale is None}  # sent whole: no base value needed

@@ -134,23 +134,51 @@ class ServerEngine:
         return self.load_records([Record(name, (t,)) for name, t in weights])
 
     def load_records(self, records: Sequence[Record]) -> int:
-        """Send one transfer to every server, atomically each; return the new weight version.
+        """Send one transfer to every server, all or none; return the new weight version.
 
-        Raises ServerSyncError naming the servers that refused or failed; those still serve
-        their previous version (the others serve the new one).
+        Two phases. Every server is paused (requests in flight finish first) and receives
+        and checks the whole payload, loading nothing; only when all have it does each load
+        it. If a transfer fails, the servers that received theirs discard it, the rest are
+        not touched, and all keep serving the previous version: ServerSyncError says which
+        server failed and why. The one window left is a server dying while loading, after
+        every transfer succeeded: the others then serve the new version (the error names it).
         """
-        version = self.weight_version + 1
-        failures, wire = [], 0
-        for server in self._servers:
+        version = str(self.weight_version + 1)
+        paused: list[_Server] = []
+        failed = True
+        try:
+            wire, received = 0, []
             try:
-                wire = self._update(server, list(records), str(version))
-            except ServerSyncError as err:
-                failures.append(str(err))
-        if failures:
-            raise ServerSyncError("; ".join(failures))
-        self.weight_version = version
+                for server in self._servers:
+                    self._call(server.url, "POST", "/pause", True, params={"mode": "wait", "clear_cache": "true"})
+                    paused.append(server)
+                    wire = self._receive(server, list(records))
+                    received.append(server)
+            except ServerSyncError:
+                for other in received:
+                    self._discard(other)
+                raise
+            errors = []
+            for server in self._servers:
+                try:
+                    self._call(server.url, "POST", "/finish_weight_update", json={"weight_version": version})
+                    self._call(server.url, "POST", "/reset_prefix_cache")
+                except ServerSyncError as err:
+                    errors.append(f"{err} (loading failed after every server received the payload)")
+            if errors:
+                raise ServerSyncError("; ".join(errors))
+            failed = False
+        finally:
+            for server in paused:
+                try:
+                    self._call(server.url, "POST", "/resume", retry=True)
+                except ServerSyncError:
+                    if not failed:
+                        raise
+                    # else a dead server: the error that matters is already on its way
+        self.weight_version = int(version)
         self.last_wire_bytes = wire
-        return version
+        return self.weight_version
 
     def served_versions(self) -> list[str]:
         """The weight version each server reports serving (GET /weight_info)."""
@@ -334,36 +362,32 @@ class ServerEngine:
             model=model,
         )
 
-    def _update(self, server: _Server, records: list[Record], version: str) -> int:
-        """Pause, transfer, finish with the new version, reset the prefix cache, resume."""
+    def _receive(self, server: _Server, records: list[Record]) -> int:
+        """Open an update session on a paused server and transfer `records` (checked there,
+        not loaded); return the bytes on the wire. On failure the session is closed."""
         url = server.url
-        self._call(url, "POST", "/pause", True, params={"mode": "wait", "clear_cache": "true"})
-        failed = True
+        self._call(url, "POST", "/start_weight_update")
         try:
-            self._call(url, "POST", "/start_weight_update")
+            return self._with_callback(
+                url, "/update_weights", "update_info", lambda s: send_payload(s, records, self.compress)
+            )
+        except ServerSyncError:
+            # The worker closes its update session when the transfer fails; close it here
+            # too in case the failure was on this side, so the next sync can start.
             try:
-                wire = self._with_callback(
-                    url, "/update_weights", "update_info", lambda s: send_payload(s, records, self.compress)
-                )
+                self._call(url, "POST", "/finish_weight_update", retry=True, json={})
             except ServerSyncError:
-                # The worker closes its update session when the transfer fails; close it here
-                # too in case the failure was on this side, so the next sync can start.
-                try:
-                    self._call(url, "POST", "/finish_weight_update", retry=True, json={})
-                except ServerSyncError:
-                    pass
-                raise
-            self._call(url, "POST", "/finish_weight_update", json={"weight_version": version})
-            self._call(url, "POST", "/reset_prefix_cache")
-            failed = False
-        finally:
-            try:
-                self._call(url, "POST", "/resume", retry=True)
-            except ServerSyncError:
-                if not failed:
-                    raise
-                # else a dead server: the error that matters is already on its way
-        return wire
+                pass
+            raise
+
+    def _discard(self, server: _Server) -> None:
+        """Drop the payload a server received, and close its session: nothing loads."""
+        try:
+            discard = {"host": "", "port": 0, "nonce": "", "discard": True}
+            self._call(server.url, "POST", "/update_weights", json={"update_info": discard})
+            self._call(server.url, "POST", "/finish_weight_update", json={})
+        except ServerSyncError:
+            pass  # it is failing too; the error that matters is already on its way
 
 
 def lora_records(model: PeftModel, plan: SyncPlan, dtype: torch.dtype) -> Iterable[Record]:
