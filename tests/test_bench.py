@@ -10,13 +10,20 @@ import pytest
 
 @pytest.mark.vllm
 def test_bench_sync_json_on_tiny_shape(tmp_path):
+    """With the server path too: its output must not reach stdout, which is one JSON object."""
     r = subprocess.run(
         [sys.executable, "-m", "lorasync.cli", "bench", "sync", "--shape", "tiny", "--rank", "4",
-         "--repeats", "2", "--json"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+         "--repeats", "2", "--server", "--json"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)
+    server = result["server"]
+    for key in ("compressed", "raw"):
+        assert {"median_s", "min_s", "wire_bytes", "wire_over_merged", "max_abs_logprob_diff"} <= set(server[key])
+        assert server[key]["max_abs_logprob_diff"] < 0.2  # bf16, as the colocated strategies
+    assert 0 < server["compressed"]["wire_bytes"] < server["raw"]["wire_bytes"]
+    assert server["raw"]["wire_over_merged"] < 1
     assert set(result["strategies"]) == {"streaming", "merge-unmerge", "adapter"}
     for stats in result["strategies"].values():
         assert {"min_s", "median_s", "bytes_sent", "tensors_sent", "peak_extra_bytes"} <= set(stats)

@@ -43,7 +43,7 @@ def test_skips_other_adapters_modules_to_save():
 
 
 def test_strips_fsdp_and_checkpoint_wrappers():
-    name = f"_fsdp_wrapped_module.base_model.model.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.base_layer.weight"
+    name = "_fsdp_wrapped_module.base_model.model.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.base_layer.weight"
     assert served_name(name, "default") == f"{Q}.weight"
 
 

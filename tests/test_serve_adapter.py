@@ -2,7 +2,6 @@
 `--enable-lora --lora-modules` and serves the trainer's policy (logprob parity)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from lorasync.demo import demo_config
 from lorasync.trainer import GRPOTrainer
+from servers import free_port
 from lorasync.verify import probe_sequences, trainer_scores
 
 pytestmark = pytest.mark.vllm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_checkpoint_adapter_serves_from_vllm_openai_server(tmp_path, demo_base, engine_for):

@@ -6,8 +6,6 @@ before it checks, so the order of tests does not matter.
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +16,12 @@ import torch
 
 import lorasync.server as server_mod
 from helpers import policy
-from lorasync.server import FactorSync, ServerEngine, ServerSyncError, wait_healthy
+from servers import TOKEN, Server
+from lorasync.server import FactorSync, ServerEngine, ServerSyncError
 from lorasync.verify import probe_sequences, trainer_scores, verify
 
 pytestmark = pytest.mark.vllm
 
-TOKEN = "test-token-5f1c"
-VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
 # Routes VLLM_SERVER_DEV_MODE opens that vLLM itself leaves unguarded, and the update routes.
 GUARDED = [
     ("POST", "/collective_rpc"), ("POST", "/sleep"), ("POST", "/wake_up"),
@@ -35,42 +32,6 @@ GUARDED = [
     ("GET", "/weight_info"), ("POST", "/weight_checker"), ("POST", "/v1/completions"),
     ("GET", "/v1/models"), ("GET", "/metrics"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`lorasync serve` as a user runs it, in its own process group so it can be killed whole."""
-
-    def __init__(self, model_dir: str) -> None:
-        self.model_dir = model_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-        self.log = f"{model_dir}-server-{self.port}.log"  # vLLM's log, for a failing test
-
-    def start(self) -> "Server":
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lorasync.cli", "serve", "--model", self.model_dir,
-             "--port", str(self.port), *VLLM_ARGS],
-            env=os.environ | {"LORASYNC_TOKEN": TOKEN, "VLLM_CPU_KVCACHE_SPACE": "1",
-                              "VLLM_LOGGING_LEVEL": "WARNING"},
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), start_new_session=True,
-        )
-        return self
-
-    def wait(self) -> "Server":
-        wait_healthy(self.url, self.process, timeout=300)
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the group this test started
-            self.process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,13 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from lorasync.engine import weight_groups
 from lorasync.engine_worker import reload_tensors
+from lorasync.nccl_transfer import join_workers, recv_records
 from lorasync.transfer import (
     MAGIC,
     NONCE_BYTES,
     PayloadError,
     Record,
+    check_payload,
     recv_payload,
     tensor_bytes,
 )
@@ -109,9 +111,9 @@ class TokenGuard:
 class Endpoint:
     """Where the client waits for the receiver's connection, and the nonce that proves it."""
 
-    host: str
-    port: int
-    nonce: str  # hex
+    host: str = ""
+    port: int = 0
+    nonce: str = ""  # hex
 
     def connect(self, timeout: float) -> socket.socket:
         if len(bytes.fromhex(self.nonce)) != NONCE_BYTES:
@@ -122,10 +124,20 @@ class Endpoint:
 
 
 @dataclass
-class Update(Endpoint):
-    """An `/update_weights` request: where to read the payload from, or, with `discard`, drop
-    the payload this session received (another server of the same sync failed its transfer)."""
+class Init(Endpoint):
+    """An `/init_weight_transfer_engine` request: report what this server serves to the
+    endpoint, or, with `nccl`, join the trainer's NCCL group (`nccl_transfer.rendezvous`)."""
 
+    nccl: dict | None = None
+
+
+@dataclass
+class Update(Endpoint):
+    """An `/update_weights` request: read the payload from the endpoint (TCP), or, with
+    `manifest`, receive its tensors over the NCCL group joined at init; or, with `discard`,
+    drop the payload this session received (another server of the same sync failed)."""
+
+    manifest: dict | None = None
     discard: bool = False
 
 
@@ -152,7 +164,7 @@ class LoraTransferEngine(WeightTransferEngine):
     Built by vLLM's worker after the model is loaded (`WeightTransferEngineFactory`).
     """
 
-    init_info_cls = Endpoint
+    init_info_cls = Init
     update_info_cls = Update
     supports_draft_weight_update = False
 
@@ -164,6 +176,7 @@ class LoraTransferEngine(WeightTransferEngine):
         self.groups = weight_groups(self.layout, packed)
         self._group_of = {name: i for i, g in enumerate(self.groups) for name in g}
         self.pristine: dict[str, torch.Tensor] = {}
+        self.group = None  # the NCCL communicator, once a client joined with transport="nccl"
         self._pending: list[Record] | None = None
         # Groups whose served values differ from the checkpoint. A sync reloads them too, so
         # each sync is complete on its own: what an earlier client (another adapter, other
@@ -175,8 +188,13 @@ class LoraTransferEngine(WeightTransferEngine):
         full = sum(tensor_bytes(shape, self.dtype) for shape in self.layout.values())
         self.max_bytes = int(os.environ.get(MAX_BYTES_ENV, full))
 
-    def init_transfer_engine(self, init_info: Endpoint) -> None:
-        """Tell the client what this server serves: layout, fused groups, dtype, vocab."""
+    def init_transfer_engine(self, init_info: Init) -> None:
+        """Tell the client what this server serves: layout, fused groups, dtype, vocab, and
+        how many workers would join an NCCL group; or join that group."""
+        if init_info.nccl is not None:
+            self.shutdown()  # a new client: the previous one's group is gone with it
+            self.group = join_workers(init_info.nccl, self.parallel_config)
+            return
         hf = self.model_config.hf_config.get_text_config()
         info = json.dumps(
             {
@@ -185,6 +203,7 @@ class LoraTransferEngine(WeightTransferEngine):
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "vocab_size": hf.vocab_size,
                 "max_payload_bytes": self.max_bytes,
+                "workers": self.parallel_config.world_size,
             }
         ).encode()
         with init_info.connect(self.timeout) as sock:
@@ -207,8 +226,11 @@ class LoraTransferEngine(WeightTransferEngine):
         if update_info.discard:
             log.info("lorasync: received payload discarded")
             return
-        with update_info.connect(self.timeout) as sock:
-            records = recv_payload(sock, self.layout, self.dtype, self.max_bytes)
+        if update_info.manifest is not None:
+            records = self._receive_nccl(update_info.manifest)
+        else:
+            with update_info.connect(self.timeout) as sock:
+                records = recv_payload(sock, self.layout, self.dtype, self.max_bytes)
         full = {r.name for r in records if r.scale is None}  # sent whole: no base value needed
         for name in self._touched(records):
             if name not in self.pristine and name not in full:
@@ -219,6 +241,18 @@ class LoraTransferEngine(WeightTransferEngine):
             len(records), self.pristine_bytes / 1e6, len(self.pristine),
         )
         self._pending = records
+
+    def _receive_nccl(self, manifest: dict) -> list[Record]:
+        """The tensors of `manifest`, checked first, broadcast by the trainer over NCCL."""
+        if self.group is None:
+            raise PayloadError(
+                "an NCCL update before this server joined an NCCL group: the client's "
+                "ServerEngine(transport='nccl') joins it at connection"
+            )
+        if manifest.get("encoding", "raw") != "raw":
+            raise PayloadError("NCCL transfers carry raw tensors; compression is for TCP")
+        checked = check_payload(manifest, self.layout, self.dtype, self.max_bytes)
+        return recv_records(self.group, checked, self.dtype, self.device)
 
     @property
     def pristine_bytes(self) -> int:
@@ -243,8 +277,8 @@ class LoraTransferEngine(WeightTransferEngine):
             elif record.scale is None:
                 yield name, record.tensors[0]
             else:
-                b, a = record.tensors
-                yield name, torch.addmm(self.pristine[name], b, a, alpha=record.scale)
+                b, a = record.tensors  # on the accelerator after an NCCL transfer
+                yield name, torch.addmm(self.pristine[name].to(b.device), b, a, alpha=record.scale)
 
     def finish_weight_update(self) -> None:
         """Load the pending transfer in place (whole fused groups), then drop it."""
@@ -265,6 +299,9 @@ class LoraTransferEngine(WeightTransferEngine):
 
     def shutdown(self) -> None:
         self._pending = None
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
 
 
 __all__ = ["BACKEND", "LoraTransferEngine", "PayloadError", "TokenGuard", "register"]

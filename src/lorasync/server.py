@@ -5,7 +5,8 @@ weight_groups, load_weights, generate, score) over one or more servers started b
 `lorasync serve` (or any vLLM server with lorasync installed, the `lorasync` weight-transfer
 backend selected and `TokenGuard` as middleware). Generation and scoring use the
 OpenAI-compatible API; weights move through vLLM's own weight-transfer routes, with the bytes
-on a TCP stream the server opens back to this process (`transfer.py`).
+on a TCP stream the server opens back to this process (`transfer.py`), or, on GPU machines,
+NCCL broadcasts from the trainer's GPU to the servers' (`nccl_transfer.py`).
 
 `FactorSync` is the sync that makes server mode cheap: per adapted module it sends the LoRA
 factors B, A and the scale (about 1-2% of the merged tensors), plus modules_to_save tensors;
@@ -38,18 +39,29 @@ from lorasync.engine import DTYPES, Completion
 from lorasync.merge import merged_tensor
 from lorasync.plan import Entry, Source, SyncPlan, plan_sync
 from lorasync.sync import SyncReport
-from lorasync.transfer import MAGIC, NONCE_BYTES, PayloadError, Record, recv_exact, send_payload
+from lorasync.nccl_transfer import open_trainer, rendezvous, send_records, wait_sent
+from lorasync.transfer import (
+    MAGIC,
+    NONCE_BYTES,
+    PayloadError,
+    Record,
+    check_payload,
+    manifest,
+    recv_exact,
+    send_payload,
+)
 
 BACKEND = "lorasync"
 TOKEN_ENV = "LORASYNC_TOKEN"
 MIDDLEWARE = "lorasync.receiver.TokenGuard"
+TRANSPORTS = ("tcp", "nccl")
 
 
 class ServerSyncError(RuntimeError):
     """A server did not take a sync; it still serves its previous weight version."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Server:
     url: str
     layout: dict[str, tuple[int, ...]]
@@ -57,6 +69,9 @@ class _Server:
     dtype: str
     vocab_size: int
     model: str
+    max_payload_bytes: int
+    workers: int  # vLLM workers of the server (tensor x pipeline parallel): NCCL ranks 1..n
+    group: object = None  # the NCCL communicator with them, for transport="nccl"
 
 
 class ServerEngine:
@@ -66,8 +81,11 @@ class ServerEngine:
     started with (default: $LORASYNC_TOKEN). `timeout` bounds every request and transfer step,
     so a server that dies mid-sync raises ServerSyncError within that time. `callback_host` is
     the address of this process as the servers see it: they connect back to it for the bytes.
-    `compress` sends each tensor's top byte plane zlib-compressed (lossless; ~28% fewer bytes
-    for bf16 factors, ~0.3 s more CPU per sync on the 0.5B shape): for slow links.
+    `compress` sends each tensor's top byte plane Huffman-coded (lossless; a third fewer bytes
+    for bf16 factors, ~0.09 s more CPU per sync on the 0.5B shape, where a sync takes ~1 s):
+    on by default, since the link is what server mode pays for; off for loopback, if you like.
+    `transport="nccl"` moves the bytes by NCCL broadcast from this process's current CUDA
+    device to the servers' GPU workers instead of TCP (raw tensors: `compress` is for TCP).
     """
 
     def __init__(
@@ -76,10 +94,19 @@ class ServerEngine:
         token: str | None = None,
         timeout: float = 60.0,
         callback_host: str = "127.0.0.1",
-        compress: bool = False,
+        compress: bool = True,
+        transport: str = "tcp",
     ) -> None:
         from openai import OpenAI
 
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if transport == "nccl" and not torch.cuda.is_available():
+            raise ValueError(
+                "transport='nccl' sends from a CUDA GPU and this process has none; use "
+                "transport='tcp' (the default), which needs no accelerator"
+            )
+        self.transport = transport
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("ServerEngine needs at least one server URL")
@@ -108,6 +135,10 @@ class ServerEngine:
         # never announces a version a server already reported for other weights.
         served = [int(v) for v in self.served_versions() if v.isdigit()]
         self.weight_version = max(served, default=0)
+        if transport == "nccl":
+            self._nccl_stream = torch.cuda.Stream()
+            for server in self._servers:
+                self._join_nccl(server)
         self.dtype: torch.dtype = DTYPES[first.dtype]
         self.vocab_size = first.vocab_size
         self._clients = [
@@ -235,7 +266,11 @@ class ServerEngine:
         return [c.logprobs.token_logprobs[1 : len(s)] for c, s in zip(choices, sequences)]
 
     def close(self) -> None:
-        """Close the HTTP connections; the servers keep running."""
+        """Close the HTTP connections and NCCL groups; the servers keep running."""
+        for server in self._servers:
+            if server.group is not None:
+                server.group.destroy()
+                server.group = None
         self._http.close()
         for client in self._clients:
             client.close()
@@ -360,7 +395,24 @@ class ServerEngine:
             dtype=info["dtype"],
             vocab_size=info["vocab_size"],
             model=model,
+            max_payload_bytes=info["max_payload_bytes"],
+            workers=info["workers"],
         )
+
+    def _join_nccl(self, server: _Server) -> None:
+        """Open an NCCL group with one server's workers, this process being rank 0. Both
+        sides block in the rendezvous, so the server is asked to join from a thread."""
+        with socket.socket() as probe:  # a free port for the rendezvous store
+            probe.bind((self.callback_host, 0))
+            port = probe.getsockname()[1]
+        meeting = rendezvous(self.callback_host, port, server.workers)
+        with ThreadPoolExecutor(1) as pool:
+            request = pool.submit(
+                self._call, server.url, "POST", "/init_weight_transfer_engine",
+                json={"init_info": {"nccl": meeting}},
+            )
+            server.group = open_trainer(meeting)
+            request.result()
 
     def _receive(self, server: _Server, records: list[Record]) -> int:
         """Open an update session on a paused server and transfer `records` (checked there,
@@ -368,6 +420,8 @@ class ServerEngine:
         url = server.url
         self._call(url, "POST", "/start_weight_update")
         try:
+            if self.transport == "nccl":
+                return self._send_nccl(server, records)
             return self._with_callback(
                 url, "/update_weights", "update_info", lambda s: send_payload(s, records, self.compress)
             )
@@ -379,6 +433,45 @@ class ServerEngine:
             except ServerSyncError:
                 pass
             raise
+
+    def _send_nccl(self, server: _Server, records: list[Record]) -> int:
+        """The manifest inline in `/update_weights`, the tensors by NCCL broadcast beside it
+        (the request returns once the server has them all); return the bytes moved."""
+        if server.group is None:
+            raise ServerSyncError(
+                f"{server.url}: the NCCL group with this server was lost in an earlier failed "
+                "transfer; make a new ServerEngine to sync again"
+            )
+        head = manifest(records)
+        try:  # the server checks it too, but a refusal there would leave the broadcasts hanging
+            check_payload(head, server.layout, DTYPES[server.dtype], server.max_payload_bytes)
+        except PayloadError as err:
+            raise ServerSyncError(f"{server.url}: not sent, the server would refuse it: {err}") from None
+        answer: dict = {}
+
+        def post() -> None:
+            try:
+                self._call(server.url, "POST", "/update_weights", json={"update_info": {"manifest": head}})
+            except ServerSyncError as err:
+                answer["error"] = err
+
+        request = threading.Thread(target=post, daemon=True)
+        request.start()
+        device = torch.device("cuda", torch.cuda.current_device())
+        sent = send_records(server.group, records, device, self._nccl_stream)
+        try:
+            wait_sent(self._nccl_stream, request, lambda: "error" in answer, self.timeout)
+        except PayloadError as err:
+            # Abandoned, not destroyed: destroying a communicator with a broadcast pending
+            # blocks. Its stream is this engine's own, so the trainer's work is not held up.
+            server.group = None
+            raise answer.get("error") or ServerSyncError(f"{server.url}: {err}") from None
+        request.join(self.timeout)
+        if request.is_alive():
+            raise ServerSyncError(f"{server.url}/update_weights: no answer within {self.timeout:.0f} s")
+        if "error" in answer:
+            raise answer["error"]
+        return len(json.dumps(head)) + sum(t.numel() * t.element_size() for t in sent)
 
     def _discard(self, server: _Server) -> None:
         """Drop the payload a server received, and close its session: nothing loads."""
@@ -478,9 +571,12 @@ def start_server(
     model: str, token: str, port: int, extra: Sequence[str] = (), host: str = "127.0.0.1",
     env_extra: Mapping[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start the server `lorasync serve` runs as a subprocess (benchmarks); see `wait_healthy`."""
+    """Start the server `lorasync serve` runs as a subprocess (benchmarks); see `wait_healthy`.
+
+    Its output goes to this process's stderr: stdout is the caller's (`--json` prints there).
+    """
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"} | serve_env(token) | dict(env_extra or {})
-    return subprocess.Popen(serve_command(model, host, port, extra), env=env)
+    return subprocess.Popen(serve_command(model, host, port, extra), env=env, stdout=sys.stderr)
 
 
 def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 300) -> None:

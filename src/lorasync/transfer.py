@@ -14,9 +14,9 @@ receiver cannot merge from factors). Every size is declared before any byte is r
 against the receiver's checkpoint, so a malformed, truncated or oversized payload is refused
 before the model is touched.
 
-Optional lossless compression (`encoding: "zlib-top-byte"`): each tensor's most significant
-byte plane (sign and high exponent bits, a few distinct values for trained weights) is sent
-zlib-compressed, the other planes raw; on bf16 LoRA factors that is ~72% of the raw bytes.
+Lossless compression (`encoding: "zlib-top-byte"`): each tensor's most significant byte
+plane (sign and high exponent bits, a few distinct values for trained weights) is sent
+Huffman-coded (zlib), the other planes raw; on bf16 LoRA factors that is ~67% of the raw bytes.
 Both ends are assumed little-endian (x86, ARM).
 """
 
@@ -96,7 +96,7 @@ def send_payload(sock: socket.socket, records: list[Record], compress: bool = Fa
         for tensor in record.tensors:
             planes = tensor.detach().contiguous().view(torch.uint8).reshape(tensor.numel(), -1)
             if compress:
-                top = zlib.compress(planes[:, -1].contiguous().numpy(), 1)
+                top = _deflate(planes[:, -1].contiguous().numpy())
                 sock.sendall(struct.pack("<Q", len(top)) + top)
                 sent += 8 + len(top)
                 planes = planes[:, :-1]
@@ -104,6 +104,14 @@ def send_payload(sock: socket.socket, records: list[Record], compress: bool = Fa
             sock.sendall(memoryview(data))
             sent += data.nbytes
     return sent
+
+
+def _deflate(plane) -> bytes:
+    """Huffman coding alone: the top byte plane is a few distinct values with no long repeats,
+    so LZ77 matching finds little. Measured on bf16 factors: 34% of the plane's bytes in 0.12 s
+    per 8.8 MB, against 44% in 0.18 s for zlib level 1 with matching."""
+    deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_HUFFMAN_ONLY)
+    return deflater.compress(plane) + deflater.flush()
 
 
 def _recv_tensor(
@@ -212,6 +220,23 @@ def check_manifest(
     return out
 
 
+def check_payload(
+    head: Mapping, layout: Mapping[str, tuple[int, ...]], dtype: torch.dtype, max_bytes: int
+) -> list[tuple[str, float | None, list[tuple[int, ...]]]]:
+    """`check_manifest`, and the payload's encoding and declared size against `max_bytes`."""
+    checked = check_manifest(head, layout, dtype)
+    encoding = head.get("encoding", "raw")
+    if encoding not in ENCODINGS:
+        raise PayloadError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    total = payload_bytes(checked, dtype)
+    if total > max_bytes:
+        raise PayloadError(
+            f"payload declares {total} bytes, over the server's limit of {max_bytes} "
+            "(LORASYNC_MAX_PAYLOAD_BYTES on the server)"
+        )
+    return checked
+
+
 def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a tensor of this shape and dtype."""
     return _elem(dtype) * _numel(shape)
@@ -250,16 +275,9 @@ def recv_payload(
         head = json.loads(bytes(recv_exact(sock, length, "manifest")))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PayloadError(f"manifest is not valid JSON: {err}") from None
-    checked = check_manifest(head, layout, dtype)
+    checked = check_payload(head, layout, dtype, max_bytes)
     encoding = head.get("encoding", "raw")
-    if encoding not in ENCODINGS:
-        raise PayloadError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     total = payload_bytes(checked, dtype)
-    if total > max_bytes:
-        raise PayloadError(
-            f"payload declares {total} bytes, over the server's limit of {max_bytes} "
-            "(LORASYNC_MAX_PAYLOAD_BYTES on the server)"
-        )
     records = []
     for name, scale, shapes in checked:
         tensors = tuple(_recv_tensor(sock, s, dtype, encoding, name) for s in shapes)
