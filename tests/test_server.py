@@ -207,6 +207,28 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
     engine.close()
 
 
+def test_a_trainer_that_died_between_the_phases_leaves_nothing_behind(servers, trainer):
+    """A client received its payload into a server and died before loading it: the server
+    keeps serving, paused requests aside, and the next client drops the stale payload and syncs."""
+    from lorasync.server import lora_records
+
+    dead = ServerEngine(servers[0].url, TOKEN)
+    sync = FactorSync(trainer, dead)
+    report = sync()
+    step(trainer)
+    stale = list(lora_records(trainer, sync.plan, dead.dtype))
+    dead._receive(dead._servers[0], stale)  # phase 1 only, then "dies": no load, no resume
+    dead.close()
+
+    engine = ServerEngine(servers[0].url, TOKEN)
+    assert engine.served_versions() == [str(report.version)]
+    step(trainer)
+    new = FactorSync(trainer, engine)()
+    assert new.version == report.version + 1
+    assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= 1e-4
+    engine.close()
+
+
 def test_server_killed_mid_transfer_raises_in_bounded_time_and_a_restart_resyncs(
     servers, trainer, monkeypatch
 ):

@@ -418,7 +418,15 @@ class ServerEngine:
         """Open an update session on a paused server and transfer `records` (checked there,
         not loaded); return the bytes on the wire. On failure the session is closed."""
         url = server.url
-        self._call(url, "POST", "/start_weight_update")
+        try:
+            self._call(url, "POST", "/start_weight_update")
+        except ServerSyncError as err:
+            if "already active" not in str(err):
+                raise
+            # A client died between the two phases of a sync and left its session open (and
+            # its payload unloaded): drop that payload and start afresh.
+            self._discard(server)
+            self._call(url, "POST", "/start_weight_update")
         try:
             if self.transport == "nccl":
                 return self._send_nccl(server, records)
@@ -477,8 +485,9 @@ class ServerEngine:
         """Drop the payload a server received, and close its session: nothing loads."""
         try:
             discard = {"host": "", "port": 0, "nonce": "", "discard": True}
-            self._call(server.url, "POST", "/update_weights", json={"update_info": discard})
-            self._call(server.url, "POST", "/finish_weight_update", json={})
+            # retry: after an error answer the server drops the connection (see `_call`)
+            self._call(server.url, "POST", "/update_weights", retry=True, json={"update_info": discard})
+            self._call(server.url, "POST", "/finish_weight_update", retry=True, json={})
         except ServerSyncError:
             pass  # it is failing too; the error that matters is already on its way
 
