@@ -197,6 +197,8 @@ class ServerEngine:
                 except ServerSyncError as err:
                     errors.append(f"{err} (loading failed after every server received the payload)")
             if errors:
+                # the others serve this version now: the next sync must not reuse its number
+                self.weight_version = int(version)
                 raise ServerSyncError("; ".join(errors))
             failed = False
         finally:
