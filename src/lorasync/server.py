@@ -10,9 +10,11 @@ NCCL broadcasts from the trainer's GPU to the servers' (`nccl_transfer.py`).
 
 `FactorSync` is the sync that makes server mode cheap: per adapted module it sends the LoRA
 factors B, A and the scale (about 1-2% of the merged tensors), plus modules_to_save tensors;
-the server merges them into its pristine base weights. A sync is atomic from outside: each
-server is paused (in-flight requests finish first), updated, told the new weight version,
-cache-reset and resumed; a transfer that fails leaves the server serving the previous version.
+the server merges them into its pristine base weights. A sync is atomic from outside and all
+or none over the servers: every server is paused (in-flight requests finish first) and
+receives the payload, and only then does each load it, take the new weight version, reset its
+prefix cache and resume; a transfer that fails anywhere leaves every server serving the
+previous version (`load_records`).
 """
 
 from __future__ import annotations
