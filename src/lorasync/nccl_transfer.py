@@ -72,13 +72,14 @@ def send_records(
     The broadcasts go on a stream of their own: if the receiver never joins them (it refused
     the manifest, or died), they wait forever, and the trainer's own work on its current
     stream must not wait behind them. NCCL sends `numel` elements from `data_ptr()`, so each
-    tensor goes as a contiguous copy on `device`; the caller keeps the list until `wait_sent`
-    returns, or the broadcasts would read freed memory.
+    tensor goes as a contiguous copy on `device`, recorded on `stream` so that the allocator
+    does not hand its memory out again before the broadcast has read it.
     """
     sent = [t.detach().to(device).contiguous() for r in records for t in r.tensors]
     stream.wait_stream(torch.cuda.current_stream())  # the copies above are on that stream
     for tensor in sent:
         group.broadcast(tensor, src=0, stream=stream)
+        tensor.record_stream(stream)
     return sent
 
 

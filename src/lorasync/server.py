@@ -176,7 +176,7 @@ class ServerEngine:
         server failed and why. The one window left is a server dying while loading, after
         every transfer succeeded: the others then serve the new version (the error names it).
         """
-        version = str(self.weight_version + 1)
+        version = self.weight_version + 1
         paused: list[_Server] = []
         failed = True
         try:
@@ -194,13 +194,13 @@ class ServerEngine:
             errors = []
             for server in self._servers:
                 try:
-                    self._call(server.url, "POST", "/finish_weight_update", json={"weight_version": version})
+                    self._call(server.url, "POST", "/finish_weight_update", json={"weight_version": str(version)})
                     self._call(server.url, "POST", "/reset_prefix_cache")
                 except ServerSyncError as err:
                     errors.append(f"{err} (loading failed after every server received the payload)")
             if errors:
                 # the others serve this version now: the next sync must not reuse its number
-                self.weight_version = int(version)
+                self.weight_version = version
                 raise ServerSyncError("; ".join(errors))
             failed = False
         finally:
@@ -211,9 +211,9 @@ class ServerEngine:
                     if not failed:
                         raise
                     # else a dead server: the error that matters is already on its way
-        self.weight_version = int(version)
+        self.weight_version = version
         self.last_wire_bytes = wire
-        return self.weight_version
+        return version
 
     def served_versions(self) -> list[str]:
         """The weight version each server reports serving (GET /weight_info)."""
@@ -438,12 +438,10 @@ class ServerEngine:
                 url, "/update_weights", "update_info", lambda s: send_payload(s, records, self.compress)
             )
         except ServerSyncError:
-            # The worker closes its update session when the transfer fails; close it here
-            # too in case the failure was on this side, so the next sync can start.
-            try:
-                self._call(url, "POST", "/finish_weight_update", retry=True, json={})
-            except ServerSyncError:
-                pass
+            # The worker closes its update session when the transfer fails on its side. When
+            # the failure was on this side (a timeout, say) the session may still be open and
+            # hold the whole payload, which a bare finish would load: drop it first.
+            self._discard(server)
             raise
 
     def _send_nccl(self, server: _Server, records: list[Record]) -> int:
@@ -488,9 +486,8 @@ class ServerEngine:
     def _discard(self, server: _Server) -> None:
         """Drop the payload a server received, and close its session: nothing loads."""
         try:
-            discard = {"host": "", "port": 0, "nonce": "", "discard": True}
             # retry: after an error answer the server drops the connection (see `_call`)
-            self._call(server.url, "POST", "/update_weights", retry=True, json={"update_info": discard})
+            self._call(server.url, "POST", "/update_weights", retry=True, json={"update_info": {"discard": True}})
             self._call(server.url, "POST", "/finish_weight_update", retry=True, json={})
         except ServerSyncError:
             pass  # it is failing too; the error that matters is already on its way

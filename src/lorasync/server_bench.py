@@ -63,11 +63,12 @@ def run_server_bench(config: BenchConfig) -> dict:
         for _ in range(config.repeats):
             for key, sync in syncs.items():
                 seconds[key].append(sync().seconds)
+        raw = syncs["raw"]  # both clients sync one plan into one server
+        elem = torch.empty((), dtype=raw.engine.dtype).element_size()
+        layout = raw.engine.checkpoint_layout()
+        merged = sum(torch.Size(layout[e.checkpoint]).numel() * elem for e in raw.plan.changed)
         for key, sync in syncs.items():
             engine = sync.engine
-            layout = engine.checkpoint_layout()
-            elem = torch.empty((), dtype=engine.dtype).element_size()
-            merged = sum(torch.Size(layout[e.checkpoint]).numel() * elem for e in sync.plan.changed)
             sync()  # the server now serves this client's sync: check it
             result[key] = {
                 "median_s": statistics.median(seconds[key]),
