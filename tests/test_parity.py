@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import VARIANTS, peft_model, policy
+from lorasync.merged_weight import MergedWeight
 from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.verify import TOLERANCES, probe_sequences, verify
 
@@ -90,3 +91,22 @@ def test_parity_for_every_lora_variant(tiny_model, engine_for, variant):
     assert result.max_abs_diff <= 1e-4, result
     with trainer.disable_adapter():
         assert verify(trainer, engine, probes).max_abs_diff > 1e-3
+
+
+@pytest.mark.parametrize("model_name", ["qwen2", "gpt2"])
+def test_streaming_merges_straight_into_vllm_parameters(tiny_model, engine_for, model_name, monkeypatch):
+    """vLLM's loaders copy each merged weight into their own parameter, so the merge is written
+    there in place: not one merged tensor is materialized on the way (the speed of a changed-only
+    sync rests on it). A vLLM loader that reads the value otherwise shows up here, not as a slowdown."""
+    materialized = []
+    original = MergedWeight.materialize
+    monkeypatch.setattr(MergedWeight, "materialize", lambda self: materialized.append(1) or original(self))
+    model_dir = tiny_model(model_name)
+    engine = engine_for(model_dir, "bfloat16")
+    trainer = policy(model_dir, dtype="bfloat16", adapter_name="pol")
+    sync = WeightSync(trainer, engine)
+    sync()
+    step(trainer)
+    sync()
+    assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= TOLERANCES["bfloat16"]
+    assert materialized == []

@@ -34,6 +34,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from lorasync.engine import weight_groups
 from lorasync.engine_worker import reload_tensors
+from lorasync.merged_weight import MergedWeight
 from lorasync.nccl_transfer import join_workers, recv_records
 from lorasync.transfer import (
     MAGIC,
@@ -278,7 +279,8 @@ class LoraTransferEngine(WeightTransferEngine):
                 yield name, record.tensors[0]
             else:
                 b, a = record.tensors  # on the accelerator after an NCCL transfer
-                yield name, torch.addmm(self.pristine[name].to(b.device), b, a, alpha=record.scale)
+                # merged straight into vLLM's parameter as its loader copies it there
+                yield name, MergedWeight(self.pristine[name].to(b.device), b, a, record.scale)
 
     def finish_weight_update(self) -> None:
         """Load the pending transfer in place (whole fused groups), then drop it."""

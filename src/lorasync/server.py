@@ -38,7 +38,7 @@ from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 
 from lorasync.engine import DTYPES, Completion
-from lorasync.merge import merged_tensor
+from lorasync.merge import linear_factors, merged_tensor
 from lorasync.plan import Entry, Source, SyncPlan, plan_sync
 from lorasync.sync import SyncReport
 from lorasync.nccl_transfer import open_trainer, rendezvous, send_records, wait_sent
@@ -520,10 +520,7 @@ def _factors(model: PeftModel, entry: Entry, adapter: str):
     layer = model.get_submodule(entry.path)
     if not isinstance(layer, LoraLinear) or adapter in layer.lora_variant:
         return None
-    a = layer.lora_A[adapter].weight.detach()
-    b = layer.lora_B[adapter].weight.detach()
-    scale = float(layer.scaling[adapter])
-    return (a.T, b.T, scale) if layer.fan_in_fan_out else (b, a, scale)
+    return linear_factors(layer, adapter)
 
 
 class FactorSync:

@@ -37,7 +37,7 @@ from lorasync.adapter_sync import (
     choose_strategy,
     decode_seconds_per_token,
 )
-from lorasync.merge import ScratchPool, merged, merged_tensor
+from lorasync.merge import merged, merged_tensor
 from lorasync.plan import SyncPlan, plan_sync
 from lorasync.verify import probe_sequences
 
@@ -124,7 +124,6 @@ class WeightSync:
             check_servable(model)  # fail before anything is sent, not at the first sync
         self.syncs = 0
         self._merged_synced = False
-        self.scratch = ScratchPool()
         self.decision: Decision | None = None
 
     def __call__(self) -> SyncReport:
@@ -195,13 +194,11 @@ class WeightSync:
                 entries = self.plan.changed if self._merged_synced else self.plan.full
                 adapter = self.plan.adapter_name
 
-                # Merged one at a time into reused buffers, sent as made. (Merging the next one
-                # on a helper thread was measured slower: the sync is memory-bound here.)
+                # Merged one at a time, as the engine asks for them; a `MergedWeight` is merged
+                # straight into the parameter it is loaded into. (Merging the next one on a
+                # helper thread was measured slower: the sync is memory-bound here.)
                 version = self.engine.load_weights(
-                    counted(
-                        (e.checkpoint, merged_tensor(self.model, e, adapter, self.scratch).to(dtype))
-                        for e in entries
-                    )
+                    counted((e.checkpoint, _as(merged_tensor(self.model, e, adapter), dtype)) for e in entries)
                 )
         self.syncs += 1
         # Unchanged tensors hold the checkpoint's (= trainer's frozen base) values after any
@@ -214,3 +211,8 @@ class WeightSync:
             seconds=time.perf_counter() - start,
             version=version,
         )
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`; left as it is when it already is (a `MergedWeight` stays lazy)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
