@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from helpers import PACKED, VARIANTS, peft_model
 from lorasync.adapters import randomize_trainable
 from lorasync.engine import checkpoint_layout, weight_groups
-from lorasync.merge import merged_tensor
+from lorasync.merge import Merger
 from lorasync.plan import plan_sync
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -23,7 +23,8 @@ def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
 
-    streamed = {e.checkpoint: merged_tensor(model, e, plan.adapter_name) for e in plan.full}
+    merger = Merger(model, plan.adapter_name)
+    streamed = {e.checkpoint: merger(e) for e in plan.full}
 
     assert set(streamed) == set(layout)
     for name, tensor in streamed.items():  # float32: equal up to rounding order
@@ -70,9 +71,10 @@ def bf16_llama(model_dir):
 def test_base_weights_bit_identical_after_many_streamed_merges_in_bf16(tiny_model):
     model, plan = bf16_llama(tiny_model("llama"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merger = Merger(model, plan.adapter_name)
     for _ in range(50):
         for entry in plan.changed:
-            merged_tensor(model, entry, plan.adapter_name)
+            merger(entry)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
@@ -84,8 +86,9 @@ def test_fused_merge_matches_peft_in_bfloat16_to_one_rounding(tiny_model):
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
     eps = torch.finfo(torch.bfloat16).eps
+    merger = Merger(model, plan.adapter_name)
     for entry in plan.full:
-        got = merged_tensor(model, entry, plan.adapter_name).float()
+        got = merger(entry).float()
         want = expected[entry.checkpoint].float()
         delta = (want - original[entry.checkpoint].float()).abs().max()
         assert ((got - want).abs() <= eps * (want.abs() + delta)).all(), entry.checkpoint

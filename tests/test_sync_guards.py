@@ -169,7 +169,7 @@ def test_tensors_are_sent_in_the_engine_dtype(tiny_model, engine_for):
 
 def test_prefix_cache_would_serve_the_old_policy_without_the_reset(tiny_model, engine_for):
     """vLLM keeps cached prompt blocks across a weight load; the engine must reset them."""
-    from lorasync.merge import merged_tensor
+    from lorasync.merge import Merger
 
     model_dir = tiny_model("qwen3")
     engine = engine_for(model_dir)
@@ -182,7 +182,8 @@ def test_prefix_cache_would_serve_the_old_policy_without_the_reset(tiny_model, e
 
     greedy()  # fills the prefix cache with the old policy's keys and values
     plan = WeightSync(new, engine).plan
-    weights = [(e.checkpoint, merged_tensor(new, e, plan.adapter_name)) for e in plan.full]
+    merger = Merger(new, plan.adapter_name)
+    weights = [(e.checkpoint, merger(e)) for e in plan.full]
     engine.llm.collective_rpc("lorasync_reload", args=(iter(weights),))  # no reset
     stale = greedy()
     engine.load_weights(iter(weights))  # the engine's own load resets the cache

@@ -38,8 +38,8 @@ from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 
 from lorasync.engine import DTYPES, Completion
-from lorasync.merge import linear_factors, merged_tensor
-from lorasync.plan import Entry, Source, SyncPlan, plan_sync
+from lorasync.merge import Merger, linear_factors
+from lorasync.plan import Source, SyncPlan, plan_sync
 from lorasync.sync import SyncReport
 from lorasync.nccl_transfer import open_trainer, rendezvous, send_records, wait_sent
 from lorasync.transfer import (
@@ -503,24 +503,16 @@ def lora_records(model: PeftModel, plan: SyncPlan, dtype: torch.dtype) -> Iterab
     sent at all: the server has them.
     """
     adapter = plan.adapter_name
+    merger = Merger(model, adapter)
     for entry in plan.changed:
         if entry.source is Source.PARAM and "modules_to_save" not in entry.path.split("."):
             continue
-        factors = _factors(model, entry, adapter)
-        if factors is not None:
-            b, a, scale = factors
+        layer = merger.find(entry) if entry.source is Source.LORA_WEIGHT else None
+        if isinstance(layer, LoraLinear) and adapter not in layer.lora_variant:
+            b, a, scale = linear_factors(layer, adapter)
             yield Record(entry.checkpoint, (b.to(dtype), a.to(dtype)), scale)
         else:
-            yield Record(entry.checkpoint, (merged_tensor(model, entry, adapter).to(dtype),))
-
-
-def _factors(model: PeftModel, entry: Entry, adapter: str):
-    if entry.source is not Source.LORA_WEIGHT:
-        return None
-    layer = model.get_submodule(entry.path)
-    if not isinstance(layer, LoraLinear) or adapter in layer.lora_variant:
-        return None
-    return linear_factors(layer, adapter)
+            yield Record(entry.checkpoint, (merger(entry).to(dtype),))
 
 
 class FactorSync:

@@ -37,7 +37,7 @@ from lorasync.adapter_sync import (
     choose_strategy,
     decode_seconds_per_token,
 )
-from lorasync.merge import merged, merged_tensor
+from lorasync.merge import Merger, merged
 from lorasync.plan import SyncPlan, plan_sync
 from lorasync.verify import probe_sequences
 
@@ -120,6 +120,7 @@ class WeightSync:
         self.strategy = strategy
         self.tokens_per_step = tokens_per_step
         self.plan: SyncPlan = plan_sync(model, engine.checkpoint_layout(), engine.weight_groups())
+        self.merger = Merger(model, self.plan.adapter_name)
         if strategy in (ADAPTER, "auto"):
             check_servable(model)  # fail before anything is sent, not at the first sync
         self.syncs = 0
@@ -192,13 +193,12 @@ class WeightSync:
                     )
             else:
                 entries = self.plan.changed if self._merged_synced else self.plan.full
-                adapter = self.plan.adapter_name
 
                 # Merged one at a time, as the engine asks for them; a `MergedWeight` is merged
                 # straight into the parameter it is loaded into. (Merging the next one on a
                 # helper thread was measured slower: the sync is memory-bound here.)
                 version = self.engine.load_weights(
-                    counted((e.checkpoint, _as(merged_tensor(self.model, e, adapter), dtype)) for e in entries)
+                    counted((e.checkpoint, _as(self.merger(e), dtype)) for e in entries)
                 )
         self.syncs += 1
         # Unchanged tensors hold the checkpoint's (= trainer's frozen base) values after any
