@@ -50,7 +50,12 @@ AUTO_PROMPTS, AUTO_PROMPT_TOKENS, AUTO_DECODE_TOKENS = 4, 16, 32
 
 
 class WeightReceiver(Protocol):
-    """What the sync needs from an engine."""
+    """What the sync needs from an engine.
+
+    `load_weights` must be done with the tensors it is given when it returns: they may share
+    memory with the trainer's live parameters, and a `MergedWeight` is computed when read, so
+    one kept for later would show the policy of a later step. Copy what you keep.
+    """
 
     dtype: torch.dtype
 
