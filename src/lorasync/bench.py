@@ -56,7 +56,7 @@ class BenchConfig:
     dtype: str = "bfloat16"
     rank: int = 16
     targets: tuple[str, ...] = ("all-linear",)
-    repeats: int = 5
+    repeats: int = 10
     cache_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:

@@ -232,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", nargs="+", default=["all-linear"], help="LoRA target modules")
-    p.add_argument("--repeats", type=int, default=5, help="timed syncs per strategy")
+    p.add_argument(
+        "--repeats", type=int, default=10,
+        help="timed syncs per strategy, taken in turns (min and median are reported)",
+    )
     p.add_argument(
         "--server", action="store_true",
         help="also start a `lorasync serve` server and measure the LoRA-factor sync into it",
