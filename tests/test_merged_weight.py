@@ -30,12 +30,16 @@ def weight_and_value(dtype):
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_copies_write_exactly_the_merged_value(dtype, mode):
-    """Whole, into a row slice of a fused parameter, column-narrowed, transposed, converted."""
+    """Whole, into a row slice of a fused parameter or a column slice, column-narrowed,
+    transposed, converted."""
     lazy, value = weight_and_value(dtype)
     with mode():
         fused = torch.zeros(20, 8, dtype=dtype)
         fused.narrow(0, 4, 6).copy_(lazy.narrow(0, 2, 6))
         assert torch.equal(fused[4:10], value[2:8]) and not fused[:4].any() and not fused[10:].any()
+        wide = torch.zeros(12, 20, dtype=dtype)  # a destination that is not contiguous
+        wide[:, 4:12].copy_(lazy)
+        assert torch.equal(wide[:, 4:12], value) and not wide[:, :4].any() and not wide[:, 12:].any()
         for read, expected in [(lazy.narrow(1, 5, 3), value[:, 5:]), (lazy.t(), value.t()), (lazy, value)]:
             assert torch.equal(torch.empty_like(expected).copy_(read), expected)
         assert torch.equal(torch.empty(12, 8, dtype=torch.float64).copy_(lazy), value.double())
