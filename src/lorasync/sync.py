@@ -54,7 +54,7 @@ class WeightReceiver(Protocol):
 
     `load_weights` must be done with the tensors it is given when it returns: they may share
     memory with the trainer's live parameters, and a `MergedWeight` is computed when read, so
-    one kept for later would show the policy of a later step. Copy what you keep.
+    one kept for later could show the policy of a later step. Copy what you keep.
     """
 
     dtype: torch.dtype
