@@ -37,7 +37,6 @@ from lorasync.adapter_sync import (
 )
 from lorasync.adapters import randomize_trainable
 from lorasync.engine import DTYPES, ColocatedEngine, EngineConfig
-from lorasync.merge import Merger
 from lorasync.sync import STRATEGIES, WeightSync
 from lorasync.tiny import ARCHITECTURES, SHAPES, make_tiny_model
 from lorasync.verify import base_weight_change, probe_sequences, verify
@@ -182,9 +181,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         }
         for name in STRATEGIES:
             syncs[name]()  # the first sync sends everything; steady state is what a step pays
-        plan = syncs["streaming"].plan
-        merger = Merger(trainer, plan.adapter_name)
-        tensors = [(e.checkpoint, merger(e).to(engine.dtype).clone()) for e in plan.changed]
+        streaming = syncs["streaming"]
+        tensors = [
+            (e.checkpoint, streaming.merger(e).to(engine.dtype).clone()) for e in streaming.plan.changed
+        ]
         stats |= _measure(
             {name: syncs[name] for name in STRATEGIES}
             | {"floor": lambda: engine.load_weights(iter(tensors))},

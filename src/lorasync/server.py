@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import httpx
 import torch
 from peft import PeftModel
-from peft.tuners.lora import Linear as LoraLinear
 
 from lorasync.engine import DTYPES, Completion
-from lorasync.merge import Merger, linear_factors
+from lorasync.merge import Merger
 from lorasync.plan import Source, SyncPlan, plan_sync
 from lorasync.sync import SyncReport
 from lorasync.nccl_transfer import open_trainer, rendezvous, send_records, wait_sent
@@ -502,14 +501,13 @@ def lora_records(model: PeftModel, plan: SyncPlan, dtype: torch.dtype) -> Iterab
     (DoRA) go as merged tensors. Frozen base tensors that only complete a fused group are not
     sent at all: the server has them.
     """
-    adapter = plan.adapter_name
-    merger = Merger(model, adapter)
+    merger = Merger(model, plan.adapter_name)
     for entry in plan.changed:
         if entry.source is Source.PARAM and "modules_to_save" not in entry.path.split("."):
             continue
-        layer = merger.find(entry) if entry.source is Source.LORA_WEIGHT else None
-        if isinstance(layer, LoraLinear) and adapter not in layer.lora_variant:
-            b, a, scale = linear_factors(layer, adapter)
+        factors = merger.factors(entry)
+        if factors is not None:
+            b, a, scale = factors
             yield Record(entry.checkpoint, (b.to(dtype), a.to(dtype)), scale)
         else:
             yield Record(entry.checkpoint, (merger(entry).to(dtype),))
