@@ -8,19 +8,19 @@ no attribute 'weight_loader'`: the live model's linear layers were re-laid out a
 elsewhere it drifts the trainer's frozen base weights in bf16 and sends every tensor, every step.
 
 `use_lorasync_sync(trainer)` replaces that one method on that one trainer's `VLLMGeneration`
-(an instance attribute; the class and other trainers are untouched) with `lorasync.sync.
-WeightSync`: streaming merged tensors, changed-only after the first sync, the trainer model
+(an instance attribute; the class and other trainers are untouched) with
+`lorasync.sync.weight_sync.WeightSync`: streaming merged tensors, changed-only after the first sync, the trainer model
 never mutated, loaded by vLLM's layerwise in-place reload, then the prefix cache reset. Why
 this and not a subclass: GRPOTrainer and RLOOTrainer both build a `VLLMGeneration` deep inside
 their `__init__` and call only its `sync_weights()`, so patching that method after
 construction covers both trainers with one call, keeps the user's trainer class, and needs no
 change to how TRL builds its engine.
 
-TRL builds its `LLM` itself, without lorasync's worker extension, so the worker-side code of
-`lorasync.engine_worker.LoraSyncWorkerExtension` runs through `LLM.collective_rpc` with the
-extension's functions: their `self` is the worker, which is what `collective_rpc` passes a
-callable. TRL's colocate mode uses vLLM's `external_launcher` executor, which keeps the engine
-in this process, so the function and the weight generator are called directly, never pickled.
+TRL builds its `LLM` itself; `ColocatedEngine.from_llm` wraps it exactly as lorasync's own
+engine wraps the `LLM` it builds: the worker-side functions of `lorasync.engines.worker` run
+through `LLM.collective_rpc`. TRL's colocate mode uses vLLM's `external_launcher` executor,
+which keeps the engine in this process, so the functions and the weight generator are called
+directly, never pickled.
 
 `vllm_engine_args(...)` covers what TRL 1.16 cannot set on its `LLM`: vLLM's dtype (vLLM
 downcasts a float32 checkpoint to bf16 on CPU, too coarse for a 1e-4 parity check) and
@@ -30,19 +30,17 @@ downcasts a float32 checkpoint to bf16 on CPU, too coarse for a 1e-4 parity chec
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from packaging.version import Version
 from peft import PeftModel
 
-from lorasync.engine import checkpoint_layout, prompt_logprobs, weight_groups
-from lorasync.engine_worker import LoraSyncWorkerExtension
-from lorasync.sync import WeightSync
+from lorasync.engines.colocated import ColocatedEngine
+from lorasync.sync.weight_sync import WeightSync
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -63,43 +61,6 @@ def check_trl_version() -> None:
             f"lorasync.integrations.trl supports TRL {SUPPORTED_TRL}, but TRL {installed} is "
             "installed: pip install 'trl==1.16.*' (or lorasync[trl])"
         )
-
-
-class TRLColocatedEngine:
-    """A `lorasync.sync.WeightReceiver` (and `lorasync.verify.Scorer`) around TRL's vLLM `LLM`."""
-
-    def __init__(self, llm: LLM) -> None:
-        self.llm = llm
-        model_config = llm.llm_engine.model_config
-        self.dtype: torch.dtype = model_config.dtype
-        self.vocab_size: int = model_config.get_vocab_size()
-        self.weight_version = 0
-        self._layout = checkpoint_layout(_model_folder(model_config.model, model_config.revision))
-        # `collective_rpc` calls a function with the worker as its first argument, which is what
-        # the extension's methods expect as `self`. In-process (TRL's external_launcher
-        # executor) the call is direct: nothing is pickled, the weight generator included.
-        packed = llm.collective_rpc(LoraSyncWorkerExtension.lorasync_packed_modules)[0]
-        self._groups = weight_groups(self._layout, packed)
-
-    def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]:
-        """The checkpoint names and shapes vLLM's model was built from."""
-        return self._layout
-
-    def weight_groups(self) -> list[list[str]]:
-        """Checkpoint names that load into one vLLM parameter set and must be sent together."""
-        return self._groups
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load checkpoint-format tensors in place, reset the prefix cache; return the new version."""
-        self.llm.collective_rpc(LoraSyncWorkerExtension.lorasync_reload, args=(weights,))
-        # Cached prompt blocks hold keys/values of the old weights (TRL resets it too, #3024).
-        self.llm.reset_prefix_cache()
-        self.weight_version += 1
-        return self.weight_version
-
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Logprob of each token given its prefix (tokens 1..n-1), for `lorasync.verify.verify`."""
-        return prompt_logprobs(self.llm, sequences)
 
 
 def _model_folder(model: str, revision: str | None) -> Path:
@@ -163,7 +124,9 @@ def use_lorasync_sync(trainer: Trainer) -> WeightSync:
             "use_lorasync_sync syncs PEFT LoRA policies, but the trainer's model is a "
             f"{type(generation.model).__name__}: pass peft_config=LoraConfig(...) to the trainer"
         )
-    sync = WeightSync(generation.model, TRLColocatedEngine(generation.llm))
+    config = generation.llm.llm_engine.model_config
+    engine = ColocatedEngine.from_llm(generation.llm, _model_folder(config.model, config.revision))
+    sync = WeightSync(generation.model, engine)
     # TRL calls `self.vllm_generation.sync_weights()` once per optimizer step before
     # generating; the instance attribute shadows the method for this trainer only.
     generation.sync_weights = sync

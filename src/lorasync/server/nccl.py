@@ -10,23 +10,23 @@ tensors follow as one NCCL broadcast each from the trainer (rank 0) to the serve
 
 The process group is vLLM's own (`vllm.distributed.weight_transfer.nccl_common`, the helpers
 its NCCL weight-transfer backend uses): `StatelessProcessGroup` rendezvous at the trainer's
-address, then `PyNcclCommunicator`. Shared by the client (`server.py`) and the receiver
-(`receiver.py`), so it imports neither side.
+address, then `PyNcclCommunicator`. Shared by the client (`transport_nccl.py`) and the
+receiver (`receiver.py`), so it imports neither side.
 
-Untested on this project's CI, which has no GPU: the tests are in tests/test_server_nccl.py,
+Untested on this project's CI, which has no GPU: the tests are in tests/server/test_nccl.py,
 marked `gpu` and skipped without CUDA.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from lorasync.transfer import PayloadError, Record
+from lorasync.server.wire import PayloadError
+from lorasync.sync.base import Record
 
 # How often the client looks at its broadcasts while it waits for them (seconds).
 _POLL = 0.05
@@ -84,7 +84,7 @@ def send_records(
 
 
 def wait_sent(
-    stream: torch.cuda.Stream, request: threading.Thread, failed: Callable[[], bool], timeout: float
+    stream: torch.cuda.Stream, running: Callable[[], bool], failed: Callable[[], bool], timeout: float
 ) -> None:
     """Wait, at most `timeout` seconds, for the broadcasts on `stream` to finish.
 
@@ -94,7 +94,7 @@ def wait_sent(
     """
     deadline = time.monotonic() + timeout
     while not stream.query():
-        if (not request.is_alive() and failed()) or time.monotonic() > deadline:
+        if (not running() and failed()) or time.monotonic() > deadline:
             raise PayloadError(
                 "the NCCL broadcasts did not complete (the server refused the manifest, died, "
                 f"or took over {timeout:.0f} s); the NCCL group is unusable now: make a new "

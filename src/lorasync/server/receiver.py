@@ -1,12 +1,11 @@
-"""The server side of a server sync: a vLLM weight-transfer backend and the token guard.
+"""The server side of a server sync: a vLLM weight-transfer backend.
 
 Loaded into a vLLM OpenAI server by vLLM's plugin mechanism: `register` is the package's
 `vllm.general_plugins` entry point, which vLLM calls in each of its processes; it registers
 `LoraTransferEngine` with vLLM's `WeightTransferEngineFactory` under the name `lorasync`, so
 `--weight-transfer-config '{"backend": "lorasync"}'` selects it and vLLM's own routes drive it
 (`/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
-`/finish_weight_update`). `TokenGuard` is the ASGI middleware `lorasync serve` adds with vLLM's
-`--middleware`: those routes need VLLM_SERVER_DEV_MODE=1, which also opens unguarded dev routes.
+`/finish_weight_update`), behind `guard.TokenGuard`.
 
 The engine receives LoRA factors over TCP (`transfer.py`) and merges on the engine side: it
 keeps a host-memory copy of the checkpoint's values of only the groups a sync touches (the
@@ -16,7 +15,6 @@ Nothing here imports lorasync's trainer side.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -24,88 +22,37 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from lorasync.engine import weight_groups
-from lorasync.engine_worker import reload_tensors
-from lorasync.merged_weight import MergedWeight
-from lorasync.nccl_transfer import join_workers, recv_records
-from lorasync.transfer import (
+from lorasync.checkpoint import checkpoint_index, weight_groups
+from lorasync.engines import vllm_compat
+from lorasync.engines.worker import reload_tensors
+from lorasync.server import BACKEND
+from lorasync.server.nccl import join_workers, recv_records
+from lorasync.server.wire import (
     MAGIC,
     NONCE_BYTES,
     PayloadError,
-    Record,
     check_payload,
     recv_payload,
     tensor_bytes,
 )
+from lorasync.sync.base import Record
+from lorasync.sync.merged_weight import MergedWeight
 
-BACKEND = "lorasync"
-TOKEN_ENV = "LORASYNC_TOKEN"
 MAX_BYTES_ENV = "LORASYNC_MAX_PAYLOAD_BYTES"
 TIMEOUT_ENV = "LORASYNC_TRANSFER_TIMEOUT"
-# Routes anyone may call: liveness probes only. Everything else, the OpenAI API included,
-# needs the token: a dev-mode server can be reconfigured through its other routes.
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
 
 log = logging.getLogger(__name__)
 
 
 def register() -> None:
-    """vLLM plugin entry point: make the `lorasync` weight-transfer backend available.
-
-    vLLM calls plugins once per process, but a process may import them again (tests, or
-    several engines in one process), so a second registration is skipped.
-    """
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-
-    if BACKEND not in WeightTransferEngineFactory._registry:  # private: the registry dict
-        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "LoraTransferEngine")
-
-
-class TokenGuard:
-    """ASGI middleware: every route but PUBLIC_PATHS needs `Authorization: Bearer <token>`.
-
-    The token comes from the LORASYNC_TOKEN environment variable of the server process
-    (`lorasync serve` sets it; the command line would show it in `ps`). Without it every
-    guarded route is refused: a misconfigured server fails closed.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.token = os.environ.get(TOKEN_ENV, "").encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"")
-        if self.token and hmac.compare_digest(given, b"Bearer " + self.token):
-            return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": 1008})
-        detail = (
-            "this server was started without LORASYNC_TOKEN, so every route but "
-            f"{sorted(PUBLIC_PATHS)} is closed; restart it with `lorasync serve --token`"
-            if not self.token
-            else "missing or wrong token: send the header 'Authorization: Bearer <token>' "
-            "(openai client: api_key=<token>)"
-        )
-        body = json.dumps({"error": detail}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    """vLLM plugin entry point: make the `lorasync` weight-transfer backend available."""
+    vllm_compat.register_transfer_backend(BACKEND, __name__, "LoraTransferEngine")
 
 
 @dataclass
@@ -142,23 +89,6 @@ class Update(Endpoint):
     discard: bool = False
 
 
-def _checkpoint_index(model_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
-    """Names, shapes and files of the tensors in the served model's safetensors files."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"the lorasync receiver needs the served model as a local folder of *.safetensors "
-            f"files; {model_dir!r} has none. Serve a local model folder"
-        )
-    layout, where = {}, {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                layout[name] = tuple(f.get_slice(name).get_shape())
-                where[name] = path
-    return layout, where
-
-
 class LoraTransferEngine(WeightTransferEngine):
     """vLLM WeightTransferEngine receiving LoRA factors over TCP, merging on the engine side.
 
@@ -172,9 +102,8 @@ class LoraTransferEngine(WeightTransferEngine):
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self.dtype: torch.dtype = vllm_config.model_config.dtype
-        self.layout, self._files = _checkpoint_index(vllm_config.model_config.model)
-        packed = dict(getattr(model, "packed_modules_mapping", {}))
-        self.groups = weight_groups(self.layout, packed)
+        self.layout, self._files = checkpoint_index(vllm_config.model_config.model)
+        self.groups = weight_groups(self.layout, vllm_compat.packed_modules(model))
         self._group_of = {name: i for i, g in enumerate(self.groups) for name in g}
         self.pristine: dict[str, torch.Tensor] = {}
         self.group = None  # the NCCL communicator, once a client joined with transport="nccl"
@@ -287,12 +216,8 @@ class LoraTransferEngine(WeightTransferEngine):
         records, self._pending = self._pending, None
         if not records:
             return
-        from vllm.model_executor.model_loader.reload.inplace import reload_weights
-
         reload_tensors(
-            lambda stream: reload_weights(
-                self.vllm_config, self.model, stream, None, is_checkpoint_format=True
-            ),
+            lambda stream: vllm_compat.reload_server_model(self.vllm_config, self.model, stream),
             self.model,
             self.model_config.hf_config.get_text_config().tie_word_embeddings,
             self._merged(records),
@@ -306,4 +231,3 @@ class LoraTransferEngine(WeightTransferEngine):
             self.group = None
 
 
-__all__ = ["BACKEND", "LoraTransferEngine", "PayloadError", "TokenGuard", "register"]

@@ -6,6 +6,7 @@ directly in its folder; one saved under another name sits in a subfolder of that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,21 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, PeftType, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasync.engine import DTYPES
+from lorasync.checkpoint import DTYPES
 
 ADAPTER_CONFIG = "adapter_config.json"
+# The rank up to which an engine serves adapters by default (vLLM's `max_lora_rank`).
+MAX_LORA_RANK = 16
+
+
+def lora_targets(targets: Sequence[str]) -> str | list[str]:
+    """PEFT's `target_modules` for a list of names: ["all-linear"] is PEFT's string form."""
+    return targets[0] if list(targets) == ["all-linear"] else list(targets)
+
+
+def adapter_rank(config: LoraConfig) -> int:
+    """The largest rank of an adapter (its `r`, or a larger one from `rank_pattern`)."""
+    return max([config.r, *(config.rank_pattern or {}).values()])
 
 
 def active_lora(model: PeftModel) -> tuple[str, LoraConfig]:
@@ -101,11 +114,10 @@ class AdapterSpec:
             )
 
     def lora_config(self, tied_embeddings: bool) -> LoraConfig:
-        targets = self.targets[0] if self.targets == ["all-linear"] else list(self.targets)
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha if self.alpha is not None else 2 * self.rank,
-            target_modules=targets,
+            target_modules=lora_targets(self.targets),
             modules_to_save=list(self.modules_to_save) or None,
             # With tied embeddings, keep lm_head and embed_tokens one tensor, as vLLM does.
             ensure_weight_tying=tied_embeddings and bool(self.modules_to_save),

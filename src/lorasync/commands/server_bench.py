@@ -10,37 +10,24 @@ server's pristine copy, and logprob parity.
 from __future__ import annotations
 
 import secrets
-import socket
 import statistics
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
-from lorasync.adapters import randomize_trainable
-from lorasync.bench import BenchConfig, bench_model_dir
-from lorasync.engine import DTYPES
-from lorasync.server import FactorSync, ServerEngine, start_server, wait_healthy
-from lorasync.verify import probe_sequences, verify
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lorasync.commands.bench import BenchConfig, bench_model_dir, bench_policy
+from lorasync.server.client import ServerEngine
+from lorasync.server.launch import free_port, start_server, wait_healthy
+from lorasync.sync.base import Strategy
+from lorasync.sync.verify import probe_sequences, verify
+from lorasync.sync.weight_sync import WeightSync
 
 
 def run_server_bench(config: BenchConfig) -> dict:
     """Measure the factor sync into a fresh local server; return the JSON-ready result."""
     model_dir = bench_model_dir(config)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
-    targets = config.targets[0] if config.targets == ("all-linear",) else list(config.targets)
-    trainer = get_peft_model(
-        base, LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=targets)
-    )
-    randomize_trainable(trainer, seed=0, std=0.02)
-    token, port = secrets.token_hex(16), _free_port()
+    trainer = bench_policy(model_dir, config)
+    token, port = secrets.token_hex(16), free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     server = start_server(
@@ -54,7 +41,7 @@ def run_server_bench(config: BenchConfig) -> dict:
         result: dict = {"server_startup_s": time.perf_counter() - started}
         # the default (compressed) and raw factors, each through its own client, in turns
         syncs = {
-            key: FactorSync(trainer, ServerEngine(url, token, timeout=300, compress=compress))
+            key: WeightSync(trainer, ServerEngine(url, token, timeout=300, compress=compress), Strategy.FACTORS)
             for key, compress in (("compressed", True), ("raw", False))
         }
         for sync in syncs.values():

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorasync.config import DataConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig
-from lorasync.tiny import _WORDS, make_tiny_model, synthetic_corpus
+from lorasync.train.config import DataConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig
+from lorasync.commands.tiny import _WORDS, make_tiny_model, synthetic_corpus
 
 
 def pretrain(model_dir: Path, steps: int = 300, seed: int = 0) -> None:
@@ -48,7 +48,7 @@ def demo_config(out: Path, steps: int = 60, seed: int = 0) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(base=str(out / "base")),
         data=DataConfig(prompts=demo_prompts(seed=seed)),
-        rewards=[RewardSpec(function="lorasync.rewards:digit_fraction")],
+        rewards=[RewardSpec(function="lorasync.train.rewards:digit_fraction")],
         rollout=RolloutConfig(prompts_per_step=4, num_generations=8, max_tokens=12),
         optim=OptimConfig(steps=steps, lr=2e-3, seed=seed),
         output_dir=str(out),
@@ -57,8 +57,8 @@ def demo_config(out: Path, steps: int = 60, seed: int = 0) -> TrainConfig:
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 60, seed: int = 0, progress: bool = True) -> dict:
     """Build, pre-train, train; return a summary (also written to summary.json)."""
-    from lorasync.engine import ColocatedEngine, EngineConfig
-    from lorasync.trainer import GRPOTrainer
+    from lorasync.engines.colocated import ColocatedEngine, EngineConfig
+    from lorasync.train.trainer import GRPOTrainer
 
     out = Path(out)
     base = out / "base"

@@ -24,22 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from lorasync.adapter_sync import (
-    ADAPTER,
-    MERGED,
-    Measurements,
-    choose_strategy,
-    decode_seconds_per_token,
-)
-from lorasync.adapters import randomize_trainable
-from lorasync.engine import DTYPES, ColocatedEngine, EngineConfig
-from lorasync.sync import STRATEGIES, WeightSync
-from lorasync.tiny import ARCHITECTURES, SHAPES, make_tiny_model
-from lorasync.verify import base_weight_change, probe_sequences, verify
+from lorasync.checkpoint import DTYPES, check_dtype
+from lorasync.engines.colocated import ColocatedEngine, EngineConfig
+from lorasync.sync.auto import ADAPTER, STREAMING, Measurements, choose_strategy
+from lorasync.sync.policy import MAX_LORA_RANK, lora_targets, randomize_trainable
+from lorasync.sync.weight_sync import WeightSync
+from lorasync.commands.tiny import ARCHITECTURES, SHAPES, make_tiny_model
+from lorasync.sync.verify import base_weight_change, probe_sequences, verify
 
 # The decode comparison: this many prompts, each decoding this many tokens greedily (the
 # 8 x 32 batch of ../shared/research/vllm-cpu-findings.md).
@@ -63,8 +58,7 @@ class BenchConfig:
             raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
         if self.shape not in SHAPES:
             raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_dtype(self.dtype, "--dtype")
         if self.rank < 1 or self.repeats < 1:
             raise ValueError(f"--rank and --repeats must be >= 1, got {self.rank}, {self.repeats}")
 
@@ -133,6 +127,15 @@ def _measure(runs: dict[str, Callable[[], object]], repeats: int, bar: tqdm) -> 
     return stats
 
 
+def bench_policy(model_dir: Path, config: BenchConfig) -> PeftModel:
+    """The benchmark's trainer: the model with a random LoRA adapter of the configured shape."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
+    lora = LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=lora_targets(config.targets))
+    trainer = get_peft_model(base, lora)
+    randomize_trainable(trainer, seed=0, std=0.02)
+    return trainer
+
+
 def bench_model_dir(config: BenchConfig) -> Path:
     out = Path(config.cache_dir) / f"{config.arch}-{config.shape}-{config.dtype}"
     if not (out / "model.safetensors").is_file():
@@ -150,17 +153,14 @@ def bench_model_dir(config: BenchConfig) -> Path:
 def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     """Measure each strategy and the floor; return the JSON-ready result."""
     model_dir = bench_model_dir(config)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
-    targets = config.targets[0] if config.targets == ("all-linear",) else list(config.targets)
-    trainer = get_peft_model(base, LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=targets))
-    randomize_trainable(trainer, seed=0, std=0.02)
+    trainer = bench_policy(model_dir, config)
     engine = ColocatedEngine(
         EngineConfig(
             model=str(model_dir),
             dtype=config.dtype,
             max_model_len=256,
             enable_lora=True,
-            max_lora_rank=max(16, config.rank),
+            max_lora_rank=max(MAX_LORA_RANK, config.rank),
         )
     )
     result: dict = {"config": config.__dict__ | {"targets": list(config.targets)}, "strategies": {}}
@@ -179,14 +179,14 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             "streaming": WeightSync(trainer, engine, "streaming"),
             "merge-unmerge": WeightSync(copy.deepcopy(trainer), engine, "merge-unmerge"),
         }
-        for name in STRATEGIES:
-            syncs[name]()  # the first sync sends everything; steady state is what a step pays
+        for sync in syncs.values():
+            sync()  # the first sync sends everything; steady state is what a step pays
         streaming = syncs["streaming"]
         tensors = [
             (e.checkpoint, streaming.merger(e).to(engine.dtype).clone()) for e in streaming.plan.changed
         ]
         stats |= _measure(
-            {name: syncs[name] for name in STRATEGIES}
+            syncs
             | {"floor": lambda: engine.load_weights(iter(tensors))},
             config.repeats,
             bar,
@@ -200,9 +200,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         engine.close()
     default, baseline = result["strategies"]["streaming"], result["strategies"]["merge-unmerge"]
     measured = Measurements(
-        sync_seconds={s: result["strategies"][s]["median_s"] for s in (MERGED, ADAPTER)},
+        sync_seconds={s: result["strategies"][s]["median_s"] for s in (STREAMING, ADAPTER)},
         decode_seconds_per_token={
-            MERGED: result["decode"]["merged_s_per_token"],
+            STREAMING: result["decode"]["merged_s_per_token"],
             ADAPTER: result["decode"]["adapter_s_per_token"],
         },
     )
@@ -231,7 +231,7 @@ def _decode(engine: ColocatedEngine) -> dict:
     prompts = probe_sequences(engine.vocab_size, n=DECODE_PROMPTS, length=DECODE_PROMPT_TOKENS)
     seconds = {
         use_adapter: min(
-            decode_seconds_per_token(engine, prompts, DECODE_TOKENS, use_adapter)
+            engine.decode_seconds_per_token(prompts, DECODE_TOKENS, use_adapter)
             for _ in range(2)  # the first batch warms up
         )
         for use_adapter in (True, False)

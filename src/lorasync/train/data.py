@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from lorasync.config import DataConfig
+from lorasync.train.config import DataConfig
 
 
 def load_rows(config: DataConfig) -> list[dict]:

@@ -10,22 +10,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from safetensors import safe_open
 
-from lorasync.naming import base_name
+from lorasync.sync.base import Scorer
+from lorasync.sync.naming import base_name
 
 # Default tolerances per engine dtype for `max_abs_diff`. In float32 a right sync measures
 # about 5e-6 on the tiny models. In bfloat16 the merged weight W + s*B@A is rounded to the
 # bf16 grid while the trainer computes the adapter branch separately, and the kernels differ:
 # a right sync measured 0.04-0.05 there, a skipped or corrupted one 1 or more.
-TOLERANCES = {"float32": 1e-4, "bfloat16": 1e-1}
+# float16 has bfloat16's tolerance: more mantissa, so no looser, and not measured on its own.
+TOLERANCES = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-1}
 
 
-class Scorer(Protocol):
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]: ...
+def default_tolerance(dtype: str) -> float:
+    """The largest |logprob diff| a right sync shows in the engine dtype called `dtype`."""
+    if dtype not in TOLERANCES:
+        raise ValueError(f"no default tolerance for dtype {dtype!r}; pass one (--tolerance)")
+    return TOLERANCES[dtype]
 
 
 @dataclass(frozen=True)

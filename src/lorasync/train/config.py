@@ -14,6 +14,10 @@ from typing import Any
 
 import yaml
 
+from lorasync.checkpoint import DTYPES
+from lorasync.engines.open import ENGINE_KINDS, check_pair
+from lorasync.sync.base import Strategy
+
 
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message names the field and the fix."""
@@ -31,9 +35,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.base), "model.base", self.base, "set it to a model folder")
-        _require(
-            self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype, "use float32 or bfloat16"
-        )
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -123,6 +125,42 @@ class OptimConfig:
 
 
 @dataclass
+class EngineSection:
+    kind: str = "colocated"  # colocated (vLLM in this process) or server (running servers)
+    servers: list[str] = field(default_factory=list)  # server: URLs of `lorasync serve` servers
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ENGINE_KINDS, "engine.kind", self.kind, f"use one of {', '.join(ENGINE_KINDS)}")
+        if self.kind == "server":
+            _require(
+                bool(self.servers), "engine.servers", self.servers,
+                "engine.kind: server needs the URLs of running `lorasync serve` servers, e.g. "
+                "[http://127.0.0.1:8000] (their token: LORASYNC_TOKEN)",
+            )
+            for url in self.servers:
+                _require(
+                    isinstance(url, str) and url.startswith(("http://", "https://")),
+                    "engine.servers[]", url, "write each server as a URL, http://HOST:PORT",
+                )
+        else:
+            _require(
+                not self.servers, "engine.servers", self.servers,
+                "servers are for engine.kind: server; drop them or set engine.kind=server",
+            )
+
+
+@dataclass
+class SyncSection:
+    strategy: str = "streaming"  # streaming | merge-unmerge | adapter | factors | auto
+
+    def __post_init__(self) -> None:
+        try:
+            self.strategy = Strategy.parse(self.strategy, "sync.strategy")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig
     data: DataConfig
@@ -130,8 +168,9 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineSection = field(default_factory=EngineSection)
+    sync: SyncSection = field(default_factory=SyncSection)
     output_dir: str = "runs/train"
-    sync_strategy: str = "streaming"
     save_every: int = 0  # 0: only at the end
     logprob_tolerance: float | None = None  # engine/trainer health check; default per dtype
 
@@ -144,12 +183,10 @@ class TrainConfig:
             f"must divide prompts_per_step * num_generations = "
             f"{self.rollout.prompts_per_step * self.rollout.num_generations}",
         )
-        _require(
-            self.sync_strategy in ("streaming", "merge-unmerge"),
-            "sync_strategy",
-            self.sync_strategy,
-            "use streaming or merge-unmerge",
-        )
+        try:  # pairs that cannot work are refused before anything starts
+            check_pair(self.engine.kind, self.sync.strategy)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _require(self.save_every >= 0, "save_every", self.save_every, "must be >= 0")
 
 
@@ -159,7 +196,11 @@ _SECTIONS = {
     "lora": LoraSettings,
     "rollout": RolloutConfig,
     "optim": OptimConfig,
+    "engine": EngineSection,
+    "sync": SyncSection,
 }
+# Keys that moved, and where to: refused with a message saying so.
+_MOVED = {"sync_strategy": "sync.strategy (a section: `sync: {strategy: streaming}`)"}
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
@@ -192,6 +233,9 @@ def _build(cls: type, values: Any, where: str) -> Any:
 def config_from_dict(raw: dict) -> TrainConfig:
     """Build a TrainConfig from plain data (as parsed from YAML)."""
     raw = dict(raw)
+    for old, new in _MOVED.items():
+        if old in raw:
+            raise ConfigError(f"{old} = {raw[old]!r}: this key moved to {new}")
     sections = {name: _build(cls, raw.pop(name, {}), name) for name, cls in _SECTIONS.items()}
     rewards = raw.pop("rewards", [])
     if not isinstance(rewards, list):
@@ -233,4 +277,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain JSON-ready data (what `config_from_dict` reads back)."""
+    raw = dataclasses.asdict(config)
+    raw["sync"]["strategy"] = config.sync.strategy.value
+    return raw

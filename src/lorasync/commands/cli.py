@@ -7,11 +7,11 @@ import json
 import os
 import sys
 
-from lorasync.tiny import ARCHITECTURES
+from lorasync.commands.tiny import ARCHITECTURES
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from lorasync.tiny import make_tiny_model
+    from lorasync.commands.tiny import make_tiny_model
 
     out = make_tiny_model(args.out, arch=args.arch, tie_word_embeddings=args.tied, seed=args.seed)
     print(f"wrote a tiny {args.arch} model to {out}")
@@ -19,7 +19,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _make_adapter(args: argparse.Namespace) -> int:
-    from lorasync.adapters import AdapterSpec, make_random_adapter
+    from lorasync.sync.policy import AdapterSpec, make_random_adapter
 
     spec = AdapterSpec(
         targets=args.targets,
@@ -34,34 +34,29 @@ def _make_adapter(args: argparse.Namespace) -> int:
 
 
 def _sync_check(args: argparse.Namespace) -> int:
-    if args.server:
-        from lorasync.server import run_server_sync_check
+    from lorasync.commands.check import SyncCheckConfig, run_sync_check
 
-        result = run_server_sync_check(
-            args.base, args.adapter, args.server, args.token, args.repeat, args.tolerance
-        )
-        details = (
-            f"over {len(result['servers'])} server(s) (tolerance {result['tolerance']:.3g}), "
-            f"{result['wire_bytes'] / 1e6:.3f} MB on the wire in {result['sync_seconds']:.3f} s, "
-            f"served versions {result['served_versions']}"
-        )
-    else:
-        from lorasync.check import SyncCheckConfig, run_sync_check
-
-        config = SyncCheckConfig(
-            base=args.base,
-            adapter=args.adapter,
-            dtype=args.dtype,
-            repeat=args.repeat,
-            tolerance=args.tolerance,
-            strategy=args.strategy,
-        )
-        result = run_sync_check(config, progress=not args.json)
-        details = (
-            f"(tolerance {result['tolerance']:.3g}), {result['tensors_sent']} tensors, "
-            f"{result['bytes_sent'] / 1e6:.2f} MB in {result['sync_seconds']:.3f} s, "
-            f"weight version {result['weight_version']}, "
-            f"base weights changed by at most {result['base_max_abs_change']:.3g}"
+    config = SyncCheckConfig(
+        base=args.base,
+        adapter=args.adapter,
+        dtype=args.dtype,
+        repeat=args.repeat,
+        tolerance=args.tolerance,
+        strategy=args.strategy,
+        servers=args.server,
+        token=args.token,
+    )
+    result = run_sync_check(config, progress=not args.json)
+    details = (
+        f"(tolerance {result['tolerance']:.3g}), {result['strategy']}, {result['tensors_sent']} "
+        f"tensors, {result['bytes_sent'] / 1e6:.2f} MB in {result['sync_seconds']:.3f} s, "
+        f"weight version {result['weight_version']}, "
+        f"base weights changed by at most {result['base_max_abs_change']:.3g}"
+    )
+    if "servers" in result:
+        details += (
+            f"; over {len(result['servers'])} server(s), {result['wire_bytes'] / 1e6:.3f} MB on "
+            f"the wire, served versions {result['served_versions']}"
         )
     if args.json:
         print(json.dumps(result))
@@ -72,7 +67,8 @@ def _sync_check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lorasync.server import TOKEN_ENV, serve_command, serve_env
+    from lorasync.server import TOKEN_ENV
+    from lorasync.server.launch import serve_command, serve_env
 
     env = serve_env(args.token or os.environ.get(TOKEN_ENV, ""))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -87,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench_sync(args: argparse.Namespace) -> int:
-    from lorasync.bench import BenchConfig, format_table, run_bench
+    from lorasync.commands.bench import BenchConfig, format_table, run_bench
 
     config = BenchConfig(
         arch=args.arch,
@@ -99,7 +95,7 @@ def _bench_sync(args: argparse.Namespace) -> int:
     )
     result = run_bench(config, progress=not args.json)
     if args.server:
-        from lorasync.server_bench import format_server, run_server_bench
+        from lorasync.commands.server_bench import format_server, run_server_bench
 
         result["server"] = run_server_bench(config)
     table = format_table(result)
@@ -110,13 +106,14 @@ def _bench_sync(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lorasync.config import load_config
-    from lorasync.engine import ColocatedEngine, EngineConfig
-    from lorasync.trainer import GRPOTrainer
+    from lorasync.engines.open import open_engine
+    from lorasync.train.config import load_config
+    from lorasync.train.trainer import GRPOTrainer
 
     config = load_config(args.config, args.overrides)
-    engine = ColocatedEngine(
-        EngineConfig(model=config.model.base, dtype=config.model.dtype, seed=config.optim.seed)
+    engine = open_engine(
+        config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
+        seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
     )
     try:
         rows = GRPOTrainer(config, engine).train(resume=args.resume)
@@ -126,13 +123,13 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"trained {last['step']} steps into {config.output_dir}: reward {last['reward_mean']:.3f}, "
         f"max engine/trainer logprob diff {max(r['logprob_diff_max'] for r in rows):.2g}, "
-        f"report {config.output_dir}/report.png"
+        f"weight version {last['weight_version']}, report {config.output_dir}/report.png"
     )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lorasync.demo import run_demo
+    from lorasync.commands.demo import run_demo
 
     summary = run_demo(args.out, steps=args.steps, seed=args.seed)
     print(
@@ -184,14 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strategy",
-        default="streaming",
-        help="streaming (default: changed-only, drift-free), merge-unmerge (TRL's recipe) or "
-        "adapter (LoRA factors only, served by vLLM's LoRA support)",
+        default=None,
+        help="streaming (colocated default: changed-only, drift-free), merge-unmerge (TRL's "
+        "recipe), adapter (LoRA factors served by vLLM's LoRA support), or with --server: "
+        "factors (default: LoRA factors merged by the server), streaming, merge-unmerge",
     )
     p.add_argument(
         "--server", action="append", default=[],
-        help="sync by LoRA factors into this running `lorasync serve` server instead of a "
-        "colocated engine (repeat for several; dtype is the servers')",
+        help="sync into this running `lorasync serve` server instead of a colocated engine "
+        "(repeat for several; dtype is the servers')",
     )
     p.add_argument("--token", default=None, help="the servers' token (default $LORASYNC_TOKEN)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

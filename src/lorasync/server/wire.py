@@ -1,6 +1,6 @@
 """The wire format of a server sync: LoRA factors (or whole tensors) over one TCP stream.
 
-Shared by the trainer-side client (`server.py`) and the receiver inside vLLM (`receiver.py`),
+Shared by the trainer-side client (`transport_tcp.py`) and the receiver inside vLLM (`receiver.py`),
 so it imports neither side. One transfer is one connection, opened by the receiver to the
 address the client named in the `/update_weights` request:
 
@@ -27,44 +27,21 @@ import socket
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
+
+from lorasync.checkpoint import dtype_name
+from lorasync.sync.base import Record
 
 MAGIC = b"LSYNC1\n"
 NONCE_BYTES = 32
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is ~100 bytes a tensor; 16 MiB is ~150k tensors
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 _CHUNK = 4 << 20
 ENCODINGS = ("raw", "zlib-top-byte")
 
 
 class PayloadError(ValueError):
     """A transfer broke the wire format; nothing was loaded."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One checkpoint tensor in a transfer: LoRA factors (`b`, `a`, `scale`) or the full value."""
-
-    name: str
-    tensors: tuple[torch.Tensor, ...]  # (b, a) for `lora`, (tensor,) for `full`
-    scale: float | None = None  # None: a full tensor
-
-    @property
-    def kind(self) -> str:
-        return "full" if self.scale is None else "lora"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype}")
-    return _DTYPE_NAMES[dtype]
 
 
 def manifest(records: list[Record], encoding: str = "raw") -> dict:

@@ -23,8 +23,8 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 
-from lorasync.merged_weight import MergedWeight
-from lorasync.plan import Entry, Source
+from lorasync.sync.merged_weight import MergedWeight
+from lorasync.sync.plan import Entry, Source
 
 
 @contextmanager

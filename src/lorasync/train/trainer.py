@@ -1,0 +1,221 @@
+"""The GRPO trainer: a PEFT LoRA policy, a generator engine, and a verified sync after every step.
+
+One step: draw prompts; sample `num_generations` completions per prompt from the engine; score
+them with the reward functions; compute group-relative advantages (rollout.py); then
+`num_iterations` (GRPO's μ) optimizer steps over that batch, each the clipped,
+importance-corrected policy-gradient loss (grpo.py) over `grad_accum` micro-batches, the ratio
+taken against the logprobs of the policy that generated the batch; then one sync of the new
+adapter into the engine. Every step also measures how far the engine's sampling logprobs are
+from the trainer's on the same tokens: the live health check of the sync.
+
+The trainer talks to the engine through `Generator` (generate) and `WeightSync` only; it
+knows nothing of vLLM, and works the same with a colocated engine or running servers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+from lorasync.checkpoint import DTYPES, dtype_name
+from lorasync.sync.base import Generator, WeightReceiver
+from lorasync.sync.policy import lora_targets
+from lorasync.sync.verify import default_tolerance
+from lorasync.sync.weight_sync import WeightSync
+from lorasync.train import checkpoints
+from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
+from lorasync.train.data import batch_at, load_rows
+from lorasync.train.grpo import LossParts, grpo_loss
+from lorasync.train.metrics import MetricsLog, plot_report
+from lorasync.train.rewards import load_reward
+from lorasync.train.rollout import Rollout, collect, completion_logprobs
+
+
+class Engine(Generator, WeightReceiver):
+    """What the trainer needs: an engine it samples from and syncs into."""
+
+
+class GRPOTrainer:
+    """GRPO with a LoRA policy; `train()` runs `optim.steps` steps and writes the run folder."""
+
+    def __init__(self, config: TrainConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.out = Path(config.output_dir)
+        if engine.dtype != DTYPES[config.model.dtype]:
+            raise ConfigError(
+                f"model.dtype = {config.model.dtype!r}, but the engine serves "
+                f"{dtype_name(engine.dtype)}: set model.dtype={dtype_name(engine.dtype)}, or "
+                f"start the servers with --dtype {config.model.dtype}"
+            )
+        torch.manual_seed(config.optim.seed)
+        random.seed(config.optim.seed)
+        self.rows = load_rows(config.data)
+        self.rewards = [(spec, load_reward(spec.function)) for spec in config.rewards]
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.base)
+        base = AutoModelForCausalLM.from_pretrained(config.model.base, dtype=DTYPES[config.model.dtype])
+        lora = config.lora
+        self.model: PeftModel = get_peft_model(
+            base,
+            LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                       target_modules=lora_targets(lora.targets)),
+        )
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=optim.lr)
+        # μ optimizer steps per generation batch: the schedule counts optimizer steps
+        self.scheduler = get_scheduler(
+            optim.schedule, self.optimizer, optim.warmup_steps, optim.steps * optim.num_iterations
+        )
+        rollout = config.rollout
+        tokens_per_step = rollout.prompts_per_step * rollout.num_generations * rollout.max_tokens
+        self.sync = WeightSync(
+            self.model, engine, config.sync.strategy,
+            tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
+        )
+        self.tolerance = config.logprob_tolerance or default_tolerance(config.model.dtype)
+        self.step = 0
+
+    def save_checkpoint(self) -> Path:
+        """Adapter (PEFT format), optimizer, scheduler and RNG states, and the step."""
+        return checkpoints.save(
+            self.out, self.step, self.model, self.optimizer, self.scheduler, config_to_dict(self.config)
+        )
+
+    def resume(self) -> Path | None:
+        """Load the latest checkpoint in the output folder, if there is one."""
+        path = checkpoints.latest(self.out)
+        if path is not None:
+            self.step = checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+        return path
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _optimizer_step(self, batch: Rollout) -> tuple[list[LossParts], float]:
+        """One optimizer step over the whole batch, in `grad_accum` micro-batches."""
+        cfg = self.config.optim
+        pad = self.tokenizer.pad_token_id
+        micro = len(batch.samples) // cfg.grad_accum
+        parts = []
+        for k in range(cfg.grad_accum):
+            s = slice(k * micro, (k + 1) * micro)
+            prompts, completions = batch.prompts[s], batch.completions[s]
+            logprobs, mask = completion_logprobs(self.model, prompts, completions, pad)
+            ref = None
+            if cfg.beta > 0:
+                with torch.no_grad(), self.model.disable_adapter():
+                    ref, _ = completion_logprobs(self.model, prompts, completions, pad)
+            width = logprobs.shape[1]
+            part = grpo_loss(
+                logprobs, batch.old_logprobs[s, :width], batch.engine_logprobs[s, :width],
+                batch.advantages[s], mask, cfg.clip_eps, cfg.is_cap, cfg.beta, ref,
+            )
+            (part.loss / cfg.grad_accum).backward()
+            parts.append(part)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts, float(grad_norm)
+
+    def train_step(self) -> dict:
+        """Generate one batch, take μ optimizer steps over it, sync once; return the metrics."""
+        cfg = self.config
+        start = time.perf_counter()
+        rows = batch_at(self.rows, self.step, cfg.rollout.prompts_per_step, cfg.optim.seed)
+        seed = cfg.optim.seed * 100_003 + self.step
+        batch = collect(self.engine, self.model, self.tokenizer, cfg, self.rewards, rows, seed)
+        self.model.train()
+        parts, norms = [], []
+        for _ in range(cfg.optim.num_iterations):
+            step_parts, norm = self._optimizer_step(batch)
+            parts += step_parts
+            norms.append(norm)
+        report = self.sync()
+        self.step += 1
+        tokens = int(batch.mask.sum())
+        seconds = time.perf_counter() - start
+
+        def mean(values) -> float:
+            values = list(values)
+            return sum(values) / len(values)
+
+        return {
+            "step": self.step,
+            "reward_mean": batch.rewards.mean().item(),
+            "reward_std": batch.rewards.std().item(),
+            **batch.reward_stats,
+            "loss": mean(p.loss.item() for p in parts),
+            "kl": mean(p.kl for p in parts),
+            "clip_fraction": mean(p.clip_fraction for p in parts),
+            "is_weight_mean": mean(p.is_weight_mean for p in parts),
+            "grad_norm": mean(norms),
+            "optimizer_steps": len(norms),
+            "lr": self.scheduler.get_last_lr()[0],
+            "completion_tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+            "generation_seconds": batch.seconds,
+            "step_seconds": seconds,
+            "sync_seconds": report.seconds,
+            "sync_bytes": report.bytes_sent,
+            "sync_strategy": report.strategy,
+            "weight_version": report.version,
+            **batch.health(),
+        }
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def train(self, resume: bool = False, progress: bool = True) -> list[dict]:
+        """Run to `optim.steps`; return the metrics of all steps in the run folder."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.out)
+        resumed = resume and self.resume() is not None
+        if resumed:
+            log.truncate_after(self.step)
+        elif log.path.exists():
+            log.path.unlink()  # a fresh run owns its metrics file
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2))
+        # An engine as built serves the checkpoint, which a fresh adapter (B = 0) equals; a
+        # resumed policy, or an engine that served anything since, needs the current policy.
+        if resumed or self.engine.weight_version > 0:
+            self.sync()
+        bar = tqdm(total=self.config.optim.steps, initial=self.step, desc="GRPO", disable=not progress)
+        try:
+            while self.step < self.config.optim.steps:
+                metrics = self.train_step()
+                log.write(metrics)
+                bar.update()
+                bar.set_postfix(
+                    reward=f"{metrics['reward_mean']:.3f}",
+                    sync_ms=f"{1000 * metrics['sync_seconds']:.0f}",
+                    lp_diff=f"{metrics['logprob_diff_max']:.1e}",
+                )
+                if metrics["logprob_diff_max"] > self.tolerance:
+                    tqdm.write(
+                        f"warning: step {self.step}: engine/trainer logprob diff "
+                        f"{metrics['logprob_diff_max']:.3g} > tolerance {self.tolerance:.3g}: "
+                        "the engine is not serving the trained policy"
+                    )
+                if self.config.save_every and self.step % self.config.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        self.save_checkpoint()
+        rows = log.rows()
+        plot_report(rows, self.out / "report.png")
+        return rows
+
+    def sample(self, prompts: list[str], max_tokens: int, seed: int = 0) -> list[str]:
+        """One low-temperature completion per prompt from the engine, for before/after reports."""
+        ids = [self.tokenizer(p).input_ids for p in prompts]
+        outs = self.engine.generate(ids, max_tokens, temperature=0.7, n=1, seed=seed)
+        return [group[0].text for group in outs]
