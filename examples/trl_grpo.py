@@ -34,8 +34,8 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from lorasync.integrations.trl import use_lorasync_sync, vllm_engine_args
-    from lorasync.tiny import make_tiny_model
-    from lorasync.verify import probe_sequences, verify
+    from lorasync.commands.tiny import make_tiny_model
+    from lorasync.sync.verify import probe_sequences, verify
 
     model_dir = make_tiny_model(os.path.join(args.out, "model"), arch="qwen2")
     prompts = ["one two three", "seven eight", "the cat is", "count to nine", "zero one"]

@@ -10,10 +10,10 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lorasync.demo import demo_config
-from lorasync.trainer import GRPOTrainer
-from servers import free_port
-from lorasync.verify import probe_sequences, trainer_scores
+from lorasync.commands.demo import demo_config
+from lorasync.server.launch import free_port
+from lorasync.sync.verify import probe_sequences, trainer_scores
+from lorasync.train.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.vllm
 

@@ -1,13 +1,16 @@
 """Run configuration: YAML plus overrides, and errors that name the field, the value and the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lorasync.config import ConfigError, load_config
+from lorasync.sync.base import Strategy
+from tests.helpers import run_lorasync
+from lorasync.train.config import ConfigError, config_from_dict, config_to_dict, load_config
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def write(tmp_path, raw) -> Path:
@@ -20,7 +23,7 @@ def minimal():
     return {
         "model": {"base": "some/model"},
         "data": {"prompts": ["a", "b"]},
-        "rewards": [{"function": "lorasync.rewards:digit_fraction"}],
+        "rewards": [{"function": "lorasync.train.rewards:digit_fraction"}],
     }
 
 
@@ -41,17 +44,54 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("optim.lr=0", "optim.lr = 0.0: must be > 0"),
         ("optim.grad_accum=3", "optim.grad_accum = 3: must divide prompts_per_step * num_generations = 32"),
         ("optim.lrr=1", "optim.lrr: unknown field; valid fields are"),
-        ("sync_strategy=fast", "sync_strategy = 'fast': use streaming or merge-unmerge"),
-        ("model.dtype=float16", "model.dtype = 'float16': use float32 or bfloat16"),
+        ("sync_strategy=streaming", "sync_strategy = 'streaming': this key moved to sync.strategy"),
+        ("sync.strategy=fast", "sync.strategy must be one of streaming, merge-unmerge, adapter, factors, auto, got 'fast'"),
+        ("model.dtype=int8", "model.dtype = 'int8': use one of float32, bfloat16, float16"),
+        ("engine.kind=remote", "engine.kind = 'remote': use one of colocated, server"),
+        ("engine.kind=server", "engine.servers = []: engine.kind: server needs the URLs of running"),
+        ("engine.servers=[http://127.0.0.1:8000]", "engine.servers = ['http://127.0.0.1:8000']: servers are for engine.kind: server"),
+        ("sync.strategy=factors", "sync.strategy = 'factors' does not work with engine.kind = 'colocated', which takes streaming, merge-unmerge, adapter, auto: use one of those, or engine.kind = 'server'"),
         ("learning_rate=1", "learning_rate: unknown field"),
         ("optim.lr", "write it as section.field=value"),
-        ("optim.lr=fast", "optim.lr = .fast.: must be a number"),
+        ("optim.lr=fast", "optim.lr = 'fast': must be a number"),
         ("optim.steps=2.5", "optim.steps = 2.5: must be a whole number"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(tmp_path, override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(write(tmp_path, minimal()), [override])
+
+
+def test_engine_and_sync_sections_reach_every_strategy(tmp_path):
+    servers = ["engine.kind=server", "engine.servers=[http://127.0.0.1:8000, http://127.0.0.1:8001]"]
+    config = load_config(write(tmp_path, minimal()), [*servers, "sync.strategy=factors"])
+    assert config.engine.servers == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    assert config.sync.strategy is Strategy.FACTORS
+    # unset, the strategy is the engine kind's default
+    assert load_config(write(tmp_path, minimal()), servers).sync.strategy is Strategy.FACTORS
+    assert load_config(write(tmp_path, minimal())).sync.strategy is Strategy.STREAMING
+    for strategy in ("streaming", "merge-unmerge", "adapter", "auto"):
+        assert load_config(write(tmp_path, minimal()), [f"sync.strategy={strategy}"]).sync.strategy == strategy
+    with pytest.raises(ConfigError, match="'adapter' does not work with engine.kind = 'server'.*or engine.kind = 'colocated'"):
+        load_config(write(tmp_path, minimal()), [*servers, "sync.strategy=adapter"])
+    with pytest.raises(ConfigError, match="engine.servers\\[\\] = 'localhost:8000': write each server as a URL"):
+        load_config(write(tmp_path, minimal()), ["engine.kind=server", "engine.servers=[localhost:8000]"])
+
+
+def test_train_refuses_a_pair_that_cannot_work_before_anything_starts(tmp_path):
+    r = run_lorasync(
+        "train", "--config", str(ROOT / "configs" / "digits.yaml"), "model.base=no/such/model",
+        "sync.strategy=factors", f"output_dir={tmp_path}",
+    )
+    assert r.returncode == 2
+    assert "sync.strategy = 'factors' does not work with engine.kind = 'colocated'" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_round_trips_through_plain_data(tmp_path):
+    config = load_config(write(tmp_path, minimal()), ["sync.strategy=merge-unmerge", "optim.num_iterations=2"])
+    again = config_from_dict(config_to_dict(config))
+    assert again == config and config_to_dict(again)["sync"]["strategy"] == "merge-unmerge"
 
 
 def test_rewards_and_data_are_required(tmp_path):

@@ -6,8 +6,8 @@ import json
 import datasets
 import pytest
 
-from lorasync.config import DataConfig
-from lorasync.data import batch_at, load_rows
+from lorasync.train.config import DataConfig
+from lorasync.train.data import batch_at, load_rows
 
 ROWS = [{"prompt": f"p{i}", "answer": i} for i in range(5)]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorasync.grpo import group_advantages, grpo_loss
+from lorasync.train.grpo import group_advantages, grpo_loss
 
 
 def test_group_advantages_are_normalised_within_each_group():

@@ -119,8 +119,8 @@ class ServerEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load merged checkpoint-format tensors into every server; return the new version.
 
-        Whole tensors: what `WeightSync` sends. `FactorSync` sends factors through
-        `load_records` instead, at a fraction of the bytes.
+        Whole tensors: what the `streaming` and `merge-unmerge` strategies send; `factors`
+        sends LoRA factors through `load_records` instead, at a fraction of the bytes.
         """
         return self.load_records([Record(name, (t,)) for name, t in weights])
 

@@ -1,4 +1,4 @@
-"""The NCCL path of a server sync: the records of `transfer.py`, moved by NCCL broadcast.
+"""The NCCL path of a server sync: the records of `wire.py`, moved by NCCL broadcast.
 
 On GPU machines the bytes of a server sync can go from the trainer's GPU to the servers' GPU
 workers over NCCL instead of a TCP stream. Everything else stays as on the TCP path: the

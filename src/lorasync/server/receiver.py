@@ -7,7 +7,7 @@ Loaded into a vLLM OpenAI server by vLLM's plugin mechanism: `register` is the p
 (`/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
 `/finish_weight_update`), behind `guard.TokenGuard`.
 
-The engine receives LoRA factors over TCP (`transfer.py`) and merges on the engine side: it
+The engine receives LoRA factors over TCP (`wire.py`) and merges on the engine side: it
 keeps a host-memory copy of the checkpoint's values of only the groups a sync touches (the
 "pristine" copy), computes W0 + scale * B @ A, and reloads whole fused groups in place.
 Nothing here imports lorasync's trainer side.
@@ -74,7 +74,7 @@ class Endpoint:
 @dataclass
 class Init(Endpoint):
     """An `/init_weight_transfer_engine` request: report what this server serves to the
-    endpoint, or, with `nccl`, join the trainer's NCCL group (`nccl_transfer.rendezvous`)."""
+    endpoint, or, with `nccl`, join the trainer's NCCL group (`nccl.rendezvous`)."""
 
     nccl: dict | None = None
 

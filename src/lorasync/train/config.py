@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from lorasync.checkpoint import DTYPES
-from lorasync.engines.open import ENGINE_KINDS, check_pair
+from lorasync.engines.open import ENGINE_KINDS, check_pair, default_strategy
 from lorasync.sync.base import Strategy
 
 
@@ -151,9 +151,13 @@ class EngineSection:
 
 @dataclass
 class SyncSection:
-    strategy: str = "streaming"  # streaming | merge-unmerge | adapter | factors | auto
+    # streaming | merge-unmerge | adapter | factors | auto; unset: the engine kind's default
+    # (streaming colocated, factors with servers)
+    strategy: str | None = None
 
     def __post_init__(self) -> None:
+        if self.strategy is None:
+            return  # TrainConfig picks the engine kind's default
         try:
             self.strategy = Strategy.parse(self.strategy, "sync.strategy")
         except ValueError as err:
@@ -183,6 +187,8 @@ class TrainConfig:
             f"must divide prompts_per_step * num_generations = "
             f"{self.rollout.prompts_per_step * self.rollout.num_generations}",
         )
+        if self.sync.strategy is None:
+            self.sync.strategy = default_strategy(self.engine.kind)
         try:  # pairs that cannot work are refused before anything starts
             check_pair(self.engine.kind, self.sync.strategy)
         except ValueError as err:

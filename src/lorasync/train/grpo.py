@@ -2,8 +2,10 @@
 
 Pure tensor functions, no model and no engine, so each piece is testable on its own. The loss
 follows GRPO (Shao et al., 2024, arXiv:2402.03300) as TRL implements it, with these choices:
-1. one policy update per generation batch, so the "old" logprobs are the current ones
-   detached (the ratio is 1 and the clip acts through the gradient only);
+1. `num_iterations` (μ) policy updates per generation batch; the "old" logprobs are those of
+   the policy that generated the batch, computed once before the first update (without
+   dropout, as the engine serves it). With μ = 1 the ratio is 1 and the clip acts through the
+   gradient only; later iterations clip against the generating policy;
 2. the token-level mean over all completion tokens of the batch (no per-sequence mean),
    so long completions are not down-weighted;
 3. a truncated importance weight min(exp(trainer - engine), cap) on each token corrects for

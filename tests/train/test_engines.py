@@ -1,0 +1,92 @@
+"""`lorasync train` through every engine kind: GRPO against a real `lorasync serve` server
+(factor sync) and colocated with vLLM's own LoRA serving the adapter. In each, the engine's
+sampling logprobs match the trainer's on the same tokens at every step (float32), the reward
+is logged, and the engine's weight version counts the syncs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorasync.commands.demo import demo_config
+from lorasync.engines.open import open_engine
+from lorasync.server.client import ServerEngine
+from lorasync.sync.base import Strategy
+from lorasync.train.trainer import GRPOTrainer
+from tests.helpers import TOKEN, Server, run_lorasync
+
+pytestmark = pytest.mark.vllm
+STEPS = 3
+CONFIG = Path(__file__).parents[2] / "configs" / "digits.yaml"
+
+
+@pytest.fixture(scope="module")
+def server(demo_base):
+    server = Server(str(demo_base)).start().wait()
+    yield server
+    server.kill()
+
+
+def served_version(url: str) -> int:
+    engine = ServerEngine(url, TOKEN)
+    try:
+        return int(engine.served_versions()[0])
+    finally:
+        engine.close()
+
+
+def expected_version(before: int, steps: int) -> int:
+    """One sync per step, plus the start's sync when the engine had served anything before
+    (an engine as built serves the checkpoint, which a fresh adapter equals)."""
+    return before + steps + (before > 0)
+
+
+def check_rows(rows: list[dict], strategy: str) -> None:
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    for row in rows:
+        assert row["logprob_diff_max"] <= 1e-4, row
+        assert row["sync_strategy"] == strategy
+        assert "reward/digit_fraction_mean" in row and 0 <= row["reward_mean"] <= 1
+
+
+def test_grpo_against_a_lorasync_server_by_factors(tmp_path, demo_base, server):
+    before = served_version(server.url)
+    config = demo_config(tmp_path, steps=STEPS)
+    config.model.base = str(demo_base)
+    engine = open_engine("server", Strategy.FACTORS, servers=[server.url], token=TOKEN)
+    try:
+        rows = GRPOTrainer(config, engine).train(progress=False)
+    finally:
+        engine.close()
+    check_rows(rows, "factors")
+    # factors are a small fraction of the merged tensors they change
+    assert all(0 < r["sync_bytes"] < 0.5e6 for r in rows)
+    assert rows[-1]["weight_version"] == expected_version(before, STEPS) == served_version(server.url)
+
+
+def test_train_command_against_a_running_server(tmp_path, demo_base, server):
+    before = served_version(server.url)
+    r = run_lorasync(
+        "train", "--config", str(CONFIG), f"model.base={demo_base}",
+        "engine.kind=server", f"engine.servers=[{server.url}]", "sync.strategy=factors",
+        "optim.steps=5", f"output_dir={tmp_path}", env={"LORASYNC_TOKEN": TOKEN},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained 5 steps" in r.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    check_rows(rows, "factors")
+    assert rows[-1]["weight_version"] == expected_version(before, 5) == served_version(server.url)
+    assert (tmp_path / "checkpoints" / "step-000005" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_grpo_colocated_with_the_adapter_strategy(tmp_path, demo_base):
+    config = demo_config(tmp_path, steps=STEPS)
+    config.model.base = str(demo_base)
+    engine = open_engine("colocated", Strategy.ADAPTER, str(demo_base), lora_rank=config.lora.rank)
+    try:
+        rows = GRPOTrainer(config, engine).train(progress=False)
+        assert engine.adapter is not None  # generation ran through vLLM's LoRA
+    finally:
+        engine.close()
+    check_rows(rows, "adapter")
+    assert rows[-1]["weight_version"] == STEPS

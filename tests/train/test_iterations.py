@@ -1,0 +1,75 @@
+"""GRPO's μ (`optim.num_iterations`): μ optimizer steps over one generation batch, the ratio
+taken against the logprobs of the policy that generated it, one sync after the last.
+
+The claim is about the trainer, not vLLM: an in-memory engine samples random tokens and
+records what the sync sends, so this runs in the fast tier.
+"""
+
+import torch
+
+from lorasync.commands.demo import demo_config
+from lorasync.sync.base import Completion
+from lorasync.train.trainer import GRPOTrainer
+from tests.helpers import MemoryReceiver
+
+
+class RandomEngine(MemoryReceiver):
+    """Samples uniformly random tokens, and counts its generate calls."""
+
+    def __init__(self, model_dir: str) -> None:
+        super().__init__(model_dir)
+        self.batches = 0
+
+    def generate(self, prompts, max_tokens, temperature=1.0, n=1, seed=None):
+        self.batches += 1
+        gen = torch.Generator().manual_seed(seed or 0)
+        return [
+            [
+                Completion(ids, "".join(str(t % 10) for t in ids), [0.0] * len(ids))
+                for ids in torch.randint(10, 100, (n, max_tokens), generator=gen).tolist()
+            ]
+            for _ in prompts
+        ]
+
+
+def trainer_with(model_dir, tmp_path, num_iterations):
+    config = demo_config(tmp_path, steps=2)
+    config.model.base = model_dir
+    config.optim.num_iterations = num_iterations
+    config.optim.schedule = "linear"
+    engine = RandomEngine(model_dir)
+    trainer = GRPOTrainer(config, engine)
+    steps = []
+    step = trainer.optimizer.step
+
+    def counted(*args, **kwargs):
+        steps.append(trainer.scheduler.get_last_lr()[0])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted
+    return trainer, engine, steps
+
+
+def test_one_iteration_is_one_optimizer_step_at_ratio_one(tiny_model, tmp_path):
+    trainer, engine, steps = trainer_with(tiny_model("qwen2"), tmp_path, 1)
+    rows = [trainer.train_step() for _ in range(2)]
+    assert len(steps) == 2 and engine.batches == 2 and engine.loads == 2
+    assert [r["optimizer_steps"] for r in rows] == [1, 1]
+    # the only policy update happens after the loss: the ratio is exactly 1, nothing clips
+    assert all(r["clip_fraction"] == 0 for r in rows)
+    assert steps[1] < steps[0]  # the linear schedule counts optimizer steps: 2 of 2
+
+
+def test_two_iterations_take_two_optimizer_steps_per_batch_and_sync_once(tiny_model, tmp_path):
+    trainer, engine, steps = trainer_with(tiny_model("qwen2"), tmp_path, 2)
+    trainer.config.optim.lr = 0.05  # a step big enough that the second iteration's ratio moves
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = 0.05
+    trainer.scheduler.base_lrs = [0.05]
+    rows = [trainer.train_step() for _ in range(2)]
+    assert len(steps) == 4 and engine.batches == 2 and engine.loads == 2
+    assert [r["optimizer_steps"] for r in rows] == [2, 2]
+    assert [r["weight_version"] for r in rows] == [1, 2]
+    # the second iteration's ratio is against the generating policy, which the first moved
+    assert any(r["clip_fraction"] > 0 for r in rows)
+    assert steps == sorted(steps, reverse=True) and len(set(steps)) == 4  # 4 scheduled steps
