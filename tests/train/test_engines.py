@@ -11,7 +11,7 @@ import pytest
 from lorasync.commands.demo import demo_config
 from lorasync.engines.open import open_engine
 from lorasync.server.client import ServerEngine
-from lorasync.sync.base import Strategy
+from lorasync.train.config import EngineSection, SyncSection
 from lorasync.train.trainer import GRPOTrainer
 from tests.helpers import TOKEN, Server, run_lorasync
 
@@ -28,11 +28,13 @@ def server(demo_base):
 
 
 def served_version(url: str) -> int:
+    """The weight version the server reports (a fresh one reports "default": 0)."""
     engine = ServerEngine(url, TOKEN)
     try:
-        return int(engine.served_versions()[0])
+        served = engine.served_versions()[0]
     finally:
         engine.close()
+    return int(served) if served.isdigit() else 0
 
 
 def expected_version(before: int, steps: int) -> int:
@@ -53,7 +55,8 @@ def test_grpo_against_a_lorasync_server_by_factors(tmp_path, demo_base, server):
     before = served_version(server.url)
     config = demo_config(tmp_path, steps=STEPS)
     config.model.base = str(demo_base)
-    engine = open_engine("server", Strategy.FACTORS, servers=[server.url], token=TOKEN)
+    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection("factors")
+    engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
     try:
         rows = GRPOTrainer(config, engine).train(progress=False)
     finally:
@@ -82,7 +85,8 @@ def test_train_command_against_a_running_server(tmp_path, demo_base, server):
 def test_grpo_colocated_with_the_adapter_strategy(tmp_path, demo_base):
     config = demo_config(tmp_path, steps=STEPS)
     config.model.base = str(demo_base)
-    engine = open_engine("colocated", Strategy.ADAPTER, str(demo_base), lora_rank=config.lora.rank)
+    config.sync = SyncSection("adapter")
+    engine = open_engine("colocated", config.sync.strategy, str(demo_base), lora_rank=config.lora.rank)
     try:
         rows = GRPOTrainer(config, engine).train(progress=False)
         assert engine.adapter is not None  # generation ran through vLLM's LoRA

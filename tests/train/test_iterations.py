@@ -9,12 +9,15 @@ import torch
 
 from lorasync.commands.demo import demo_config
 from lorasync.sync.base import Completion
+from lorasync.train import trainer as trainer_module
+from lorasync.train.grpo import grpo_loss
 from lorasync.train.trainer import GRPOTrainer
 from tests.helpers import MemoryReceiver
 
 
 class RandomEngine(MemoryReceiver):
-    """Samples uniformly random tokens, and counts its generate calls."""
+    """Samples uniformly random tokens, and counts its generate calls. The text shows about
+    two digits in three tokens, so the demo's reward (the share of digits) varies."""
 
     def __init__(self, model_dir: str) -> None:
         super().__init__(model_dir)
@@ -25,7 +28,7 @@ class RandomEngine(MemoryReceiver):
         gen = torch.Generator().manual_seed(seed or 0)
         return [
             [
-                Completion(ids, "".join(str(t % 10) for t in ids), [0.0] * len(ids))
+                Completion(ids, "".join("7" if t % 3 else "x" for t in ids), [0.0] * len(ids))
                 for ids in torch.randint(10, 100, (n, max_tokens), generator=gen).tolist()
             ]
             for _ in prompts
@@ -60,16 +63,23 @@ def test_one_iteration_is_one_optimizer_step_at_ratio_one(tiny_model, tmp_path):
     assert steps[1] < steps[0]  # the linear schedule counts optimizer steps: 2 of 2
 
 
-def test_two_iterations_take_two_optimizer_steps_per_batch_and_sync_once(tiny_model, tmp_path):
+def test_two_iterations_take_two_optimizer_steps_per_batch_and_sync_once(tiny_model, tmp_path, monkeypatch):
     trainer, engine, steps = trainer_with(tiny_model("qwen2"), tmp_path, 2)
-    trainer.config.optim.lr = 0.05  # a step big enough that the second iteration's ratio moves
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = 0.05
-    trainer.scheduler.base_lrs = [0.05]
+    losses = []
+
+    def recorded(logprobs, old, *args, **kwargs):
+        losses.append((logprobs.detach().clone(), old.clone()))
+        return grpo_loss(logprobs, old, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "grpo_loss", recorded)
     rows = [trainer.train_step() for _ in range(2)]
     assert len(steps) == 4 and engine.batches == 2 and engine.loads == 2
     assert [r["optimizer_steps"] for r in rows] == [2, 2]
     assert [r["weight_version"] for r in rows] == [1, 2]
-    # the second iteration's ratio is against the generating policy, which the first moved
-    assert any(r["clip_fraction"] > 0 for r in rows)
     assert steps == sorted(steps, reverse=True) and len(set(steps)) == 4  # 4 scheduled steps
+    # per batch: iteration 1 at ratio 1; iteration 2 moved by the first update, its ratio
+    # still taken against the same logprobs, those of the policy that generated the batch
+    for first, second in (losses[0:2], losses[2:4]):
+        torch.testing.assert_close(first[0], first[1])
+        assert torch.equal(first[1], second[1])
+        assert (second[0] - second[1]).abs().max() > 1e-4
