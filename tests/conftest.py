@@ -1,7 +1,11 @@
 """Shared fixtures: tiny local models (built once per session) and real vLLM engines.
 
 Engines are cached per (model folder, dtype) for the whole session because each costs about
-10 s to build on CPU; tests that change an engine's weights re-sync before they verify.
+20 s to build on CPU; tests that change an engine's weights re-sync before they verify.
+
+Two tiers: `pytest -m "not vllm"` runs in under a minute without vLLM engines or servers.
+A test that builds an engine or starts a server must be marked `vllm`; one that is not is
+stopped when it tries (see `_unmarked_tests_build_no_engine`).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasync.tiny import make_tiny_model
+from lorasync.commands.tiny import make_tiny_model
 
 MODELS = {
     # name: (architecture, tied embeddings)
@@ -19,11 +23,45 @@ MODELS = {
     "qwen2": ("qwen2", False),
     "gpt2": ("gpt2", True),
 }
+# Fixtures that start vLLM: a test using one must be marked `vllm`.
+VLLM_FIXTURES = {"engine_for", "servers", "server", "lora_engine", "build_trainer"}
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("vllm") is None
+        and VLLM_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"these tests use a vLLM fixture ({', '.join(sorted(VLLM_FIXTURES))}) but are not "
+            f"marked vllm (pytest.mark.vllm): {unmarked}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_build_no_engine(request, monkeypatch) -> None:
+    """Outside the `vllm` tier, building a colocated engine or starting a server raises."""
+    if request.node.get_closest_marker("vllm") is not None:
+        return
+    from lorasync.engines.colocated import ColocatedEngine
+    from tests.helpers import Server
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            f"{request.node.nodeid} builds a vLLM engine or starts a server: mark it "
+            "pytest.mark.vllm (the fast tier, -m 'not vllm', must not)"
+        )
+
+    monkeypatch.setattr(ColocatedEngine, "__init__", refuse)
+    monkeypatch.setattr(Server, "start", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +82,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine_for():
     """engine_for(model_dir, dtype) -> a real colocated vLLM engine, cached for the session."""
-    from lorasync.engine import ColocatedEngine, EngineConfig
+    from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 
     engines = {}
 
@@ -62,7 +100,7 @@ def engine_for():
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory):
     """The demo's base model: a tiny Qwen2 pre-trained briefly (about 45 s, once a session)."""
-    from lorasync.demo import pretrain
+    from lorasync.commands.demo import pretrain
 
     out = make_tiny_model(tmp_path_factory.mktemp("demo") / "base", arch="qwen2")
     pretrain(out)

@@ -1,43 +1,39 @@
-"""Test helpers: a trainer policy with a random adapter, built in memory."""
+"""Test helpers, in one place: the CLI and `lorasync serve` as subprocesses, trainer policies,
+stand-ins for an optimizer step, and engines that record (`Tap`, `MemoryReceiver`).
+
+Imported as `from tests.helpers import ...` by every test package.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorasync.adapters import AdapterSpec, attach_random_adapter, randomize_trainable
-from lorasync.engine import DTYPES
+from lorasync.checkpoint import DTYPES, checkpoint_layout, weight_groups
+from lorasync.server import TOKEN_ENV
+from lorasync.server.launch import free_port, wait_healthy
+from lorasync.sync.policy import AdapterSpec, attach_random_adapter, randomize_trainable
 
+TOKEN = "test-token-5f1c"
+# How the tests start servers: float32 for 1e-4 parity, eager (torch.compile costs ~35 s on CPU).
+SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager")
 
-def policy(model_dir: str, dtype: str = "float32", **spec) -> torch.nn.Module:
-    """The base model in `model_dir` with a random LoRA adapter described by `spec`."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
-    return attach_random_adapter(base, AdapterSpec(**spec))
-
-
-class Tap:
-    """A real engine whose incoming weight stream passes through `transform` first.
-
-    `transform(stream)` returns the stream the engine gets: tests use it to record, corrupt
-    or break a sync on its way into real vLLM.
-    """
-
-    def __init__(self, engine, transform):
-        self.engine = engine
-        self.generate = engine.generate
-        self.dtype = engine.dtype
-        self.checkpoint_layout = engine.checkpoint_layout
-        self.weight_groups = engine.weight_groups
-        self.transform = transform
-
-    def load_weights(self, weights):
-        return self.engine.load_weights(self.transform(weights))
-
-
-# vLLM's packed_modules_mapping for these architectures (the parity tests use the engine's own).
+# vLLM's packed_modules_mapping for the tiny llama, qwen2 and qwen3 (gpt2 fuses nothing).
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
+# Every LoRA variant PEFT offers: (tiny model, LoraConfig arguments). Token ids 3, 5 and 7 are
+# the trained rows of the trainable-token variants (`TRAINED_TOKENS`).
+TRAINED_TOKENS = [3, 5, 7]
 VARIANTS = {
     "plain": ("llama", dict(target_modules="all-linear")),
     "rslora": ("llama", dict(target_modules="all-linear", use_rslora=True)),
@@ -46,17 +42,107 @@ VARIANTS = {
     "fan-in-fan-out": ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "embedding-lora": ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
     "modules-to-save": ("llama", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
-    "trainable-tokens": ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
+    "trainable-tokens": ("llama", dict(target_modules=["q_proj"], trainable_token_indices=TRAINED_TOKENS)),
     "tied-trainable-tokens": (
-        "qwen2-tied", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+        "qwen2-tied", dict(target_modules=["q_proj"], trainable_token_indices=TRAINED_TOKENS)
     ),
 }
 
 
-def peft_model(model_dir, config, adapter="pol", extra_adapter=False):
+# --- subprocesses: the CLI and servers, as a user runs them ---------------------------------
+
+
+def run_lorasync(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 600, cwd: str | Path | None = None
+) -> subprocess.CompletedProcess:
+    """`lorasync ARGS...` (as `python -m lorasync`), output captured as text; `env` is added to
+    this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorasync", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env=os.environ | dict(env or {}),
+    )
+
+
+class Server:
+    """`lorasync serve` as a user runs it, in its own process group so it can be killed whole.
+
+    `Server(model_dir).start().wait()`; `kill()` ends it, `start()` again restarts it on the
+    same port. vLLM's log goes to `self.log`, whose tail a failed start reports.
+    """
+
+    def __init__(self, model_dir: str, vllm_args: Sequence[str] = SERVER_ARGS, token: str = TOKEN) -> None:
+        self.model_dir = str(model_dir)
+        self.vllm_args = tuple(vllm_args)
+        self.token = token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.log = Path(f"{self.model_dir}-server-{self.port}.log")
+
+    def start(self) -> Server:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lorasync", "serve", "--model", self.model_dir,
+                 "--port", str(self.port), *self.vllm_args],
+                env=os.environ | {TOKEN_ENV: self.token, "VLLM_CPU_KVCACHE_SPACE": "1",
+                                  "VLLM_LOGGING_LEVEL": "WARNING"},
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            )
+        return self
+
+    def wait(self, timeout: float = 300) -> Server:
+        try:
+            wait_healthy(self.url, self.process, timeout=timeout)
+        except (RuntimeError, TimeoutError) as err:
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+            raise RuntimeError(f"{err}; the end of its log ({self.log}):\n{tail}") from None
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the group this test started
+            self.process.wait(timeout=60)
+
+
+def openai_scores(url: str, probes: Sequence[Sequence[int]], token: str = TOKEN) -> list[list[float]]:
+    """Logprob of each token of each probe given its prefix, through the official openai
+    client (echo=True completions): what any user of the server sees."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0) as client:
+        model = client.models.list().data[0].id
+        out = []
+        for seq in probes:
+            r = client.completions.create(
+                model=model, prompt=list(seq), echo=True, logprobs=0, max_tokens=1
+            )
+            out.append(r.choices[0].logprobs.token_logprobs[1 : len(seq)])
+    return out
+
+
+def max_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    """The largest absolute difference of two lists of per-token logprobs (same shapes)."""
+    assert [len(s) for s in a] == [len(t) for t in b]
+    return max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s, t))
+
+
+# --- trainer policies -----------------------------------------------------------------------
+
+
+def policy(model_dir: str, dtype: str = "float32", **spec) -> PeftModel:
+    """The base model in `model_dir` with a random LoRA adapter described by `spec`
+    (`AdapterSpec` fields: targets, rank, modules_to_save, adapter_name, seed, ...)."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    return attach_random_adapter(base, AdapterSpec(**spec))
+
+
+def peft_model(model_dir: str, config: dict, adapter: str = "pol", extra_adapter: bool = False) -> PeftModel:
+    """A float32 policy with LoraConfig(r=4, **config) (a `VARIANTS` entry), randomized; with
+    `extra_adapter` a second, inactive adapter that must not leak into the served weights."""
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = get_peft_model(base, LoraConfig(r=4, **config), adapter_name=adapter)
-    if extra_adapter:  # a second adapter that must not leak into the served weights
+    if extra_adapter:
         model.add_adapter("other", LoraConfig(r=4, **config))
         model.set_adapter(adapter)
         model.base_model.set_adapter(adapter)
@@ -65,3 +151,123 @@ def peft_model(model_dir, config, adapter="pol", extra_adapter=False):
         if ".other" in name:
             param.requires_grad_(False)
     return model
+
+
+def mixed_precision_policy(model_dir: str) -> PeftModel:
+    """A bfloat16 base with float32 LoRA factors (lora_B random: the adapter changes the
+    policy), as mixed-precision training holds them; every sync sends in the engine's dtype."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+    return model
+
+
+def train_step(model: torch.nn.Module, scale: float = 0.02) -> None:
+    """Stand-in for one optimizer step: move every trainable tensor (the adapter) by seeded noise."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn_like(param))
+
+
+# --- engines that record ----------------------------------------------------------------------
+
+
+class Tap:
+    """A real engine whose incoming weight stream passes through `transform` first.
+
+    `transform(stream)` returns the stream the engine gets: tests use it to record, corrupt
+    or break a sync on its way into real vLLM. Everything else is the engine's.
+    """
+
+    def __init__(self, engine, transform: Callable[[Iterable], Iterable]) -> None:
+        self.engine = engine
+        self.transform = transform
+
+    dtype = property(lambda self: self.engine.dtype)
+    vocab_size = property(lambda self: self.engine.vocab_size)
+    weight_version = property(lambda self: self.engine.weight_version)
+
+    def checkpoint_layout(self):
+        return self.engine.checkpoint_layout()
+
+    def weight_groups(self):
+        return self.engine.weight_groups()
+
+    def load_weights(self, weights):
+        return self.engine.load_weights(self.transform(weights))
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
+    def score(self, sequences):
+        return self.engine.score(sequences)
+
+
+class MemoryReceiver:
+    """An in-memory `WeightReceiver` for a tiny model folder: no vLLM, it keeps what it gets.
+
+    It holds the engine's side of the contract strictly: every tensor must name a checkpoint
+    tensor, have its shape and the receiver's dtype, and each load must complete every fused
+    group it touches (vLLM's in-place reload needs whole groups); anything else raises
+    ValueError. It copies what it keeps, as the contract asks.
+
+    - `received`: the names of each load, in order; `loads`: how many loads;
+    - `tensors`: the latest value received per name; `served()`: checkpoint values with
+      those on top, what a real engine would serve.
+    """
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32",
+                 packed: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        config = json.loads((self.model_dir / "config.json").read_text())
+        if packed is None:
+            packed = {} if config["model_type"] == "gpt2" else PACKED
+        self.dtype: torch.dtype = DTYPES[dtype]
+        self.vocab_size: int = config["vocab_size"]
+        self.weight_version = 0
+        self._layout = checkpoint_layout(model_dir)
+        self._groups = weight_groups(self._layout, packed)
+        self.received: list[list[str]] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    @property
+    def loads(self) -> int:
+        return len(self.received)
+
+    def checkpoint_layout(self) -> Mapping[str, tuple[int, ...]]:
+        return self._layout
+
+    def weight_groups(self) -> list[list[str]]:
+        return self._groups
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        names, got = [], {}
+        for name, tensor in weights:
+            if name not in self._layout:
+                raise ValueError(f"{name}: not a tensor of the checkpoint")
+            if tuple(tensor.shape) != self._layout[name] or tensor.dtype != self.dtype:
+                raise ValueError(
+                    f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the engine holds "
+                    f"{self._layout[name]} {self.dtype}"
+                )
+            names.append(name)
+            got[name] = tensor.detach().clone()  # a MergedWeight is merged here, once
+        partial = [g for g in self._groups if set(g) & set(names) and not set(g) <= set(names)]
+        if partial:
+            raise ValueError(f"partial fused group {partial[0]}: got only {sorted(set(partial[0]) & set(names))}")
+        self.received.append(names)
+        self.tensors.update(got)
+        self.weight_version += 1
+        return self.weight_version
+
+    def served(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor as this engine would serve it now, in its dtype."""
+        values = {}
+        for path in sorted(self.model_dir.glob("*.safetensors")):
+            values |= {k: v.to(self.dtype) for k, v in load_file(path).items()}
+        return values | self.tensors

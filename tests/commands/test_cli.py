@@ -1,49 +1,47 @@
-"""The CLI end to end, as a user runs it: make a model and an adapter, then sync-check."""
+"""The CLI end to end, as a user runs it: make a model and an adapter, then sync-check; and
+sync-check's settings, refused with the fix before anything is built."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-def lorasync(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorasync.cli", *args], capture_output=True, text=True, timeout=600
-    )
+from lorasync.commands.check import SyncCheckConfig, run_sync_check
+from lorasync.commands.tiny import make_tiny_model
+from lorasync.sync.base import Strategy
+from lorasync.sync.policy import AdapterSpec, make_random_adapter
+from tests.helpers import run_lorasync
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
+    """A base model and an adapter, made as `lorasync make-tiny` and `make-adapter` make them
+    (in this process: the commands themselves run in test_1000_bf16_syncs_... below)."""
     root = tmp_path_factory.mktemp("cli")
-    r = lorasync("make-tiny", "--arch", "qwen3", "--out", str(root / "base"))
-    assert r.returncode == 0, r.stderr
-    r = lorasync(
-        "make-adapter", "--base", str(root / "base"), "--out", str(root / "adapter"),
-        "--targets", "q_proj", "v_proj", "--rank", "4", "--modules-to-save", "lm_head",
-        "--adapter-name", "pol", "--seed", "7",
-    )
-    assert r.returncode == 0, r.stderr
+    make_tiny_model(root / "base", arch="qwen3")
+    spec = AdapterSpec(targets=["q_proj", "v_proj"], rank=4, modules_to_save=["lm_head"], adapter_name="pol", seed=7)
+    make_random_adapter(root / "base", root / "adapter", spec)
     return root
 
 
 @pytest.mark.vllm
 def test_sync_check_json(made):
-    r = lorasync(
+    r = run_lorasync(
         "sync-check", "--base", str(made / "base"), "--adapter", str(made / "adapter"),
         "--repeat", "3", "--json",
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # stdout holds the JSON object and nothing else
-    assert result["max_abs_logprob_diff"] <= 1e-4
-    assert result["weight_version"] == 3
-    assert result["tensors_sent"] > 0 and result["bytes_sent"] > 0 and result["sync_seconds"] > 0
+    assert result["ok"] and result["max_abs_logprob_diff"] <= 1e-4
+    assert (result["strategy"], result["engine"], result["weight_version"]) == ("streaming", "colocated", 3)
+    # changed-only after the first: the fused q/k/v groups of 2 layers (qwen3: no biases) and the lm_head
+    assert result["tensors_sent"] == 2 * 3 + 1 and result["sync_seconds"] > 0
+    assert len(result["sync_seconds_all"]) == 3
     assert 0 <= result["base_max_abs_change"] < 1e-6
 
 
 @pytest.mark.vllm
 def test_sync_check_exit_code_1_above_tolerance(made):
-    r = lorasync(
+    r = run_lorasync(
         "sync-check", "--base", str(made / "base"), "--adapter", str(made / "adapter"),
         "--tolerance", "1e-12", "--json",
     )
@@ -52,26 +50,48 @@ def test_sync_check_exit_code_1_above_tolerance(made):
 
 
 def test_sync_check_missing_adapter_is_a_clear_error(made):
-    r = lorasync("sync-check", "--base", str(made / "base"), "--adapter", str(made / "none"))
+    r = run_lorasync("sync-check", "--base", str(made / "base"), "--adapter", str(made / "none"))
     assert r.returncode == 2
     assert "error: adapter folder" in r.stderr and "does not exist" in r.stderr
 
 
 def test_bad_repeat_is_a_clear_error(made):
-    r = lorasync(
+    r = run_lorasync(
         "sync-check", "--base", str(made / "base"), "--adapter", str(made / "adapter"),
         "--repeat", "0",
     )
     assert r.returncode == 2 and "--repeat must be >= 1, got 0" in r.stderr
 
 
+def test_sync_check_strategy_follows_the_engine():
+    assert SyncCheckConfig("b", "a").strategy is Strategy.STREAMING
+    servers = SyncCheckConfig("b", "a", servers=["http://127.0.0.1:8000"])
+    assert (servers.kind, servers.strategy) == ("server", Strategy.FACTORS)
+    assert SyncCheckConfig("b", "a", strategy="merge-unmerge", servers=["u"]).strategy is Strategy.MERGE_UNMERGE
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(strategy="factors"), "--strategy factors needs --server .*use one of streaming, merge-unmerge, adapter$"),
+        (dict(strategy="adapter", servers=["u"]), "--strategy adapter does not work with --server"),
+        (dict(strategy="auto"), "--strategy auto decides by a training run's tokens per step"),
+        (dict(strategy="fast"), "--strategy must be one of streaming, merge-unmerge, adapter, factors, auto"),
+        (dict(dtype="int8"), "--dtype must be one of float32, bfloat16, float16, got 'int8'"),
+        (dict(repeat=0), "--repeat must be >= 1, got 0"),
+        (dict(tolerance=0.0), "--tolerance must be > 0, got 0.0"),
+    ],
+)
+def test_sync_check_settings_are_refused_with_the_fix(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        SyncCheckConfig("base", "adapter", **settings)
+
+
 @pytest.mark.vllm
 def test_1000_bf16_syncs_leave_base_bit_identical_unlike_merge_unmerge(tmp_path):
     """The drift target of issue 3, on the tiny model: streaming 0, merge-unmerge > 0."""
-    from lorasync.check import SyncCheckConfig, run_sync_check
-
-    assert lorasync("make-tiny", "--arch", "llama", "--out", str(tmp_path / "base")).returncode == 0
-    r = lorasync("make-adapter", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "ad"))
+    assert run_lorasync("make-tiny", "--arch", "llama", "--out", str(tmp_path / "base")).returncode == 0
+    r = run_lorasync("make-adapter", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "ad"))
     assert r.returncode == 0
     results = {
         strategy: run_sync_check(

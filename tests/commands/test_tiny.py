@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorasync.tiny import ARCHITECTURES, TinyShape, make_tiny_model
+from lorasync.commands.tiny import ARCHITECTURES, TinyShape, make_tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -17,9 +17,10 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from lorasync.engines import vllm_compat
 from lorasync.integrations import trl as integration
 from lorasync.integrations.trl import use_lorasync_sync, vllm_engine_args
-from lorasync.verify import TOLERANCES, base_weight_change, probe_sequences, trainer_scores
+from lorasync.sync.verify import TOLERANCES, base_weight_change, probe_sequences, trainer_scores
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 PROMPTS = ["one two three", "the cat is", "red blue green", "sun and moon", "train the model"]
@@ -55,16 +56,15 @@ def config(kind: str, output_dir: str, **overrides):
 @pytest.fixture
 def build_trainer(tmp_path):
     """build_trainer(kind, model_dir, **vllm_args) -> a TRL trainer with its own vLLM engine."""
-    from vllm.model_executor.layers import rotary_embedding
+    from lorasync.engines.colocated import ColocatedEngine
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     built = []
 
     def build(kind: str, model_dir: str, **vllm_args):
-        # vLLM caches rotary modules process-wide; TRL's engine would otherwise share them with
-        # the session's other engines, and an in-place reload of one breaks the other (see
-        # ColocatedEngine.__init__).
-        rotary_embedding._ROPE_DICT.clear()
+        # TRL's engine must not share rotary modules with the session's other engines (as
+        # ColocatedEngine does it)
+        vllm_compat.fresh_rope_cache()
         with vllm_engine_args(**vllm_args):
             trainer = TRAINERS[kind][0](
                 model=model_dir,
@@ -77,8 +77,8 @@ def build_trainer(tmp_path):
         return trainer
 
     yield build
-    for trainer in built:
-        trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
+    for trainer in built:  # without tearing down what the session's other engines use
+        vllm_compat.shutdown(trainer.vllm_generation.llm, others_alive=ColocatedEngine._live > 0)
 
 
 @pytest.mark.vllm
@@ -95,32 +95,43 @@ def test_trl_own_sync_crashes_on_vllm_cpu(tiny_model, build_trainer):
 @pytest.mark.vllm
 @pytest.mark.parametrize("kind, model", [("grpo", "qwen2-tied"), ("rloo", "llama")])
 def test_engine_serves_the_trainers_policy_after_every_sync(kind, model, tiny_model, build_trainer):
+    """TRL calls `vllm_generation.sync_weights()` before generating at each optimizer step;
+    after `use_lorasync_sync` that is lorasync's sync, and nothing else. The checks ride inside
+    that sync (its `send`), so TRL's hook stays what `use_lorasync_sync` made it: were it TRL's
+    own sync, training would crash (above) or the engine would see no lorasync sync."""
     model_dir = tiny_model(model)
     trainer = build_trainer(kind, model_dir, dtype="float32", enforce_eager=True)
     sync = use_lorasync_sync(trainer)
-    probes = probe_sequences(sync.engine.vocab_size)
+    assert trainer.vllm_generation.sync_weights is sync
+    engine = sync.engine
+    assert engine.weight_version == 0
+    probes = probe_sequences(engine.vocab_size)
     base_scores = torch.tensor(trainer_scores(sync.model, probes))
     checks = []
+    send = sync.send
 
-    def checked_sync() -> None:
-        report = sync()
+    def checked_send(strategy):
+        report = send(strategy)
         trained = torch.tensor(trainer_scores(sync.model, probes))
-        served = torch.tensor(sync.engine.score(probes))
+        served = torch.tensor(engine.score(probes))
         checks.append(
             dict(
                 step=trainer.state.global_step,
+                version=report.version,
                 tensors=report.tensors_sent,
                 parity=(trained - served).abs().max().item(),
                 moved=(trained - base_scores).abs().max().item(),
             )
         )
+        return report
 
-    # TRL calls this before generating at each new optimizer step.
-    trainer.vllm_generation.sync_weights = checked_sync
+    sync.send = checked_send
     trainer.train()
     print(f"{kind} on {model}: {checks}")
 
     assert [c["step"] for c in checks] == [0, 1, 2, 3]  # every optimizer step but the last
+    # every weight load the engine took was one of these syncs
+    assert [c["version"] for c in checks] == [1, 2, 3, 4] and engine.weight_version == 4
     assert all(c["parity"] <= TOLERANCES["float32"] for c in checks), checks
     # Parity is meaningful: training moved the policy far beyond the tolerance ...
     assert checks[-1]["moved"] > 100 * TOLERANCES["float32"], checks

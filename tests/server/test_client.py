@@ -1,26 +1,29 @@
 """Server mode on real vLLM OpenAI servers (`lorasync serve` subprocesses on loopback).
 
-Two servers are started once for the module (about 35 s each on 2 cores); every test re-syncs
-before it checks, so the order of tests does not matter.
+Two servers are started once for the module (about 35 s each on 2 cores). Each test sets up
+what it relies on: its own trainer policy, servers that are up (`servers` restarts one an
+earlier test left dead), and a sync of its own before it checks; so tests pass in any order.
 """
 
 import json
-import os
-import subprocess
-import sys
+import threading
 import time
 
 import httpx
 import pytest
 import torch
 
-import lorasync.server as server_mod
-from helpers import policy
-from servers import TOKEN, Server
-from lorasync.server import FactorSync, ServerEngine, ServerSyncError
-from lorasync.verify import probe_sequences, trainer_scores, verify
+from lorasync.server import transport_tcp
+from lorasync.server.client import ServerEngine
+from lorasync.server.control import Control, ServerSyncError
+from lorasync.sync.factors import lora_records
+from lorasync.sync.policy import AdapterSpec, make_random_adapter
+from lorasync.sync.verify import probe_sequences, trainer_scores, verify
+from lorasync.sync.weight_sync import WeightSync
+from tests.helpers import TOKEN, Server, max_diff, openai_scores, policy, run_lorasync, train_step
 
 pytestmark = pytest.mark.vllm
+TOL = 1e-4  # float32 servers
 
 # Routes VLLM_SERVER_DEV_MODE opens that vLLM itself leaves unguarded, and the update routes.
 GUARDED = [
@@ -35,7 +38,7 @@ GUARDED = [
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model):
+def _servers(tiny_model):
     model_dir = tiny_model("qwen2")
     both = [Server(model_dir).start(), Server(model_dir).start()]  # start in parallel
     try:
@@ -45,29 +48,23 @@ def servers(tiny_model):
             s.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def servers(_servers):
+    """The module's two servers, each up: one an earlier test killed is started again."""
+    for server in _servers:
+        if server.process.poll() is not None:
+            server.start().wait()
+    return _servers
+
+
+@pytest.fixture
 def trainer(tiny_model):
+    """This test's own policy: all-linear LoRA and a trained lm_head copy."""
     return policy(tiny_model("qwen2"), targets=["all-linear"], modules_to_save=["lm_head"])
 
 
-def step(model) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.02 * torch.randn_like(param))
-
-
-def openai_scores(url: str, probes) -> list[list[float]]:
-    """Prompt logprobs through the official openai client, as the acceptance asks."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key=TOKEN)
-    model = client.models.list().data[0].id
-    out = []
-    for seq in probes:
-        r = client.completions.create(model=model, prompt=seq, echo=True, logprobs=0, max_tokens=1)
-        out.append(r.choices[0].logprobs.token_logprobs[1 : len(seq)])
-    return out
+def factor_sync(trainer, engine) -> WeightSync:
+    return WeightSync(trainer, engine, "factors")
 
 
 class Recorder:
@@ -86,19 +83,15 @@ def wire_bytes(send, records) -> bytes:
     return bytes(recorder.data)
 
 
-def max_diff(a, b) -> float:
-    return max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s, t))
-
-
 def test_factor_sync_gives_parity_through_the_openai_client(servers, trainer):
     engine = ServerEngine([s.url for s in servers], TOKEN)
-    sync = FactorSync(trainer, engine)
+    sync = factor_sync(trainer, engine)
     probes = probe_sequences(engine.vocab_size)
-    step(trainer)
+    train_step(trainer)
     report = sync()
     expected = trainer_scores(trainer, probes)
     for s in servers:
-        assert max_diff(openai_scores(s.url, probes), expected) <= 1e-4
+        assert max_diff(openai_scores(s.url, probes), expected) <= TOL
     assert engine.served_versions() == [str(report.version)] * 2
     # Factors and the lm_head copy, against the merged changed-only tensors.
     merged = sum(
@@ -115,11 +108,12 @@ def test_factor_sync_gives_parity_through_the_openai_client(servers, trainer):
 
     # The same sync compressed (top byte plane): fewer bytes, the same weights.
     engine = ServerEngine([s.url for s in servers], TOKEN, compress=True)
-    raw = wire_bytes(server_mod.send_payload, list(server_mod.lora_records(trainer, sync.plan, engine.dtype)))
-    step(trainer)
-    FactorSync(trainer, engine)()
+    compressed = factor_sync(trainer, engine)
+    train_step(trainer)
+    raw = wire_bytes(transport_tcp.send_payload, list(lora_records(compressed.merger, compressed.plan, engine.dtype)))
+    compressed()
     assert engine.last_wire_bytes < len(raw)
-    assert verify(trainer, engine, probes).max_abs_diff <= 1e-4
+    assert verify(trainer, engine, probes).max_abs_diff <= TOL
     engine.close()
 
 
@@ -147,28 +141,28 @@ def test_bad_payload_is_refused_and_the_previous_version_keeps_serving(
     servers, trainer, monkeypatch, corrupt
 ):
     engine = ServerEngine(servers[0].url, TOKEN, timeout=30)
-    sync = FactorSync(trainer, engine)
+    sync = factor_sync(trainer, engine)
     probes = probe_sequences(engine.vocab_size)
     report = sync()
     before = engine.score(probes)
     version = engine.served_versions()
 
-    real_send = server_mod.send_payload
+    real_send = transport_tcp.send_payload
 
     def bad_send(sock, records, compress=False):
         raw = wire_bytes(real_send, records)
         sock.sendall(corrupt(raw))
         return len(raw)
 
-    monkeypatch.setattr(server_mod, "send_payload", bad_send)
-    step(trainer)
+    monkeypatch.setattr(transport_tcp, "send_payload", bad_send)
+    train_step(trainer)
     with pytest.raises(ServerSyncError):
         sync()
     assert engine.served_versions() == version == [str(report.version)]
     assert max_diff(engine.score(probes), before) == 0.0  # not one weight moved
     monkeypatch.undo()
     sync()  # and the server takes the next good sync
-    assert verify(trainer, engine, probes).max_abs_diff <= 1e-4
+    assert verify(trainer, engine, probes).max_abs_diff <= TOL
     engine.close()
 
 
@@ -177,11 +171,11 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
     drops it, and both keep serving the previous version (before two-phase syncs the first
     served the new one)."""
     engine = ServerEngine([s.url for s in servers], TOKEN, timeout=30)
-    sync = FactorSync(trainer, engine)
+    sync = factor_sync(trainer, engine)
     probes = probe_sequences(engine.vocab_size)
     report = sync()
     before = [engine.score_on(i, probes) for i in range(len(servers))]
-    real_send, sends = server_mod.send_payload, []
+    real_send, sends = transport_tcp.send_payload, []
 
     def second_truncated(sock, records, compress=False):
         sends.append(sock)
@@ -191,8 +185,8 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
         sock.sendall(raw[: len(raw) // 2])
         return len(raw)
 
-    monkeypatch.setattr(server_mod, "send_payload", second_truncated)
-    step(trainer)
+    monkeypatch.setattr(transport_tcp, "send_payload", second_truncated)
+    train_step(trainer)
     with pytest.raises(ServerSyncError, match=servers[1].url):
         sync()
     assert len(sends) == 2
@@ -203,29 +197,27 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
     sync()
     want = trainer_scores(trainer, probes)
     for i in range(len(servers)):
-        assert max_diff(engine.score_on(i, probes), want) <= 1e-4
+        assert max_diff(engine.score_on(i, probes), want) <= TOL
     engine.close()
 
 
 def test_a_trainer_that_died_between_the_phases_leaves_nothing_behind(servers, trainer):
     """A client received its payload into a server and died before loading it: the server
     keeps serving, paused requests aside, and the next client drops the stale payload and syncs."""
-    from lorasync.server import lora_records
-
     dead = ServerEngine(servers[0].url, TOKEN)
-    sync = FactorSync(trainer, dead)
+    sync = factor_sync(trainer, dead)
     report = sync()
-    step(trainer)
-    stale = list(lora_records(trainer, sync.plan, dead.dtype))
+    train_step(trainer)
+    stale = list(lora_records(sync.merger, sync.plan, dead.dtype))
     dead._receive(dead._servers[0], stale)  # phase 1 only, then "dies": no load, no resume
     dead.close()
 
     engine = ServerEngine(servers[0].url, TOKEN)
     assert engine.served_versions() == [str(report.version)]
-    step(trainer)
-    new = FactorSync(trainer, engine)()
+    train_step(trainer)
+    new = factor_sync(trainer, engine)()
     assert new.version == report.version + 1
-    assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= 1e-4
+    assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= TOL
     engine.close()
 
 
@@ -234,15 +226,15 @@ def test_server_killed_mid_transfer_raises_in_bounded_time_and_a_restart_resyncs
 ):
     victim = servers[1]
     engine = ServerEngine(victim.url, TOKEN, timeout=15)
-    sync = FactorSync(trainer, engine)
-    real_send = server_mod.send_payload
+    sync = factor_sync(trainer, engine)
+    real_send = transport_tcp.send_payload
 
     def send_then_die(sock, records, compress=False):
         sock.sendall(b"LSYNC1\n")  # the transfer has begun...
         victim.kill()  # ...when the server dies
         return real_send(sock, records)
 
-    monkeypatch.setattr(server_mod, "send_payload", send_then_die)
+    monkeypatch.setattr(transport_tcp, "send_payload", send_then_die)
     start = time.monotonic()
     with pytest.raises(ServerSyncError, match="(?i)restart it and sync again"):
         sync()
@@ -252,28 +244,28 @@ def test_server_killed_mid_transfer_raises_in_bounded_time_and_a_restart_resyncs
 
     victim.start().wait()
     engine = ServerEngine(victim.url, TOKEN)
-    sync = FactorSync(trainer, engine)
+    sync = factor_sync(trainer, engine)
     sync()
-    assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= 1e-4
+    assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= TOL
     engine.close()
 
 
 def test_sync_check_command_against_running_servers(servers, tiny_model, tmp_path):
     """Another adapter (q, v only) after the all-linear one: the groups only the earlier
     syncs changed go back to the checkpoint, or parity fails."""
-    from lorasync.adapters import AdapterSpec, make_random_adapter
-
     base = tiny_model("qwen2")
+    engine = ServerEngine([s.url for s in servers], TOKEN)
+    factor_sync(policy(base, targets=["all-linear"], modules_to_save=["lm_head"]), engine)()
+    engine.close()
     adapter = make_random_adapter(base, tmp_path / "adapter", AdapterSpec(targets=["q_proj", "v_proj"]))
-    r = subprocess.run(
-        [sys.executable, "-m", "lorasync.cli", "sync-check", "--base", base, "--adapter",
-         str(adapter), "--json", *(a for s in servers for a in ("--server", s.url))],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"LORASYNC_TOKEN": TOKEN},
+    r = run_lorasync(
+        "sync-check", "--base", base, "--adapter", str(adapter), "--json",
+        *(a for s in servers for a in ("--server", s.url)), env={"LORASYNC_TOKEN": TOKEN}, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["ok"] and len(result["per_server_max_abs_logprob_diff"]) == 2
-    assert result["max_abs_logprob_diff"] <= 1e-4
+    assert result["max_abs_logprob_diff"] <= TOL
     assert result["served_versions"][0] == result["served_versions"][1] == str(result["weight_version"])
 
 
@@ -283,10 +275,8 @@ def test_generations_running_through_syncs_each_come_from_one_policy(servers, tr
     old policy's tokens with the new one's: the server pauses (in-flight requests finish
     first) and resets its prefix cache around every load. Checked able to fail: without the
     pause, 3 of 7 completions here were such mixtures."""
-    import threading
-
     engine = ServerEngine(servers[0].url, TOKEN)
-    sync = FactorSync(trainer, engine)
+    sync = factor_sync(trainer, engine)
     prompt = probe_sequences(engine.vocab_size, n=1, length=8)
 
     def greedy() -> tuple[int, ...]:
@@ -304,7 +294,7 @@ def test_generations_running_through_syncs_each_come_from_one_policy(servers, tr
     generator.start()
     try:
         for _ in range(3):
-            step(trainer)
+            train_step(trainer)
             sync()
             alone.append(greedy())  # the next sync waits for this: one policy throughout
     finally:
@@ -314,4 +304,44 @@ def test_generations_running_through_syncs_each_come_from_one_policy(servers, tr
     assert len(seen) >= 3
     mixed = [s for s in seen if s not in alone]
     assert not mixed, f"{len(mixed)} of {len(seen)} completions mixed two policies"
+    engine.close()
+
+
+def test_a_sync_resets_the_prefix_cache_of_a_prompt_longer_than_a_kv_block(servers, tiny_model, monkeypatch):
+    """The server caches a long prompt's blocks (128 tokens each on CPU) under the old policy;
+    after a sync, a generation from that prompt must come from the new policy alone. Scoring
+    cannot show this (vLLM never reads the prefix cache for prompt logprobs): generation does.
+    The control in the middle shows the prompt does hit the cache: with the cache left alone
+    (no clearing at /pause, no /reset_prefix_cache), the stale blocks are served."""
+    model_dir = tiny_model("qwen2")
+    old, new = policy(model_dir, seed=11), policy(model_dir, seed=12)
+    engine = ServerEngine(servers[0].url, TOKEN)
+    prompt = probe_sequences(engine.vocab_size, n=1, length=300, seed=5)[0]  # two whole blocks
+
+    def greedy_diff(model) -> float:
+        """Greedy tokens from the prompt, their served logprobs against `model`'s."""
+        out = engine.generate([prompt], max_tokens=4, temperature=0.0)[0][0]
+        expected = trainer_scores(model, [prompt + out.token_ids])[0][-len(out.token_ids):]
+        return max(abs(a - b) for a, b in zip(out.logprobs, expected))
+
+    factor_sync(old, engine)()
+    assert greedy_diff(old) <= TOL  # and the prompt's blocks are cached now
+    real_call = Control.call
+
+    def cache_left_alone(self, url, method, path, retry=False, **kwargs):
+        if path == "/reset_prefix_cache":
+            return None
+        if path == "/pause":
+            kwargs["params"] = kwargs["params"] | {"clear_cache": "false"}
+        return real_call(self, url, method, path, retry, **kwargs)
+
+    monkeypatch.setattr(Control, "call", cache_left_alone)
+    new_sync = factor_sync(new, engine)
+    new_sync()
+    assert greedy_diff(new) > 1e-3  # the control: old blocks served under the new weights
+    monkeypatch.undo()
+    factor_sync(old, engine)()
+    assert greedy_diff(old) <= TOL  # old blocks cached again
+    new_sync()
+    assert greedy_diff(new) <= TOL
     engine.close()

@@ -1,4 +1,4 @@
-"""Server mode over NCCL: the same sync as tests/test_server.py with the bytes moved by NCCL
+"""Server mode over NCCL: the same sync as test_client.py with the bytes moved by NCCL
 broadcast from the trainer's GPU to the server's. Marked `gpu`: skipped without CUDA (this
 project's CI has none), so these have not run here; see docs/server.md."""
 
@@ -7,11 +7,13 @@ import time
 import pytest
 import torch
 
-import lorasync.server as server_mod
-from helpers import policy
-from servers import TOKEN, Server
-from lorasync.server import FactorSync, ServerEngine, ServerSyncError
-from lorasync.verify import probe_sequences, verify
+from lorasync.server import transport_nccl
+from lorasync.server.client import ServerEngine
+from lorasync.server.control import ServerSyncError
+from lorasync.sync.verify import probe_sequences, verify
+from lorasync.sync.weight_sync import WeightSync
+from tests.helpers import TOKEN, Server, policy
+
 
 def needs_gpu(test):
     """An NCCL test: needs a CUDA GPU, starts a real vLLM server."""
@@ -29,6 +31,7 @@ def test_transport_is_checked_before_any_server_is_contacted():
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
+    """One GPU server (only GPU tests use it: they are marked `vllm` too)."""
     # no --enforce-eager: on a GPU, the reload must also be right under CUDA graphs
     gpu = Server(tiny_model("qwen2"), vllm_args=("--dtype", "float32", "--max-model-len", "512",
                                                  "--gpu-memory-utilization", "0.3"))
@@ -42,7 +45,7 @@ def server(tiny_model):
 def test_nccl_factor_sync_gives_parity(server, tiny_model):
     trainer = policy(tiny_model("qwen2"), targets=["all-linear"], modules_to_save=["lm_head"])
     engine = ServerEngine(server.url, TOKEN, transport="nccl")
-    sync = FactorSync(trainer, engine)
+    sync = WeightSync(trainer, engine, "factors")
     probes = probe_sequences(engine.vocab_size)
     for _ in range(2):  # the second sync proves the group outlives one transfer
         report = sync()
@@ -61,20 +64,20 @@ def test_nccl_refused_manifest_raises_in_bounded_time_and_keeps_the_version(
     by the server: the broadcasts it never joins must not hang the client."""
     trainer = policy(tiny_model("qwen2"), targets=["all-linear"])
     engine = ServerEngine(server.url, TOKEN, transport="nccl", timeout=20)
-    sync = FactorSync(trainer, engine)
+    sync = WeightSync(trainer, engine, "factors")
     probes = probe_sequences(engine.vocab_size)
     report = sync()
-    real = server_mod.manifest
+    real = transport_nccl.manifest
 
     def wrong_scale(records, encoding="raw"):
         head = real(records, encoding)
         head["records"][0]["scale"] = "not a number"
         return head
 
-    monkeypatch.setattr(server_mod, "manifest", wrong_scale)
+    monkeypatch.setattr(transport_nccl, "manifest", wrong_scale)
     with pytest.raises(ServerSyncError, match="would refuse"):
         sync()
-    monkeypatch.setattr(server_mod, "check_payload", lambda *args: None)
+    monkeypatch.setattr(transport_nccl, "check_payload", lambda *args: None)
     start = time.monotonic()
     with pytest.raises(ServerSyncError, match="scale"):
         sync()
@@ -86,6 +89,6 @@ def test_nccl_refused_manifest_raises_in_bounded_time_and_keeps_the_version(
         sync()
     engine.close()
     engine = ServerEngine(server.url, TOKEN, transport="nccl")  # a new group: syncs again
-    FactorSync(trainer, engine)()
+    WeightSync(trainer, engine, "factors")()
     assert verify(trainer, engine, probes).max_abs_diff <= 1e-4
     engine.close()

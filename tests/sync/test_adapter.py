@@ -6,19 +6,18 @@ with LoRA enabled, reset to the checkpoint's weights before each test.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import VARIANTS, peft_model, policy
-from lorasync import sync as sync_module
-from lorasync.adapter_sync import Measurements, check_servable, choose_strategy
-from lorasync.sync import WeightSync
-from lorasync.verify import probe_sequences, trainer_scores, verify
-from test_parity import step
+from lorasync.sync import auto
+from lorasync.sync.adapter import check_servable
+from lorasync.sync.auto import Measurements, choose_strategy
+from lorasync.sync.policy import AdapterSpec, make_random_adapter
+from lorasync.sync.verify import probe_sequences, trainer_scores, verify
+from lorasync.sync.weight_sync import WeightSync
+from tests.helpers import VARIANTS, peft_model, policy, run_lorasync, train_step
 
 # Costs shaped like this machine's 0.5B bf16 measurements: the adapter syncs 20x faster,
 # merged decoding is 2x faster per token.
@@ -67,13 +66,6 @@ def test_decision_needs_both_strategies_and_non_negative_tokens():
         choose_strategy(MEASURED, -1)
 
 
-def test_auto_needs_tokens_per_step_and_only_auto_takes_it():
-    with pytest.raises(ValueError, match="tokens_per_step"):
-        WeightSync(None, None, strategy="auto")
-    with pytest.raises(ValueError, match="tokens_per_step"):
-        WeightSync(None, None, strategy="adapter", tokens_per_step=10)
-
-
 # --- what vLLM's LoRA cannot serve is refused, with the fix ----------------------------
 
 
@@ -97,27 +89,28 @@ def test_rslora_is_servable(tiny_model):
 
 @pytest.fixture(scope="module")
 def _lora_engine(tiny_model):
-    from lorasync.engine import ColocatedEngine, EngineConfig
+    from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 
-    engine = ColocatedEngine(EngineConfig(model=tiny_model("qwen2-tied"), enable_lora=True))
-    yield engine
+    model_dir = tiny_model("qwen2-tied")
+    engine = ColocatedEngine(EngineConfig(model=model_dir, enable_lora=True))
+    yield engine, model_dir
     engine.close()
 
 
 @pytest.fixture
 def lora_engine(_lora_engine):
-    """The shared LoRA engine with the checkpoint's weights (a merged sync may have run)."""
-    engine = _lora_engine
-    model_dir = engine.config.model
+    """The shared LoRA engine with the checkpoint's weights (a merged sync may have run), and
+    its model folder."""
+    engine, model_dir = _lora_engine
     with safe_open(f"{model_dir}/model.safetensors", framework="pt") as f:
         engine.load_weights((name, f.get_tensor(name)) for name in f.keys())
-    return engine
+    return engine, model_dir
 
 
 @pytest.mark.vllm
 def test_adapter_parity_after_two_syncs_and_old_adapters_removed(lora_engine):
-    engine = lora_engine
-    trainer = policy(engine.config.model, adapter_name="policy_v1", targets=["all-linear"])
+    engine, model_dir = lora_engine
+    trainer = policy(model_dir, adapter_name="policy_v1", targets=["all-linear"])
     probes = probe_sequences(engine.vocab_size)
     sync = WeightSync(trainer, engine, strategy="adapter")
 
@@ -126,7 +119,7 @@ def test_adapter_parity_after_two_syncs_and_old_adapters_removed(lora_engine):
     old = engine.adapter
     assert old.lora_name == f"policy_v1-v{first.version}" and old.lora_int_id == first.version
 
-    step(trainer)
+    train_step(trainer)
     second = sync()
 
     result = verify(trainer, engine, probes)
@@ -151,8 +144,8 @@ def test_prefix_cache_never_serves_the_old_adapter(lora_engine):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    engine = lora_engine
-    trainer = policy(engine.config.model, adapter_name="policy_v1", targets=["all-linear"])
+    engine, model_dir = lora_engine
+    trainer = policy(model_dir, adapter_name="policy_v1", targets=["all-linear"])
     sync = WeightSync(trainer, engine, strategy="adapter")
     # Longer than two of the CPU backend's 128-token blocks, so whole blocks get cached.
     prompt = probe_sequences(engine.vocab_size, n=1, length=300, seed=3)[0]
@@ -173,7 +166,7 @@ def test_prefix_cache_never_serves_the_old_adapter(lora_engine):
     first_token()
     cached, token, logprob = first_token()
     assert cached >= 256  # the cache works, and would serve v1's blocks
-    step(trainer)
+    train_step(trainer)
     sync()
     cached, token, logprob = first_token()
     assert cached == 0
@@ -182,9 +175,11 @@ def test_prefix_cache_never_serves_the_old_adapter(lora_engine):
 
 @pytest.mark.vllm
 def test_adapter_above_max_lora_rank_is_refused(lora_engine):
-    trainer = policy(lora_engine.config.model, targets=["q_proj"], rank=32)
+    engine, model_dir = lora_engine
+    trainer = policy(model_dir, targets=["q_proj"], rank=32)
     with pytest.raises(ValueError, match="rank 32 exceeds the engine's max_lora_rank 16.*=32"):
-        WeightSync(trainer, lora_engine, strategy="adapter")()
+        WeightSync(trainer, engine, strategy="adapter")
+    assert engine.adapter is None  # refused before anything was sent
 
 
 @pytest.mark.vllm
@@ -202,9 +197,9 @@ def test_auto_measures_decides_and_keeps_parity(lora_engine, monkeypatch, choice
         sync_seconds = {"streaming": 0.0, "adapter": 0.0} | {choice: -1.0}
         return real(Measurements(sync_seconds, {"streaming": 0.0, "adapter": 0.0}), 0)
 
-    monkeypatch.setattr(sync_module, "choose_strategy", forced)
-    engine = lora_engine
-    trainer = policy(engine.config.model, adapter_name="policy_v1", targets=["all-linear"])
+    monkeypatch.setattr(auto, "choose_strategy", forced)
+    engine, model_dir = lora_engine
+    trainer = policy(model_dir, adapter_name="policy_v1", targets=["all-linear"])
     probes = probe_sequences(engine.vocab_size)
     sync = WeightSync(trainer, engine, strategy="auto", tokens_per_step=100)
 
@@ -214,7 +209,7 @@ def test_auto_measures_decides_and_keeps_parity(lora_engine, monkeypatch, choice
         assert set(costs) == {"streaming", "adapter"} and min(costs.values()) > 0
     assert (engine.adapter is not None) == (choice == "adapter")
     assert verify(trainer, engine, probes).max_abs_diff <= 1e-4
-    step(trainer)
+    train_step(trainer)
     assert sync().strategy == choice
     assert verify(trainer, engine, probes).max_abs_diff <= 1e-4
     with torch.no_grad(), trainer.disable_adapter():
@@ -224,20 +219,14 @@ def test_auto_measures_decides_and_keeps_parity(lora_engine, monkeypatch, choice
 # --- the CLI ----------------------------------------------------------------------------
 
 
-def lorasync(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorasync.cli", *args], capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.mark.vllm
 def test_sync_check_strategy_adapter(tiny_model, tmp_path):
     base = tiny_model("llama")
-    r = lorasync("make-adapter", "--base", base, "--out", str(tmp_path / "adapter"),
-                 "--rank", "4", "--adapter-name", "pol", "--seed", "7")
+    r = run_lorasync("make-adapter", "--base", base, "--out", str(tmp_path / "adapter"),
+                     "--rank", "4", "--adapter-name", "pol", "--seed", "7")
     assert r.returncode == 0, r.stderr
-    r = lorasync("sync-check", "--base", base, "--adapter", str(tmp_path / "adapter"),
-                 "--strategy", "adapter", "--repeat", "2", "--json")
+    r = run_lorasync("sync-check", "--base", base, "--adapter", str(tmp_path / "adapter"),
+                     "--strategy", "adapter", "--repeat", "2", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["ok"] and result["max_abs_logprob_diff"] <= 1e-4
@@ -249,10 +238,8 @@ def test_sync_check_strategy_adapter_refuses_modules_to_save_before_building_an_
     tiny_model, tmp_path
 ):
     base = tiny_model("llama")
-    r = lorasync("make-adapter", "--base", base, "--out", str(tmp_path / "adapter"),
-                 "--targets", "q_proj", "--modules-to-save", "lm_head")
-    assert r.returncode == 0, r.stderr
-    r = lorasync("sync-check", "--base", base, "--adapter", str(tmp_path / "adapter"),
-                 "--strategy", "adapter")
+    make_random_adapter(base, tmp_path / "adapter", AdapterSpec(targets=["q_proj"], modules_to_save=["lm_head"]))
+    r = run_lorasync("sync-check", "--base", base, "--adapter", str(tmp_path / "adapter"),
+                     "--strategy", "adapter")
     assert r.returncode == 2
     assert "modules_to_save=['lm_head']" in r.stderr and "strategy='streaming'" in r.stderr

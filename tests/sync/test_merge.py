@@ -8,11 +8,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from helpers import PACKED, VARIANTS, peft_model
-from lorasync.adapters import randomize_trainable
-from lorasync.engine import checkpoint_layout, weight_groups
-from lorasync.merge import Merger
-from lorasync.plan import plan_sync
+from lorasync.checkpoint import checkpoint_layout, weight_groups
+from lorasync.sync.merge import Merger
+from lorasync.sync.plan import plan_sync
+from lorasync.sync.policy import randomize_trainable
+from tests.helpers import PACKED, VARIANTS, peft_model
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant):

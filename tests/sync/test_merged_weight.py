@@ -1,12 +1,12 @@
 """A MergedWeight is its value, W + scale * L @ R, however a receiver reads it; copied into a
-tensor it writes exactly that value there. No vLLM here: tests/test_parity.py shows vLLM's
+tensor it writes exactly that value there. No vLLM here: tests/sync/test_parity.py shows vLLM's
 loaders take the in-place path."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorasync.merged_weight import MergedWeight
+from lorasync.sync.merged_weight import MergedWeight
 
 
 class CopiedElements(TorchDispatchMode):

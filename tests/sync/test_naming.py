@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorasync.naming import base_name, served_name
+from lorasync.sync.naming import base_name, served_name
 
 Q = "model.layers.0.self_attn.q_proj"
 

@@ -1,14 +1,15 @@
 """After a sync, real vLLM serves the trainer's policy: per-token logprobs match in float32."""
 
 import pytest
-import torch
 
-from helpers import VARIANTS, peft_model, policy
-from lorasync.merged_weight import MergedWeight
-from lorasync.sync import STRATEGIES, WeightSync
-from lorasync.verify import TOLERANCES, probe_sequences, verify
+from lorasync.sync.merged_weight import MergedWeight
+from lorasync.sync.verify import TOLERANCES, probe_sequences, verify
+from lorasync.sync.weight_sync import WeightSync
+from tests.helpers import TRAINED_TOKENS, VARIANTS, peft_model, policy, train_step
 
 pytestmark = pytest.mark.vllm
+# The merged strategies a colocated engine takes (`adapter` and `auto`: test_adapter.py).
+STRATEGIES = ["streaming", "merge-unmerge"]
 
 ADAPTERS = {
     "all-linear": dict(targets=["all-linear"]),
@@ -16,14 +17,6 @@ ADAPTERS = {
     "save-embed": dict(targets=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
     "save-lm-head": dict(targets=["all-linear"], modules_to_save=["lm_head"]),
 }
-
-
-def step(model) -> None:
-    """Stand-in for an optimizer step: move every trainable tensor."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.02 * torch.randn_like(param))
 
 
 CASES = [
@@ -50,7 +43,7 @@ def test_parity_after_sync_float32(tiny_model, engine_for, model_name, adapter, 
     assert report.version == engine.weight_version
     assert report.tensors_sent == len(engine.checkpoint_layout())
 
-    step(trainer)
+    train_step(trainer)
     report = sync()  # later ones only what the adapter changes (streaming)
 
     result = verify(trainer, engine, probes)
@@ -70,9 +63,19 @@ def test_parity_default_strategy_bfloat16(tiny_model, engine_for, model_name):
     probes = probe_sequences(engine.vocab_size)
     sync = WeightSync(trainer, engine)
     sync()
-    step(trainer)
+    train_step(trainer)
     sync()
     assert verify(trainer, engine, probes).max_abs_diff <= TOLERANCES["bfloat16"]
+
+
+def with_trained_tokens(probes: list[list[int]]) -> list[list[int]]:
+    """The probes with the trainable-token variants' trained ids written in at every third
+    position: read as inputs (their embedding rows) and scored as targets (a tied lm_head's
+    rows). Random probes may hold none of them, and then a wrong token merge goes unseen."""
+    return [
+        [TRAINED_TOKENS[i // 3 % len(TRAINED_TOKENS)] if i % 3 == 1 else t for i, t in enumerate(p)]
+        for p in probes
+    ]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -82,10 +85,11 @@ def test_parity_for_every_lora_variant(tiny_model, engine_for, variant):
     model_dir = tiny_model(model_name)
     engine = engine_for(model_dir)
     trainer = peft_model(model_dir, config, extra_adapter=variant == "plain")
-    probes = probe_sequences(engine.vocab_size)
+    probes = with_trained_tokens(probe_sequences(engine.vocab_size))
+    assert all(set(TRAINED_TOKENS) <= set(p) for p in probes)
     sync = WeightSync(trainer, engine)
     sync()
-    step(trainer)
+    train_step(trainer)
     sync()
     result = verify(trainer, engine, probes)
     assert result.max_abs_diff <= 1e-4, result
@@ -106,7 +110,7 @@ def test_streaming_merges_straight_into_vllm_parameters(tiny_model, engine_for, 
     trainer = policy(model_dir, dtype="bfloat16", adapter_name="pol")
     sync = WeightSync(trainer, engine)
     sync()
-    step(trainer)
+    train_step(trainer)
     sync()
     assert verify(trainer, engine, probe_sequences(engine.vocab_size)).max_abs_diff <= TOLERANCES["bfloat16"]
     assert materialized == []

@@ -4,8 +4,8 @@ import pytest
 from peft import IA3Config, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasync.adapters import AdapterSpec, load_policy, make_random_adapter
-from lorasync.tiny import TinyShape, make_tiny_model
+from lorasync.commands.tiny import TinyShape, make_tiny_model
+from lorasync.sync.policy import AdapterSpec, load_policy, make_random_adapter
 
 
 @pytest.fixture(scope="module")

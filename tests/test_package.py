@@ -1,0 +1,215 @@
+"""The package's structure: names loaded by string resolve, the import graph has no cycle,
+modules and classes stay small. Read from the source with `ast`; nothing here builds an engine.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import re
+import tomllib
+from collections.abc import Iterator
+from graphlib import CycleError, TopologicalSorter
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = SRC / "lorasync"
+MAX_MODULE_LINES, MAX_CLASS_LINES = 400, 250
+# A dotted name in lorasync, optionally `module:attribute` (entry points, reward functions).
+DOTTED = re.compile(r"\blorasync(?:\.[A-Za-z_]\w*)+(?::[A-Za-z_]\w*)?")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by dotted name."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def resolve(dotted: str) -> object:
+    """The object a dotted name (`a.b.c` or `a.b:c`) names; ImportError or AttributeError if none."""
+    if ":" in dotted:
+        module, attr = dotted.split(":")
+        return getattr(importlib.import_module(module), attr)
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):  # the longest prefix that is a module, then attributes
+        name = ".".join(parts[:i])
+        if not _is_module(name):
+            continue
+        obj = importlib.import_module(name)
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module in {dotted!r}")
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent is not a package
+        return False
+
+
+# --- (a) every name loaded by string resolves ---------------------------------------------------
+
+
+def declared_entry_points() -> dict[str, str]:
+    """pyproject's console scripts and vLLM plugins: what pip installs, what vLLM loads."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {
+        **{f"console_scripts:{k}": v for k, v in project["scripts"].items()},
+        **{f"{group}:{k}": v for group, eps in project["entry-points"].items() for k, v in eps.items()},
+    }
+
+
+def string_constants() -> Iterator[tuple[str, str]]:
+    """(where, dotted name) for every lorasync dotted name in a string of the package's source,
+    docstrings included (they point readers at these names)."""
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for match in DOTTED.findall(node.value):
+                    yield f"{name}:{node.lineno}", match.rstrip(".")
+
+
+def test_entry_points_resolve_and_match_what_is_installed():
+    declared = declared_entry_points()
+    assert declared["console_scripts:lorasync"] == "lorasync.commands.cli:main"
+    assert declared["vllm.general_plugins:lorasync"] == "lorasync.server.receiver:register"
+    for key, value in declared.items():
+        assert callable(resolve(value)), key
+        group, name = key.split(":")
+        installed = {e.name: e.value for e in entry_points(group=group)}
+        # vLLM and pip read the installed metadata: a stale install loads names that moved
+        assert installed.get(name) == value, f"{key}: installed {installed.get(name)!r}; pip install -e ."
+
+
+def test_the_backend_vllm_builds_and_the_middleware_resolve():
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from lorasync.server import BACKEND
+    from lorasync.server.guard import TokenGuard
+    from lorasync.server.launch import MIDDLEWARE
+    from lorasync.server.receiver import LoraTransferEngine, register
+
+    assert resolve(MIDDLEWARE) is TokenGuard
+    register()
+    register()  # vLLM may call plugins again in one process
+    assert WeightTransferEngineFactory._registry[BACKEND]() is LoraTransferEngine
+
+
+def test_every_dotted_name_in_the_source_resolves():
+    found = list(string_constants())
+    assert ("lorasync.server.launch:20", "lorasync.server.guard.TokenGuard") in found
+    broken = []
+    for where, dotted in found:
+        try:
+            resolve(dotted)
+        except (ImportError, AttributeError) as err:
+            broken.append(f"{where}: {dotted} ({type(err).__name__}: {err})")
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_examples_import_only_what_exists(path):
+    """Examples import lorasync inside functions (vLLM spawns workers): read, not run."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lorasync"):
+            for alias in node.names:
+                resolve(f"{node.module}:{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("lorasync"):
+                    importlib.import_module(alias.name)
+
+
+# --- (b) no import cycle ------------------------------------------------------------------------
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of import nodes under `if TYPE_CHECKING:` (never run)."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return skipped
+
+
+def imported(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules `name` imports, at module level or inside functions. `from a.b import
+    c` imports a.b.c if that is a module, else a.b; importing a module imports its packages."""
+    tree = ast.parse(path.read_text())
+    skipped = _type_checking_only(tree)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                targets.add(full if full in known else base)
+    edges = set()
+    for target in targets:
+        parts = target.split(".")
+        edges |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}  # its packages too
+    return {t for t in edges if t in known and t != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imported(name, path, set(found)) for name, path in found.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    try:
+        tuple(TopologicalSorter(graph).static_order())
+    except CycleError as err:
+        return err.args[1]
+    return None
+
+
+def test_the_import_graph_is_read_right():
+    graph = import_graph()
+    assert "lorasync.sync.base" in graph["lorasync.sync.weight_sync"]
+    assert "lorasync.commands.demo" in graph["lorasync.commands.cli"]  # imported inside a function
+    assert "lorasync.engines.worker" in graph["lorasync.engines.colocated"]  # `from pkg import module`
+    assert "lorasync.server" in graph["lorasync.server.guard"]  # a package's __init__
+    assert not any(m.startswith("vllm") for deps in graph.values() for m in deps)
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
+
+
+def test_no_import_cycle_in_the_package():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# --- (c) small modules and classes ------------------------------------------------------------------
+
+
+def test_no_module_or_class_is_too_long():
+    too_long = []
+    for name, path in modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"module {name}: {len(text.splitlines())} lines > {MAX_MODULE_LINES}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    too_long.append(f"class {name}.{node.name}: {lines} lines > {MAX_CLASS_LINES}")
+    assert not too_long, "\n".join(too_long)
