@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lorasync.checkpoint import check_dtype, dtype_name
-from lorasync.engines.open import check_pair, default_strategy, open_engine
+from lorasync.engines.open import STRATEGIES, default_strategy, open_engine
 from lorasync.server.client import ServerEngine
 from lorasync.sync.adapter import check_servable
 from lorasync.sync.base import Scorer, Strategy
@@ -47,7 +47,16 @@ class SyncCheckConfig:
         if self.strategy is Strategy.AUTO:
             raise ValueError("--strategy auto decides by a training run's tokens per step: check "
                              "streaming and adapter one at a time")
-        check_pair(self.kind, self.strategy, "--server", "--strategy")
+        if self.strategy not in STRATEGIES[self.kind]:
+            # check_pair's words are a config's (engine.kind = ...): say it in flags here
+            takes = ", ".join(s.value for s in STRATEGIES[self.kind] if s is not Strategy.AUTO)
+            raise ValueError(
+                f"--strategy {self.strategy.value} needs --server (running `lorasync serve` "
+                f"servers); without --server use one of {takes}"
+                if self.kind == "colocated"
+                else f"--strategy {self.strategy.value} does not work with --server, whose "
+                f"servers take {takes}; drop --server to check it on a colocated engine"
+            )
 
 
 class _Pinned:
