@@ -105,13 +105,16 @@ class Server:
             self.process.wait(timeout=60)
 
 
-def openai_scores(url: str, probes: Sequence[Sequence[int]], token: str = TOKEN) -> list[list[float]]:
+def openai_scores(
+    url: str, probes: Sequence[Sequence[int]], token: str = TOKEN, model: str | None = None
+) -> list[list[float]]:
     """Logprob of each token of each probe given its prefix, through the official openai
-    client (echo=True completions): what any user of the server sees."""
+    client (echo=True completions): what any user of the server sees. `model`: the served
+    model or adapter name (default: the first the server lists)."""
     from openai import OpenAI
 
     with OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0) as client:
-        model = client.models.list().data[0].id
+        model = model or client.models.list().data[0].id
         out = []
         for seq in probes:
             r = client.completions.create(

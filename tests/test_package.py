@@ -107,8 +107,10 @@ def test_the_backend_vllm_builds_and_the_middleware_resolve():
 
 
 def test_every_dotted_name_in_the_source_resolves():
+    from lorasync.server.launch import MIDDLEWARE
+
     found = list(string_constants())
-    assert ("lorasync.server.launch:20", "lorasync.server.guard.TokenGuard") in found
+    assert MIDDLEWARE in {dotted for _, dotted in found}  # the scan sees the names vLLM loads
     broken = []
     for where, dotted in found:
         try:
