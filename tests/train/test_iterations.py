@@ -43,13 +43,10 @@ def trainer_with(model_dir, tmp_path, num_iterations):
     engine = RandomEngine(model_dir)
     trainer = GRPOTrainer(config, engine)
     steps = []
-    step = trainer.optimizer.step
-
-    def counted(*args, **kwargs):
-        steps.append(trainer.scheduler.get_last_lr()[0])
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = counted
+    # each optimizer step, with the learning rate the schedule gave it
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: steps.append(trainer.scheduler.get_last_lr()[0])
+    )
     return trainer, engine, steps
 
 

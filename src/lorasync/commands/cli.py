@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from lorasync.checkpoint import DTYPES
 from lorasync.commands.tiny import ARCHITECTURES
 
 
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, help="base model folder (loaded by vLLM)")
     p.add_argument("--adapter", required=True, help="adapter folder (loaded by the trainer)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the engine's dtype")
     p.add_argument("--repeat", type=int, default=1, help="number of syncs before verifying")
     p.add_argument(
         "--tolerance", type=float, default=None, help="max |logprob diff| (default per dtype)"
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", default="qwen2", help="model architecture")
     p.add_argument("--shape", default="0.5b", help="model shape: 0.5b (Qwen2-0.5B) or tiny")
-    p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="model dtype")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", nargs="+", default=["all-linear"], help="LoRA target modules")
     p.add_argument(

@@ -77,7 +77,7 @@ def grpo_loss(
     clipped_tokens = ((ratio - 1).abs() > clip_eps).float()
     return LossParts(
         loss=loss,
-        kl=float(kl),
+        kl=float(kl.detach()),
         clip_fraction=float((clipped_tokens * mask).sum() / tokens),
         is_weight_mean=float((is_weight * mask).sum() / tokens),
     )
