@@ -51,19 +51,20 @@ def check_rows(rows: list[dict], strategy: str) -> None:
         assert "reward/digit_fraction_mean" in row and 0 <= row["reward_mean"] <= 1
 
 
-def test_grpo_against_a_lorasync_server_by_factors(tmp_path, demo_base, server):
+@pytest.mark.parametrize("strategy", ["factors", "streaming"])
+def test_grpo_against_a_lorasync_server(tmp_path, demo_base, server, strategy):
     before = served_version(server.url)
     config = demo_config(tmp_path, steps=STEPS)
     config.model.base = str(demo_base)
-    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection("factors")
+    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection(strategy)
     engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
     try:
         rows = GRPOTrainer(config, engine).train(progress=False)
     finally:
         engine.close()
-    check_rows(rows, "factors")
-    # factors are a small fraction of the merged tensors they change
-    assert all(0 < r["sync_bytes"] < 0.5e6 for r in rows)
+    check_rows(rows, strategy)
+    if strategy == "factors":  # a small fraction of the merged tensors they change
+        assert all(0 < r["sync_bytes"] < 0.5e6 for r in rows)
     assert rows[-1]["weight_version"] == expected_version(before, STEPS) == served_version(server.url)
 
 
@@ -82,15 +83,30 @@ def test_train_command_against_a_running_server(tmp_path, demo_base, server):
     assert (tmp_path / "checkpoints" / "step-000005" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_grpo_colocated_with_the_adapter_strategy(tmp_path, demo_base):
+@pytest.mark.parametrize("strategy", ["adapter", "auto"])
+def test_grpo_colocated_through_vllm_lora(tmp_path, demo_base, strategy):
     config = demo_config(tmp_path, steps=STEPS)
     config.model.base = str(demo_base)
-    config.sync = SyncSection("adapter")
+    config.sync = SyncSection(strategy)
     engine = open_engine("colocated", config.sync.strategy, str(demo_base), lora_rank=config.lora.rank)
     try:
-        rows = GRPOTrainer(config, engine).train(progress=False)
-        assert engine.adapter is not None  # generation ran through vLLM's LoRA
+        trainer = GRPOTrainer(config, engine)
+        rows = trainer.train(progress=False)
+        served_by_lora = engine.adapter is not None
     finally:
         engine.close()
-    check_rows(rows, "adapter")
-    assert rows[-1]["weight_version"] == STEPS
+    if strategy == "adapter":
+        check_rows(rows, "adapter")
+        assert served_by_lora and rows[-1]["weight_version"] == STEPS
+    else:  # auto measured both on this engine at the first sync, and kept one
+        chosen = trainer.sync.decision.strategy
+        check_rows(rows, chosen)
+        assert served_by_lora == (chosen == "adapter")
+
+
+def test_grpo_colocated_by_merge_unmerge(tmp_path, demo_base, engine_for):
+    config = demo_config(tmp_path, steps=STEPS)
+    config.model.base = str(demo_base)
+    config.sync = SyncSection("merge-unmerge")
+    rows = GRPOTrainer(config, engine_for(str(demo_base))).train(progress=False)
+    check_rows(rows, "merge-unmerge")
