@@ -150,3 +150,23 @@ def test_prefix_cache_would_serve_the_old_policy_without_the_reset(tiny_model, e
     assert stale.token_ids != fresh.token_ids or max(
         abs(a - b) for a, b in zip(stale.logprobs, fresh.logprobs)
     ) > 1e-3
+
+
+def test_two_engines_in_one_process_keep_their_own_rotary_caches(tiny_model, engine_for):
+    """vLLM caches rotary-embedding modules process-wide; an in-place reload of one engine
+    would leave another's cos/sin cache on the meta device (`vllm_compat.fresh_rope_cache`)."""
+    from lorasync.engines.colocated import ColocatedEngine, EngineConfig
+
+    model_dir = tiny_model("llama")
+    first = engine_for(model_dir)
+    trainer = policy(model_dir, adapter_name="pol", seed=1)
+    WeightSync(trainer, first)()
+    probes = probe_sequences(first.vocab_size, n=2)
+    before = first.score(probes)
+    second = ColocatedEngine(EngineConfig(model=model_dir))  # the same rotary shape
+    try:
+        WeightSync(policy(model_dir, seed=2), second)()  # an in-place reload of the second
+        after = first.score(probes)
+    finally:
+        second.close()
+    assert after == before
