@@ -74,7 +74,11 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
     if config.kind == "server":
         engine = open_engine("server", config.strategy, servers=config.servers, token=config.token)
         dtype = dtype_name(engine.dtype)
-        model = load_policy(config.base, config.adapter, dtype)
+        try:
+            model = load_policy(config.base, config.adapter, dtype)
+        except Exception:
+            engine.close()
+            raise
     else:
         dtype = config.dtype
         model = load_policy(config.base, config.adapter, dtype)

@@ -9,7 +9,8 @@ nothing of each other. An engine implements:
 - `AdapterReceiver`: also serves a PEFT LoRA adapter through vLLM's LoRA support (`adapter`);
 - `RecordReceiver`: also takes LoRA factors and merges them on its side (`factors`);
 - `Generator`: samples completions (the trainer's rollouts);
-- `Scorer`: logprobs of given tokens (verification and the trainer's health check).
+- `Scorer`: logprobs of given tokens (verification and the trainer's health check);
+- `Engine`: a `Generator` and a `WeightReceiver`, what the trainer drives.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class Scorer(Protocol):
     """Logprob of each token given its prefix (tokens 1..n-1), for each sequence."""
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]: ...
+
+
+class Engine(Generator, WeightReceiver, Protocol):
+    """What the trainer needs: an engine it samples from and syncs into."""
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from lorasync.checkpoint import DTYPES, dtype_name
-from lorasync.sync.base import Generator, WeightReceiver
+from lorasync.sync.base import Engine
 from lorasync.sync.policy import lora_targets
 from lorasync.sync.verify import default_tolerance
 from lorasync.sync.weight_sync import WeightSync
@@ -36,10 +36,6 @@ from lorasync.train.grpo import LossParts, grpo_loss
 from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
 from lorasync.train.rollout import Rollout, collect, completion_logprobs
-
-
-class Engine(Generator, WeightReceiver):
-    """What the trainer needs: an engine it samples from and syncs into."""
 
 
 class GRPOTrainer:
