@@ -1,7 +1,8 @@
 """`lorasync train` through every engine kind: GRPO against a real `lorasync serve` server
 (factor sync) and colocated with vLLM's own LoRA serving the adapter. In each, the engine's
 sampling logprobs match the trainer's on the same tokens at every step (float32), the reward
-is logged, and the engine's weight version counts the syncs."""
+is logged, and the engine's weight version counts the syncs. A run against a server resumes
+onto the server even when it served another policy in between."""
 
 import json
 from pathlib import Path
@@ -12,8 +13,9 @@ from lorasync.commands.demo import demo_config
 from lorasync.engines.open import open_engine
 from lorasync.server.client import ServerEngine
 from lorasync.train.config import EngineSection, SyncSection
+from lorasync.sync.weight_sync import WeightSync
 from lorasync.train.trainer import GRPOTrainer
-from tests.helpers import TOKEN, Server, run_lorasync
+from tests.helpers import TOKEN, Server, policy, run_lorasync
 
 pytestmark = pytest.mark.vllm
 STEPS = 3
@@ -110,3 +112,26 @@ def test_grpo_colocated_by_merge_unmerge(tmp_path, demo_base, engine_for):
     config.sync = SyncSection("merge-unmerge")
     rows = GRPOTrainer(config, engine_for(str(demo_base))).train(progress=False)
     check_rows(rows, "merge-unmerge")
+
+
+def test_a_run_against_a_server_resumes_onto_the_served_policy(tmp_path, demo_base, server):
+    def run(steps: int, resume: bool) -> list[dict]:
+        config = demo_config(tmp_path, steps=steps)
+        config.model.base, config.save_every = str(demo_base), 2
+        config.engine, config.sync = EngineSection("server", [server.url]), SyncSection("factors")
+        engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
+        try:
+            return GRPOTrainer(config, engine).train(resume=resume, progress=False)
+        finally:
+            engine.close()
+
+    run(2, resume=False)
+    other = ServerEngine(server.url, TOKEN)  # meanwhile the server serves another policy
+    try:
+        WeightSync(policy(str(demo_base), seed=5), other, "factors")()
+    finally:
+        other.close()
+    rows = run(4, resume=True)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the resumed policy reached the server before step 3 generated
+    check_rows(rows, "factors")
