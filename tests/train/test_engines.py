@@ -12,8 +12,8 @@ import pytest
 from lorasync.commands.demo import demo_config
 from lorasync.engines.open import open_engine
 from lorasync.server.client import ServerEngine
-from lorasync.train.config import EngineSection, SyncSection
 from lorasync.sync.weight_sync import WeightSync
+from lorasync.train.config import EngineSection, SyncSection
 from lorasync.train.trainer import GRPOTrainer
 from tests.helpers import TOKEN, Server, policy, run_lorasync
 
@@ -45,6 +45,18 @@ def expected_version(before: int, steps: int) -> int:
     return before + steps + (before > 0)
 
 
+def train_against(server, tmp_path, demo_base, strategy: str, steps: int, resume: bool = False) -> list[dict]:
+    """GRPO on the demo task against `server`, syncing by `strategy`; the rows of the run."""
+    config = demo_config(tmp_path, steps=steps)
+    config.model.base, config.save_every = str(demo_base), 2
+    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection(strategy)
+    engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
+    try:
+        return GRPOTrainer(config, engine).train(resume=resume, progress=False)
+    finally:
+        engine.close()
+
+
 def check_rows(rows: list[dict], strategy: str) -> None:
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     for row in rows:
@@ -56,14 +68,7 @@ def check_rows(rows: list[dict], strategy: str) -> None:
 @pytest.mark.parametrize("strategy", ["factors", "streaming"])
 def test_grpo_against_a_lorasync_server(tmp_path, demo_base, server, strategy):
     before = served_version(server.url)
-    config = demo_config(tmp_path, steps=STEPS)
-    config.model.base = str(demo_base)
-    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection(strategy)
-    engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
-    try:
-        rows = GRPOTrainer(config, engine).train(progress=False)
-    finally:
-        engine.close()
+    rows = train_against(server, tmp_path, demo_base, strategy, STEPS)
     check_rows(rows, strategy)
     if strategy == "factors":  # a small fraction of the merged tensors they change
         assert all(0 < r["sync_bytes"] < 0.5e6 for r in rows)
@@ -115,23 +120,13 @@ def test_grpo_colocated_by_merge_unmerge(tmp_path, demo_base, engine_for):
 
 
 def test_a_run_against_a_server_resumes_onto_the_served_policy(tmp_path, demo_base, server):
-    def run(steps: int, resume: bool) -> list[dict]:
-        config = demo_config(tmp_path, steps=steps)
-        config.model.base, config.save_every = str(demo_base), 2
-        config.engine, config.sync = EngineSection("server", [server.url]), SyncSection("factors")
-        engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
-        try:
-            return GRPOTrainer(config, engine).train(resume=resume, progress=False)
-        finally:
-            engine.close()
-
-    run(2, resume=False)
+    train_against(server, tmp_path, demo_base, "factors", 2)
     other = ServerEngine(server.url, TOKEN)  # meanwhile the server serves another policy
     try:
         WeightSync(policy(str(demo_base), seed=5), other, "factors")()
     finally:
         other.close()
-    rows = run(4, resume=True)
+    rows = train_against(server, tmp_path, demo_base, "factors", 4, resume=True)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # the resumed policy reached the server before step 3 generated
     check_rows(rows, "factors")

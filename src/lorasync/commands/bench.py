@@ -24,17 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from lorasync.checkpoint import DTYPES, check_dtype
+from lorasync.commands.tiny import ARCHITECTURES, SHAPES, make_tiny_model
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.auto import ADAPTER, STREAMING, Measurements, choose_strategy
-from lorasync.sync.policy import MAX_LORA_RANK, lora_targets, randomize_trainable
-from lorasync.sync.weight_sync import WeightSync
-from lorasync.commands.tiny import ARCHITECTURES, SHAPES, make_tiny_model
+from lorasync.sync.policy import MAX_LORA_RANK, AdapterSpec, attach_random_adapter
 from lorasync.sync.verify import base_weight_change, probe_sequences, verify
+from lorasync.sync.weight_sync import WeightSync
 
 # The decode comparison: this many prompts, each decoding this many tokens greedily (the
 # 8 x 32 batch of ../shared/research/vllm-cpu-findings.md).
@@ -130,10 +130,8 @@ def _measure(runs: dict[str, Callable[[], object]], repeats: int, bar: tqdm) -> 
 def bench_policy(model_dir: Path, config: BenchConfig) -> PeftModel:
     """The benchmark's trainer: the model with a random LoRA adapter of the configured shape."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[config.dtype])
-    lora = LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=lora_targets(config.targets))
-    trainer = get_peft_model(base, lora)
-    randomize_trainable(trainer, seed=0, std=0.02)
-    return trainer
+    spec = AdapterSpec(targets=list(config.targets), rank=config.rank, init_std=0.02)
+    return attach_random_adapter(base, spec)
 
 
 def bench_model_dir(config: BenchConfig) -> Path:

@@ -6,7 +6,7 @@ touches a private name or works around a behaviour, and its test fails when that
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 
@@ -125,7 +125,7 @@ def register_transfer_backend(name: str, module: str, cls: str) -> None:
         WeightTransferEngineFactory.register_engine(name, module, cls)
 
 
-def packed_modules(model: torch.nn.Module) -> Mapping[str, list[str]]:
+def packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
     """The model's fused modules, {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}: vLLM's
     `packed_modules_mapping`, absent on models that fuse nothing."""
     return dict(getattr(model, "packed_modules_mapping", {}))

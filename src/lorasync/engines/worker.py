@@ -18,7 +18,7 @@ from lorasync.engines import vllm_compat
 
 def packed_modules(worker) -> dict[str, list[str]]:
     """The worker model's fused modules: {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}."""
-    return dict(vllm_compat.packed_modules(worker.model_runner.get_model()))
+    return vllm_compat.packed_modules(worker.model_runner.get_model())
 
 
 def reload(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:

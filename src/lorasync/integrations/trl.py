@@ -9,7 +9,8 @@ elsewhere it drifts the trainer's frozen base weights in bf16 and sends every te
 
 `use_lorasync_sync(trainer)` replaces that one method on that one trainer's `VLLMGeneration`
 (an instance attribute; the class and other trainers are untouched) with
-`lorasync.sync.weight_sync.WeightSync`: streaming merged tensors, changed-only after the first sync, the trainer model
+`lorasync.sync.weight_sync.WeightSync`: streaming merged tensors, changed-only after the first
+sync, the trainer model
 never mutated, loaded by vLLM's layerwise in-place reload, then the prefix cache reset. Why
 this and not a subclass: GRPOTrainer and RLOOTrainer both build a `VLLMGeneration` deep inside
 their `__init__` and call only its `sync_weights()`, so patching that method after

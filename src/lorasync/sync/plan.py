@@ -20,10 +20,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.trainable_tokens import TrainableTokensLayer
 
-from lorasync.sync.policy import active_lora
 from lorasync.checkpoint import Layout
 from lorasync.sync.naming import served_name
-
+from lorasync.sync.policy import active_lora
 
 
 class Source(Enum):
