@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorasync.commands.bench import BenchConfig, bench_model_dir, bench_policy
+from lorasync.sync.merge_kernel import Kernel
 from lorasync.sync.verify import TOLERANCES
 from lorasync.sync.weight_sync import WeightSync
 from tests.helpers import MemoryReceiver, run_lorasync
@@ -47,8 +48,11 @@ def bench(tmp_path_factory):
 def test_each_strategy_sends_what_its_plan_says(bench):
     result, want = bench
     s = result["strategies"]
-    assert set(s) == {"streaming", "merge-unmerge", "adapter"}
+    other = next(k.value for k in Kernel if k.value != result["merge_kernel"]["kernel"])
+    assert set(s) == {"streaming", f"streaming:{other}", "merge-unmerge", "adapter"}
     streaming, baseline, adapter = s["streaming"], s["merge-unmerge"], s["adapter"]
+    for name in ("streaming", f"streaming:{other}"):  # either kernel sends the same tensors
+        assert (s[name]["tensors_sent"], s[name]["bytes_sent"]) == (want["changed_tensors"], want["changed_bytes"])
     # streaming sends the changed groups, exactly the floor's tensors; merge-unmerge all of them
     assert (streaming["tensors_sent"], streaming["bytes_sent"]) == (want["changed_tensors"], want["changed_bytes"])
     assert result["floor"]["bytes_sent"] == streaming["bytes_sent"]
@@ -66,7 +70,7 @@ def test_every_strategy_keeps_parity_and_only_merge_unmerge_drifts_the_base(benc
     for name, stats in result["strategies"].items():
         assert stats["max_abs_logprob_diff"] <= tolerance, name
         assert 0 < stats["min_s"] <= stats["median_s"], name
-    assert result["strategies"]["streaming"]["base_max_abs_change"] == 0
+    assert all(v["base_max_abs_change"] == 0 for k, v in result["strategies"].items() if k.startswith("streaming"))
     assert result["strategies"]["adapter"]["base_max_abs_change"] == 0
     assert result["strategies"]["merge-unmerge"]["base_max_abs_change"] > 0  # bf16 round trips
 
@@ -105,3 +109,20 @@ def test_the_server_sends_factors_compressed_and_keeps_parity(bench):
     # raw: the adapter's factors (biases the server holds are not sent) and a manifest
     assert 0 < server["raw"]["wire_bytes"] - want["lora_bytes"] < 4096
     assert server["compressed"]["wire_bytes"] < 0.9 * server["raw"]["wire_bytes"]
+
+
+def test_the_machine_the_kernel_and_the_roofline_are_recorded(bench):
+    """Numbers differ 10x between CPUs: the result says which CPU, which ISA torch used, and
+    which merge kernel ran and why (what each took when measured)."""
+    result, want = bench
+    machine, kernel, roof = result["machine"], result["merge_kernel"], result["roofline"]
+    assert machine["cpu_model"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["torch_threads"] == torch.get_num_threads()
+    measured = kernel["measured_s"]  # bf16 on a CPU: both kernels timed, the faster one kept
+    assert set(measured) == {k.value for k in Kernel} and kernel["kernel"] == min(measured, key=measured.get)
+    assert roof["float32_gemm_gflops"] > 0
+    for name in measured:
+        r = roof[name]
+        assert r["tensors"] > 0 and r["gflops"] == pytest.approx(r["gflop"] / r["merge_s"])
+    assert result["memory_budget_bytes"] == result["floor"]["peak_extra_bytes"] + 2 * want["largest_bytes"]
+    assert result["server"]["merge_kernel"] in {k.value for k in Kernel}

@@ -10,13 +10,15 @@ from transformers import AutoModelForCausalLM
 
 from lorasync.checkpoint import checkpoint_layout, weight_groups
 from lorasync.sync.merge import Merger
+from lorasync.sync.merge_kernel import Kernel
 from lorasync.sync.plan import plan_sync
 from lorasync.sync.policy import randomize_trainable
 from tests.helpers import PACKED, VARIANTS, peft_model
 
 
+@pytest.mark.parametrize("kernel", list(Kernel))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant):
+def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant, kernel):
     model_dir = tiny_model(VARIANTS[variant][0])
     model = peft_model(model_dir, VARIANTS[variant][1], extra_adapter=variant == "plain")
     layout = checkpoint_layout(model_dir)
@@ -24,7 +26,7 @@ def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
 
-    merger = Merger(model, plan.adapter_name)
+    merger = Merger(model, plan.adapter_name, kernel)
     streamed = {e.checkpoint: merger(e) for e in plan.full}
 
     assert set(streamed) == set(layout)
@@ -79,15 +81,17 @@ def test_base_weights_bit_identical_after_many_streamed_merges_in_bf16(tiny_mode
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_fused_merge_matches_peft_in_bfloat16_to_one_rounding(tiny_model):
-    """In bf16 the fused addmm rounds the factors and the result once each; PEFT rounds the
-    delta and the sum. They agree to one bf16 rounding of the weight plus one of the delta."""
+@pytest.mark.parametrize("kernel", list(Kernel))
+def test_fused_merge_matches_peft_in_bfloat16_to_one_rounding(tiny_model, kernel):
+    """In bf16 the fused addmm rounds the factors and the result once each, the blocked kernel
+    only the result; PEFT rounds the delta and the sum. They agree to one bf16 rounding of the
+    weight plus one of the delta."""
     model_dir = tiny_model("llama")
     model, plan = bf16_llama(model_dir)
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
     eps = torch.finfo(torch.bfloat16).eps
-    merger = Merger(model, plan.adapter_name)
+    merger = Merger(model, plan.adapter_name, kernel)
     for entry in plan.full:
         got = merger(entry).float()
         want = expected[entry.checkpoint].float()

@@ -11,7 +11,13 @@ which gives the decode cost each kind of strategy pays per token, and `auto`'s c
 the decoded tokens per step. Then streaming, merge-unmerge and the floor take turns, one
 call of each per round, so that the machine's drift (runs here differ by up to 30%) falls
 on all three alike; merge-unmerge works on its own copy of the trainer, whose base weights
-it drifts.
+it drifts. Streaming runs twice: with the merge kernel measured fastest here (the default,
+`sync/merge_kernel.py`) and forced to the other one, so both paths are measured on any CPU.
+
+The result records the machine (`machine.describe`) and a roofline: the merge kernel alone
+over the changed tensors, in GFLOP/s beside a plain float32 GEMM's rate and against copying
+the same tensors. To measure a CPU without native bf16 GEMM on one that has it, cap the ISA:
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 lorasync bench sync`.
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from lorasync import machine
 from lorasync.checkpoint import DTYPES, check_dtype
 from lorasync.commands.tiny import ARCHITECTURES, SHAPES, make_tiny_model
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.auto import ADAPTER, STREAMING, Measurements, choose_strategy
+from lorasync.sync.merge_kernel import Kernel
+from lorasync.sync.merged_weight import MergedWeight
 from lorasync.sync.policy import MAX_LORA_RANK, AdapterSpec, attach_random_adapter
 from lorasync.sync.verify import base_weight_change, probe_sequences, verify
 from lorasync.sync.weight_sync import WeightSync
@@ -161,8 +171,12 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             max_lora_rank=max(MAX_LORA_RANK, config.rank),
         )
     )
-    result: dict = {"config": config.__dict__ | {"targets": list(config.targets)}, "strategies": {}}
-    bar = tqdm(total=4 * (config.repeats + 1), desc="bench sync", disable=not progress)
+    result: dict = {
+        "config": config.__dict__ | {"targets": list(config.targets)},
+        "machine": machine.describe(),
+        "strategies": {},
+    }
+    bar = tqdm(total=5 * (config.repeats + 1), desc="bench sync", disable=not progress)
     try:
         # The adapter goes first and alone: it is served on the checkpoint's weights, which the
         # merged strategies overwrite.
@@ -173,13 +187,15 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         result["decode"] = _decode(engine)
         # merge-unmerge drifts its trainer's base weights in low precision: it gets a copy, so
         # that each strategy's base-weight change is its own.
+        streaming = WeightSync(trainer, engine, "streaming")  # the kernel measured fastest
+        other = next(k for k in Kernel if k is not streaming.kernel.kernel)
         syncs = {
-            "streaming": WeightSync(trainer, engine, "streaming"),
+            "streaming": streaming,
+            f"streaming:{other.value}": WeightSync(trainer, engine, "streaming", merge_kernel=other),
             "merge-unmerge": WeightSync(copy.deepcopy(trainer), engine, "merge-unmerge"),
         }
         for sync in syncs.values():
             sync()  # the first sync sends everything; steady state is what a step pays
-        streaming = syncs["streaming"]
         tensors = [
             (e.checkpoint, streaming.merger(e).to(engine.dtype).clone()) for e in streaming.plan.changed
         ]
@@ -194,6 +210,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             result["strategies"][name] = stats[name] | _checked(sync, engine, model_dir)
         result["floor"] = stats["floor"] | {"bytes_sent": sum(t.numel() * t.element_size() for _, t in tensors)}
         result["largest_tensor_bytes"] = max(t.numel() * t.element_size() for _, t in tensors)
+        result["merge_kernel"] = {"kernel": streaming.kernel.kernel.value, "measured_s": streaming.kernel.seconds}
+        result["roofline"] = {
+            kernel.value: _roofline(streaming, kernel) for kernel in Kernel
+        } | {"float32_gemm_gflops": machine.float32_gemm_gflops()}
     finally:
         engine.close()
     default, baseline = result["strategies"]["streaming"], result["strategies"]["merge-unmerge"]
@@ -207,7 +227,34 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     result["auto"] = choose_strategy(measured, result["decode"]["tokens"]).to_dict()
     result["speedup_vs_merge_unmerge"] = baseline["median_s"] / default["median_s"]
     result["ratio_to_floor"] = default["median_s"] / result["floor"]["median_s"]
+    # the budget streaming must stay within: the floor's own extra memory, plus two of the
+    # largest tensor (one merged, one on its way into the engine)
+    result["memory_budget_bytes"] = result["floor"]["peak_extra_bytes"] + 2 * result["largest_tensor_bytes"]
     return result
+
+
+def _roofline(sync: WeightSync, kernel: Kernel, repeats: int = 3) -> dict:
+    """The merge kernel alone over the changed LoRA tensors, each merged into one scratch
+    buffer (best of `repeats`), against copying W alone into it: FLOPs, seconds, GFLOP/s."""
+    merged = [m for m in (sync.merger(e) for e in sync.plan.changed) if isinstance(m, MergedWeight)]
+    merged = [MergedWeight(m.weight, m.left, m.right, m.scale, kernel) for m in merged]
+    scratch = torch.empty(max(m.numel() for m in merged), dtype=merged[0].dtype)
+    flops = sum(2 * m.shape[0] * m.shape[1] * (m.left.shape[1] + 1) for m in merged)  # product + add
+
+    def best(write: Callable[[torch.Tensor, MergedWeight], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for m in merged:
+                write(scratch[: m.numel()].view(m.shape), m)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        merge_s = best(lambda dest, m: dest.copy_(m))
+        copy_s = best(lambda dest, m: dest.copy_(m.weight))
+    return {"tensors": len(merged), "gflop": flops / 1e9, "merge_s": merge_s, "copy_s": copy_s,
+            "gflops": flops / merge_s / 1e9}
 
 
 def _checked(sync: WeightSync, engine: ColocatedEngine, model_dir: Path) -> dict:
@@ -266,11 +313,27 @@ def format_table(result: dict) -> str:
         "",
         f"streaming vs merge-unmerge: {result['speedup_vs_merge_unmerge']:.2f}x faster (medians)",
         f"streaming vs floor: {result['ratio_to_floor']:.2f}x",
-        f"largest single tensor sent: {result['largest_tensor_bytes'] / 1e6:.1f} MB",
+        f"largest single tensor sent: {result['largest_tensor_bytes'] / 1e6:.1f} MB; streaming's peak "
+        f"extra memory {s['streaming']['peak_extra_bytes'] / 1e6:.1f} MB against a budget of "
+        f"{result['memory_budget_bytes'] / 1e6:.1f} MB (floor's + 2 x largest tensor)",
         "base weights changed after "
         + ", ".join(f"{n} ({v['syncs']} syncs): {v['base_max_abs_change']:.3g}" for n, v in s.items()),
         "max |logprob diff| after syncing: "
         + ", ".join(f"{n}: {v['max_abs_logprob_diff']:.3g}" for n, v in s.items()),
+    ]
+    m, kernel, roof = result["machine"], result["merge_kernel"], result["roofline"]
+    lines += [
+        f"machine: {m['cpu_model']}, torch ISA {m['cpu_capability']} "
+        f"({' '.join(m['isa_flags']) or 'no AVX2'}{', capped ' + str(m['isa_caps']) if m['isa_caps'] else ''}), "
+        f"{m['torch_threads']} threads",
+        f"merge kernel: {kernel['kernel']} (measured: "
+        + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in kernel["measured_s"].items())
+        + " on the probe weight)",
+    ] + [
+        f"roofline, {name}: {r['gflop']:.1f} GFLOP over {r['tensors']} tensors in {r['merge_s']:.3f} s "
+        f"= {r['gflops']:.1f} GFLOP/s (float32 GEMM here: {roof['float32_gemm_gflops']:.0f} GFLOP/s; "
+        f"copying the same weights alone: {r['copy_s']:.3f} s)"
+        for name, r in roof.items() if isinstance(r, dict)
     ]
     decode, auto = result["decode"], result["auto"]
     lines += [

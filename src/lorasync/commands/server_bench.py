@@ -67,6 +67,7 @@ def run_server_bench(config: BenchConfig) -> dict:
             engine.close()
         # the server keeps the checkpoint values of every group a sync touches
         result |= {"merged_changed_bytes": merged, "pristine_bytes": merged}
+        result["merge_kernel"] = raw.engine.merge_kernel  # measured by the server on its machine
     finally:
         server.terminate()
         server.wait(timeout=120)
@@ -77,7 +78,8 @@ def format_server(result: dict) -> str:
     lines = [
         f"server (lorasync serve, LoRA factors; merged changed-only would be "
         f"{result['merged_changed_bytes'] / 1e6:.1f} MB, the server's pristine copy "
-        f"{result['pristine_bytes'] / 1e6:.1f} MB; server start {result['server_startup_s']:.0f} s):"
+        f"{result['pristine_bytes'] / 1e6:.1f} MB; server start {result['server_startup_s']:.0f} s; "
+        f"merge kernel {result['merge_kernel']}):"
     ]
     for key, label in (("compressed", "compressed (default)"), ("raw", "raw factors")):
         r = result[key]

@@ -87,6 +87,8 @@ class ColocatedEngine:
             seed=config.seed,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
+            # No chunked prefill on CPU: a split prompt crashes seeded sampling there.
+            **vllm_compat.scheduler_args(),
             **(vllm_compat.lora_args(layout, config.max_lora_rank) if config.enable_lora else {}),
         )
         ColocatedEngine._live += 1
@@ -225,6 +227,7 @@ class ColocatedEngine:
                     token_ids=list(c.token_ids),
                     text=c.text,
                     logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                    truncated=c.finish_reason == "length",
                 )
                 for c in out.outputs
             ]

@@ -112,6 +112,37 @@ def lora_args(layout: Layout, max_lora_rank: int) -> dict:
     }
 
 
+def scheduler_args() -> dict:
+    """vLLM's scheduler settings for a colocated engine: on CPU, no chunked prefill.
+
+    With chunked prefill (vLLM's default), a step whose prompts exceed the token budget
+    (`max_num_batched_tokens`, 4096 for `LLM` on CPU) prefills the next prompt only in part,
+    and the model runner then rewinds the seeded request's generator over the discarded
+    sample: `gen.set_offset(gen.get_offset() - 4)` in `GPUModelRunner._bookkeeping_sync`
+    (vllm/v1/worker/gpu_model_runner.py, inherited by the CPU runner). A CPU
+    `torch.Generator` has no offset, so every batch of seeded requests with more prompt
+    tokens than one step takes crashes with "CPU Generator does not use offset" (e.g. 52
+    prompts of 40 tokens, n=2). Without chunked prefill a prompt is scheduled whole or
+    waits for the next step, and vLLM raises `max_num_batched_tokens` to at least
+    `max_model_len`, while refusing longer prompts itself: no prompt is ever split, so no
+    sample is discarded and each request's generator draws exactly once per token, which
+    keeps seeded sampling reproducible. Resumed (preempted) requests are scheduled whole
+    too. On GPUs the rewind works and chunked prefill stays on. vLLM then logs "This model
+    does not officially support disabling chunked prefill" for any generative model; for
+    the attention-only decoders lorasync serves, the scheduler's unchunked branch is the
+    only change (hybrid Mamba models with prefix caching would refuse it). Pinned by
+    tests/engines/test_seeded.py.
+    """
+    from vllm.platforms import current_platform
+
+    return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+
+
+def scheduler_flags() -> list[str]:
+    """`scheduler_args` as the vLLM server's command-line flags (`lorasync serve`)."""
+    return ["--no-enable-chunked-prefill"] if scheduler_args() else []
+
+
 def register_transfer_backend(name: str, module: str, cls: str) -> None:
     """Register a weight-transfer backend once per process.
 

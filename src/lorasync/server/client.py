@@ -101,6 +101,10 @@ class ServerEngine:
                 self.transport.join(server)
         self.dtype: torch.dtype = DTYPES[first.dtype]
         self.vocab_size = first.vocab_size
+        # how the servers merge the factors: each by its measured kernel in host memory (TCP),
+        # or by addmm on its accelerator (NCCL); the sync report names it
+        kernels = {"addmm"} if transport == "nccl" else {s.merge_kernel for s in self._servers}
+        self.merge_kernel = ",".join(sorted(kernels))
         self._clients = [
             OpenAI(base_url=f"{s.url}/v1", api_key=token, timeout=timeout, max_retries=0)
             for s in self._servers
@@ -203,6 +207,7 @@ class ServerEngine:
                         token_ids=list(c.token_ids),
                         text=c.text,
                         logprobs=list(c.logprobs.token_logprobs),
+                        truncated=c.finish_reason == "length",
                     )
                     for c in choices[p * n : (p + 1) * n]
                 ]

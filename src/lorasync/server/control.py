@@ -28,6 +28,7 @@ class ServerInfo:
     model: str
     max_payload_bytes: int
     workers: int  # vLLM workers of the server (tensor x pipeline parallel): NCCL ranks 1..n
+    merge_kernel: str  # how it merges factors received over TCP (`sync.merge_kernel.Kernel`)
     group: object = None  # the NCCL communicator with them, for transport="nccl"
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import httpx
 
+from lorasync.engines import vllm_compat
 from lorasync.server import BACKEND, TOKEN_ENV
 
 MIDDLEWARE = "lorasync.server.guard.TokenGuard"
@@ -36,6 +37,7 @@ def serve_command(
         "--model", model, "--host", host, "--port", str(port),
         "--weight-transfer-config", f'{{"backend": "{BACKEND}"}}',
         "--middleware", MIDDLEWARE,
+        *vllm_compat.scheduler_flags(),  # seeded sampling on CPU (see there)
         *extra,
     ]
 

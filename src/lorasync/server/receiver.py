@@ -42,6 +42,7 @@ from lorasync.server.wire import (
     tensor_bytes,
 )
 from lorasync.sync.base import Record
+from lorasync.sync.merge_kernel import choose
 from lorasync.sync.merged_weight import MergedWeight
 
 MAX_BYTES_ENV = "LORASYNC_MAX_PAYLOAD_BYTES"
@@ -134,6 +135,9 @@ class LoraTransferEngine(WeightTransferEngine):
                 "vocab_size": hf.vocab_size,
                 "max_payload_bytes": self.max_bytes,
                 "workers": self.parallel_config.world_size,
+                # factors that arrive over TCP merge in host memory, by the kernel measured
+                # fastest on this machine (over NCCL they merge on the device: addmm)
+                "merge_kernel": choose(self.dtype, "cpu").kernel.value,
             }
         ).encode()
         with init_info.connect(self.timeout) as sock:
@@ -209,7 +213,8 @@ class LoraTransferEngine(WeightTransferEngine):
             else:
                 b, a = record.tensors  # on the accelerator after an NCCL transfer
                 # merged straight into vLLM's parameter as its loader copies it there
-                yield name, MergedWeight(self.pristine[name].to(b.device), b, a, record.scale)
+                kernel = choose(self.dtype, b.device).kernel
+                yield name, MergedWeight(self.pristine[name].to(b.device), b, a, record.scale, kernel)
 
     def finish_weight_update(self) -> None:
         """Load the pending transfer in place (whole fused groups), then drop it."""

@@ -52,6 +52,7 @@ class TcpTransport:
             model=model,
             max_payload_bytes=info["max_payload_bytes"],
             workers=info["workers"],
+            merge_kernel=info["merge_kernel"],
         )
 
     def send(self, server: ServerInfo, records: list[Record]) -> int:

@@ -44,11 +44,13 @@ class Strategy(str, Enum):
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled completion: token ids, decoded text and each token's sampling logprob."""
+    """One sampled completion: token ids, decoded text, each token's sampling logprob, and
+    whether the token limit cut it off."""
 
     token_ids: list[int]
     text: str
     logprobs: list[float]
+    truncated: bool = False  # stopped by the token limit, not by an end of sequence or turn
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class SyncReport:
     bytes_sent: int
     seconds: float
     version: int
+    # How the merge into the served weights ran: the kernel (`merge_kernel.Kernel`) where
+    # lorasync merged (the trainer for streaming, the servers for factors); None where it
+    # did not (adapter; merge-unmerge is PEFT's own merge).
+    merge_kernel: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,7 @@
   trip drifts the frozen base weights.
 - `Merger`: the streaming merge. It gives one merged tensor at a time and leaves the
   model untouched, so the base weights stay bit-identical after any number of syncs. For plain
-  LoRA on linear layers it is one fused `addmm` in the weight's dtype, computed straight into
+  LoRA on linear layers it is one fused multiply-add (`merge_kernel.py`), computed straight into
   the engine's parameter when the engine copies it there (`MergedWeight`); everything
   else (DoRA and other variants, embeddings, trainable tokens) uses PEFT's own arithmetic
   (`get_delta_weight`, the variants' `merge_safe`, `get_merged_weights`). Either way the result
@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 
+from lorasync.sync.merge_kernel import Kernel
 from lorasync.sync.merged_weight import MergedWeight
 from lorasync.sync.plan import Entry, Source
 
@@ -46,9 +47,10 @@ class Merger:
     the 0.5B shape).
     """
 
-    def __init__(self, model: PeftModel, adapter_name: str) -> None:
+    def __init__(self, model: PeftModel, adapter_name: str, kernel: Kernel = Kernel.ADDMM) -> None:
         self.model = model
         self.adapter_name = adapter_name
+        self.kernel = kernel
         self._found: dict[str, torch.nn.Module | torch.Tensor] = {}
 
     def find(self, entry: Entry):
@@ -81,8 +83,7 @@ class Merger:
             # PEFT's path (float32 delta, then a mixed-precision in-place add into a clone) runs
             # 4-8x slower on CPU in bf16 than this fused multiply-add, which also rounds once.
             weight = self.find(entry).get_base_layer().weight.detach()
-            left, right, scale = factors
-            return MergedWeight(weight, left.to(weight.dtype), right.to(weight.dtype), scale)
+            return MergedWeight(weight, *factors, self.kernel)
         if entry.source is Source.PARAM:
             return self.find(entry).detach()
         layer = self.find(entry)

@@ -4,7 +4,8 @@ copied into.
 A weight sync hands each merged weight to a receiver that copies it into a parameter of its own
 (vLLM's weight loaders narrow the tensor to their shard, then `copy_` it). Merged into a
 temporary first, the merged tensor would be written once more and read once more than needed;
-a `MergedWeight` makes that copy one fused `addmm` written into the receiver's parameter. Both
+a `MergedWeight` makes that copy one merge kernel (`merge_kernel.py`: a fused `addmm`, or a
+blocked float32 product added and cast in one pass) written into the receiver's parameter. Both
 sides of a sync use it: the trainer (`merge.py`) and the server that merges received factors
 (`receiver.py`).
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
+from lorasync.sync.merge_kernel import Kernel, merge_into
+
 # What a MergedWeight answers from its own metadata (W's), without computing its value.
 METADATA = frozenset({
     "shape", "dtype", "device", "is_meta", "is_cuda", "ndim", "layout", "requires_grad",
@@ -27,30 +30,42 @@ METADATA = frozenset({
 
 
 class MergedWeight(torch.Tensor):
-    """W + scale * left @ right, all three in W's dtype and on W's device."""
+    """W + scale * left @ right in W's dtype, on W's device, computed by `kernel` (the factors
+    may be in any floating dtype: the kernel casts them as it needs)."""
 
     @staticmethod
-    def __new__(cls, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float):
+    def __new__(cls, weight, left, right, scale, kernel=Kernel.ADDMM):
         return torch.Tensor._make_wrapper_subclass(
             cls, weight.shape, dtype=weight.dtype, device=weight.device
         )
 
-    def __init__(self, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float):
-        self.weight, self.left, self.right, self.scale = weight, left, right, scale
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        scale: float,
+        kernel: Kernel = Kernel.ADDMM,
+    ):
+        self.weight, self.left, self.right, self.scale, self.kernel = weight, left, right, scale, kernel
 
     def __repr__(self) -> str:
-        return f"MergedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, scale={self.scale})"
+        return (
+            f"MergedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, scale={self.scale}, "
+            f"kernel={self.kernel.value})"
+        )
 
     def materialize(self) -> torch.Tensor:
         """The merged value as a plain tensor."""
-        return torch.addmm(self.weight, self.left, self.right, alpha=self.scale)
+        dest = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return merge_into(dest, self.weight, self.left, self.right, self.scale, self.kernel)
 
     def _copy_into(self, dest: torch.Tensor) -> torch.Tensor:
         if dest.is_meta:
             # vLLM's layerwise reload counts what its loaders copy by running them on meta tensors
             return dest.copy_(self.weight)
         if (dest.shape, dest.dtype, dest.device) == (self.shape, self.dtype, self.device):
-            return torch.addmm(self.weight, self.left, self.right, alpha=self.scale, out=dest)
+            return merge_into(dest, self.weight, self.left, self.right, self.scale, self.kernel)
         return dest.copy_(self.materialize())
 
     def _narrow(self, dim: int, start: int, length: int) -> MergedWeight:
@@ -60,11 +75,11 @@ class MergedWeight(torch.Tensor):
         # rows of W are rows of `left`, columns of W are columns of `right`
         left = self.left.narrow(0, start, length) if dim == 0 else self.left
         right = self.right.narrow(1, start, length) if dim == 1 else self.right
-        return MergedWeight(self.weight.narrow(dim, start, length), left, right, self.scale)
+        return MergedWeight(self.weight.narrow(dim, start, length), left, right, self.scale, self.kernel)
 
     def _transposed(self) -> MergedWeight:
         # (W + s L R)^T = W^T + s R^T L^T (GPT-2's Conv1D weights are loaded transposed)
-        return MergedWeight(self.weight.t(), self.right.t(), self.left.t(), self.scale)
+        return MergedWeight(self.weight.t(), self.right.t(), self.left.t(), self.scale, self.kernel)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

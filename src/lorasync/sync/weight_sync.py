@@ -28,6 +28,7 @@ from lorasync.sync.auto import Decision, measure_and_choose
 from lorasync.sync.base import AdapterReceiver, Record, RecordReceiver, Strategy, SyncReport, WeightReceiver
 from lorasync.sync.factors import lora_records
 from lorasync.sync.merge import Merger, merged
+from lorasync.sync.merge_kernel import Kernel, choose
 from lorasync.sync.plan import SyncPlan, plan_sync
 from lorasync.sync.policy import adapter_rank
 
@@ -54,7 +55,9 @@ class WeightSync:
     """Syncs a PeftModel's current policy into an engine: `report = sync()` after each step.
 
     `tokens_per_step` (tokens generated between two syncs) is what `auto` decides by, and
-    only `auto` takes it. Raises ValueError for a strategy the engine cannot take, with the fix.
+    only `auto` takes it. `merge_kernel` (`merge_kernel.Kernel`, or None/"auto": the faster
+    one measured here) is how streaming merges. Raises ValueError for a strategy the engine
+    cannot take, with the fix.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class WeightSync:
         engine: WeightReceiver,
         strategy: str | Strategy = Strategy.STREAMING,
         tokens_per_step: int | None = None,
+        merge_kernel: str | Kernel | None = None,
     ) -> None:
         self.strategy = Strategy.parse(strategy)
         if (self.strategy is Strategy.AUTO) != (tokens_per_step is not None):
@@ -76,7 +80,8 @@ class WeightSync:
         self.tokens_per_step = tokens_per_step
         check_engine(self.strategy, engine, model)  # before anything is planned or sent
         self.plan: SyncPlan = plan_sync(model, engine.checkpoint_layout(), engine.weight_groups())
-        self.merger = Merger(model, self.plan.adapter_name)
+        self.kernel = choose(model.dtype, model.device, merge_kernel)  # measured once per process
+        self.merger = Merger(model, self.plan.adapter_name, self.kernel.kernel)
         self.syncs = 0
         self.merged_synced = False  # a merged sync since the engine was built: changed-only is enough
         self.decision: Decision | None = None
@@ -102,7 +107,15 @@ class WeightSync:
         # full merged sync; an adapter sync leaves the engine's weights alone, and a factor
         # sync reloads on the server every group that differs from the checkpoint.
         self.merged_synced = self.merged_synced or strategy is not Strategy.ADAPTER
-        return SyncReport(strategy.value, sent.tensors, sent.bytes, time.perf_counter() - start, version)
+        seconds = time.perf_counter() - start
+        return SyncReport(strategy.value, sent.tensors, sent.bytes, seconds, version, self._merged_by(strategy))
+
+    def _merged_by(self, strategy: Strategy) -> str | None:
+        if strategy is Strategy.STREAMING:
+            return self.kernel.kernel.value
+        if strategy is Strategy.FACTORS:
+            return getattr(self.engine, "merge_kernel", None)  # the servers' (ServerEngine)
+        return None
 
     def restore_base(self) -> None:
         """Send the frozen base values of every changed tensor: the engine serves the checkpoint

@@ -1,0 +1,55 @@
+"""What machine a measurement ran on: benchmarks record it beside their numbers, because the
+same code differs by 10x between CPUs with and without native bf16 matrix instructions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# CPU flags that decide how fast low-precision GEMM runs (Linux /proc/cpuinfo names).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def describe() -> dict:
+    """CPU model, the ISA torch dispatches to, the flags that matter, threads, versions."""
+    flags = set(_cpuinfo("flags").split())
+    return {
+        "cpu_model": _cpuinfo("model name") or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_flags": [f for f in ISA_FLAGS if f in flags],
+        # set to emulate a smaller machine (e.g. ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+        "isa_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+
+
+def float32_gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """A plain float32 square GEMM's rate here (best of `repeats`): the roofline a merge
+    kernel's GFLOP/s is read against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ("" off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == field:
+            return value.strip()
+    return ""
