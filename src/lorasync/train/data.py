@@ -1,4 +1,5 @@
-"""Prompt datasets for training: a JSONL file, a `datasets` folder, or an inline list of prompts.
+"""Prompt datasets for training: a JSONL file, a `datasets` folder, an inline list of prompts, or
+a generated task (`lorasync.tasks`).
 
 Rows are dicts; the prompt is in `prompt_field`, and the other fields reach the reward
 functions as keyword arguments (TRL's convention).
@@ -14,7 +15,12 @@ from lorasync.train.config import DataConfig
 
 def load_rows(config: DataConfig) -> list[dict]:
     """All rows of the prompt dataset; raise ValueError for an empty or malformed one."""
-    if config.prompts:
+    if config.task:
+        from lorasync.tasks import TASKS
+
+        task = TASKS[config.task]
+        rows = task.rows(config.split, config.size, seed=0, levels=config.levels or task.DEFAULT_LEVELS)
+    elif config.prompts:
         rows = [{config.prompt_field: p} for p in config.prompts]
     else:
         path = Path(config.path)
@@ -46,3 +52,15 @@ def batch_at(rows: list[dict], step: int, size: int, seed: int) -> list[dict]:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out.append(rows[order[index]])
     return out
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt: text as it is, or a conversation (TRL's conversational format, a
+    list of {"role", "content"} messages) through the tokenizer's chat template, ready for the
+    assistant's turn. A tokenizer without a template (the tiny test models) gets the
+    messages' contents as plain text, one per line."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt).input_ids
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tokenizer("".join(f"{m['content']}\n" for m in prompt), add_special_tokens=False).input_ids

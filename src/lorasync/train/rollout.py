@@ -15,6 +15,7 @@ import torch
 
 from lorasync.sync.base import Completion, Generator
 from lorasync.train.config import RewardSpec, TrainConfig
+from lorasync.train.data import encode_prompt
 from lorasync.train.grpo import group_advantages
 
 
@@ -68,13 +69,16 @@ class Rollout:
 
 
 def score_rewards(
-    rewards: Sequence[tuple[RewardSpec, Callable]], rows: list[dict], texts: list[str],
+    rewards: Sequence[tuple[RewardSpec, Callable]], rows: list[dict], samples: list[Completion],
     group: int, prompt_field: str,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the reward functions over `group` completions per row, and each
-    function's mean and std."""
+    function's mean and std. The functions get the rows' other fields as columns, and
+    `truncated` (cut off by the token limit) per completion."""
+    texts = [c.text for c in samples]
     prompts = [row[prompt_field] for row in rows for _ in range(group)]
     columns = {k: [row[k] for row in rows for _ in range(group)] for k in rows[0] if k != prompt_field}
+    columns["truncated"] = [c.truncated for c in samples]
     total = torch.zeros(len(texts))
     stats = {}
     for spec, fn in rewards:
@@ -85,6 +89,7 @@ def score_rewards(
         stats[f"reward/{name}_mean"] = values.mean().item()
         stats[f"reward/{name}_std"] = values.std().item()
         total += spec.weight * values
+    stats["truncated_fraction"] = sum(columns["truncated"]) / len(texts)
     return total, stats
 
 
@@ -95,12 +100,12 @@ def collect(
     """Sample, score and measure one generation batch for the prompts in `rows`."""
     g, field = config.rollout.num_generations, config.data.prompt_field
     start = time.perf_counter()
-    prompt_ids = [tokenizer(row[field]).input_ids for row in rows]
+    prompt_ids = [encode_prompt(tokenizer, row[field]) for row in rows]
     groups = engine.generate(prompt_ids, config.rollout.max_tokens, config.rollout.temperature, n=g, seed=seed)
     seconds = time.perf_counter() - start
     samples = [c for group in groups for c in group]
     prompts = [p for p in prompt_ids for _ in range(g)]
-    reward, stats = score_rewards(rewards, rows, [c.text for c in samples], g, field)
+    reward, stats = score_rewards(rewards, rows, samples, g, field)
     # The policy that generated them, as the engine serves it: no dropout.
     was_training = model.training
     model.eval()

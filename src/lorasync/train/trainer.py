@@ -31,7 +31,7 @@ from lorasync.sync.verify import default_tolerance
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.train import checkpoints
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
-from lorasync.train.data import batch_at, load_rows
+from lorasync.train.data import batch_at, encode_prompt, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
 from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
@@ -212,6 +212,6 @@ class GRPOTrainer:
 
     def sample(self, prompts: list[str], max_tokens: int, seed: int = 0) -> list[str]:
         """One low-temperature completion per prompt from the engine, for before/after reports."""
-        ids = [self.tokenizer(p).input_ids for p in prompts]
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         outs = self.engine.generate(ids, max_tokens, temperature=0.7, n=1, seed=seed)
         return [group[0].text for group in outs]
