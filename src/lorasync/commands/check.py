@@ -20,7 +20,7 @@ from lorasync.server.client import ServerEngine
 from lorasync.sync.adapter import check_servable
 from lorasync.sync.base import Scorer, Strategy
 from lorasync.sync.policy import adapter_rank, load_policy
-from lorasync.sync.verify import base_weight_change, default_tolerance, probe_sequences, verify
+from lorasync.sync.verify import base_weight_change, default_tolerance, judge, measure_floor, probe_sequences, verify
 from lorasync.sync.weight_sync import WeightSync
 
 
@@ -88,9 +88,13 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
                              lora_rank=adapter_rank(model.active_peft_config))
     tolerance = default_tolerance(dtype) if config.tolerance is None else config.tolerance
     try:
+        probes = probe_sequences(engine.vocab_size)
+        floor = None
+        if dtype != "float32" and config.tolerance is None and engine.weight_version == 0:
+            # low precision: judged against the implementations' own disagreement (verify.py)
+            floor = measure_floor(model, engine, probes)
         sync = WeightSync(model, engine, config.strategy)
         reports = [sync() for _ in tqdm(range(config.repeat), desc="sync", disable=not progress)]
-        probes = probe_sequences(engine.vocab_size)
         scorers: list[Scorer] = [engine]
         if isinstance(engine, ServerEngine):
             scorers = [_Pinned(engine, i) for i in range(len(engine.urls))]
@@ -106,12 +110,18 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
     finally:
         engine.close()
     last = reports[-1]
-    worst = max(c.max_abs_diff for c in checks)
+    verdicts = [judge(c, tolerance, floor) for c in checks]
+    if floor is not None:
+        extra |= {
+            "floor_max_abs_logprob_diff": floor.max_abs_diff,
+            "floor_mean_abs_logprob_diff": floor.mean_abs_diff,
+            "mean_bound": verdicts[0].mean_bound,
+        }
     return {
-        "ok": worst <= tolerance,
-        "max_abs_logprob_diff": worst,
+        "ok": all(v.ok for v in verdicts),
+        "max_abs_logprob_diff": max(c.max_abs_diff for c in checks),
         "mean_abs_logprob_diff": max(c.mean_abs_diff for c in checks),
-        "tolerance": tolerance,
+        "tolerance": verdicts[0].max_bound,
         "dtype": dtype,
         "strategy": config.strategy.value,
         "engine": config.kind,

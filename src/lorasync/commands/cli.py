@@ -65,6 +65,12 @@ def _sync_check(args: argparse.Namespace) -> int:
             f"; over {len(result['servers'])} server(s), {result['wire_bytes'] / 1e6:.3f} MB on "
             f"the wire, served versions {result['served_versions']}"
         )
+    if "floor_max_abs_logprob_diff" in result:
+        details += (
+            f"; judged against the implementations' own disagreement (adapter off, before the "
+            f"sync): max {result['floor_max_abs_logprob_diff']:.3g}, mean "
+            f"{result['floor_mean_abs_logprob_diff']:.3g} (mean bound {result['mean_bound']:.3g})"
+        )
     if args.json:
         print(json.dumps(result))
     else:
@@ -152,6 +158,20 @@ def _bench_dtype(args: argparse.Namespace) -> int:
     )
     result = run_dtype_bench(config, progress=not args.json)
     print(json.dumps(result) if args.json else format_dtypes(result))
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from lorasync.commands.train_bench import TrainBenchConfig, format_table, run_train_bench
+
+    config = TrainBenchConfig(
+        model=resolve_model(args.model), task=args.task, steps=args.steps,
+        prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+        max_tokens=args.max_tokens, lr=args.lr, rank=args.rank, grad_accum=args.grad_accum,
+        eval_n=args.eval_n, dtype=args.dtype, out=args.out, seed=args.seed,
+    )
+    result = run_train_bench(config)
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
@@ -335,6 +355,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed training steps per dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_dtype)
+    p = bench_sub.add_parser(
+        "train",
+        help="the same GRPO run through TRL's GRPOTrainer (colocated vLLM) and `lorasync train`: "
+        "seconds per step, sync seconds and held-out accuracy, side by side",
+    )
+    p.add_argument("--model", required=True, help="model folder or hub name")
+    p.add_argument("--task", choices=tuple(TASKS), default="arith", help="the task (train split; "
+                   "accuracy on the test split)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (default 10)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (default 8)")
+    p.add_argument("--num-generations", type=int, default=8, help="completions per prompt (default 8)")
+    p.add_argument("--max-tokens", type=int, default=16, help="completion token limit (default 16)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate, constant (default 3e-4)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank, alpha 2 x rank (default 16)")
+    p.add_argument(
+        "--grad-accum", type=int, default=2,
+        help="micro-batches per optimizer step; must divide prompts x generations (default 2)",
+    )
+    p.add_argument("--eval-n", type=int, default=200, help="held-out problems (default 200)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="trainers' and engines' dtype (TRL: bf16 autocast for bfloat16)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (both sides)")
+    p.add_argument("--out", default="runs/bench_train", help="output folder (default runs/bench_train)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_train)
     return parser
 
 

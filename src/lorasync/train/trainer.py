@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from lorasync.checkpoint import DTYPES, dtype_name
 from lorasync.sync.base import Engine
 from lorasync.sync.policy import lora_targets
-from lorasync.sync.verify import default_tolerance
+from lorasync.sync.verify import Verification, default_tolerance, judge, measure_floor, probe_sequences
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.train import checkpoints
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
@@ -76,6 +76,7 @@ class GRPOTrainer:
             tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
         )
         self.tolerance = config.logprob_tolerance or default_tolerance(config.model.dtype)
+        self.floor: Verification | None = None  # low precision: see train()
         self.step = 0
 
     def save_checkpoint(self) -> Path:
@@ -183,6 +184,10 @@ class GRPOTrainer:
         # resumed policy, or an engine that served anything since, needs the current policy.
         if resumed or self.engine.weight_version > 0:
             self.sync()
+        elif self.config.model.dtype != "float32" and self.config.logprob_tolerance is None:
+            # low precision: the health check is judged against the implementations' own
+            # disagreement, measured while the engine still serves the checkpoint (verify.py)
+            self.floor = measure_floor(self.model, self.engine, probe_sequences(self.engine.vocab_size))
         bar = tqdm(total=self.config.optim.steps, initial=self.step, desc="GRPO", disable=not progress)
         try:
             while self.step < self.config.optim.steps:
@@ -194,11 +199,15 @@ class GRPOTrainer:
                     sync_ms=f"{1000 * metrics['sync_seconds']:.0f}",
                     lp_diff=f"{metrics['logprob_diff_max']:.1e}",
                 )
-                if metrics["logprob_diff_max"] > self.tolerance:
+                health = Verification(metrics["logprob_diff_max"], metrics["logprob_diff_mean"], 0)
+                verdict = judge(health, self.tolerance, self.floor)
+                if not verdict.ok:
                     tqdm.write(
-                        f"warning: step {self.step}: engine/trainer logprob diff "
-                        f"{metrics['logprob_diff_max']:.3g} > tolerance {self.tolerance:.3g}: "
-                        "the engine is not serving the trained policy"
+                        f"warning: step {self.step}: engine/trainer logprob diff max "
+                        f"{metrics['logprob_diff_max']:.3g}, mean {metrics['logprob_diff_mean']:.3g} "
+                        f"> bound {verdict.max_bound:.3g}"
+                        + (f", {verdict.mean_bound:.3g}" if verdict.mean_bound is not None else "")
+                        + ": the engine is not serving the trained policy"
                     )
                 if self.config.save_every and self.step % self.config.save_every == 0:
                     self.save_checkpoint()
