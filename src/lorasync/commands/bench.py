@@ -62,6 +62,7 @@ class BenchConfig:
     targets: tuple[str, ...] = ("all-linear",)
     repeats: int = 10
     cache_dir: str = "runs/bench"
+    model: str = ""  # a model folder to measure instead of a random model of arch/shape
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -145,6 +146,10 @@ def bench_policy(model_dir: Path, config: BenchConfig) -> PeftModel:
 
 
 def bench_model_dir(config: BenchConfig) -> Path:
+    """The model folder measured: `config.model`, or a random one of the configured
+    architecture and shape, made once under `cache_dir`."""
+    if config.model:
+        return Path(config.model)
     out = Path(config.cache_dir) / f"{config.arch}-{config.shape}-{config.dtype}"
     if not (out / "model.safetensors").is_file():
         make_tiny_model(

@@ -136,6 +136,7 @@ def _bench_sync(args: argparse.Namespace) -> int:
         rank=args.rank,
         targets=tuple(args.targets),
         repeats=args.repeats,
+        model=resolve_model(args.model) if args.model else "",
     )
     result = run_bench(config, progress=not args.json)
     if args.server:
@@ -331,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", default="qwen2", help="model architecture")
     p.add_argument("--shape", default="0.5b", help="model shape: 0.5b (Qwen2-0.5B) or tiny")
+    p.add_argument(
+        "--model", default=None,
+        help="measure this model (folder or hub name) instead of a random --arch/--shape one",
+    )
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="model dtype")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", nargs="+", default=["all-linear"], help="LoRA target modules")
