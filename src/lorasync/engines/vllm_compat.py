@@ -160,3 +160,21 @@ def packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
     """The model's fused modules, {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}: vLLM's
     `packed_modules_mapping`, absent on models that fuse nothing."""
     return dict(getattr(model, "packed_modules_mapping", {}))
+
+
+def linear_weights_repacked(model: torch.nn.Module) -> bool:
+    """Whether vLLM's CPU backend replaced the model's linear weights after loading.
+
+    On CPU, `dispatch_cpu_unquantized_gemm` (vllm/model_executor/layers/utils.py) hands each
+    linear layer to a prepacked kernel (zentorch, AMX's sgl-kernel, or a oneDNN matmul handle)
+    and swaps `layer.weight` for an empty Parameter with no `weight_loader`. Where none of
+    them can take the layer (creating the oneDNN handle raises, e.g. for bf16 on an AVX2 CPU
+    without AVX-512), the plain weight stays, loader and all. TRL 1.16's own sync calls
+    `model.load_weights`, which needs those loaders: it crashes on the first kind of machine
+    and runs on the second. lorasync reloads through vLLM's layerwise reload, which works on
+    both. Pinned by tests/integrations/test_trl.py (both sides) and tests/engines/test_compat.py.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    return any(not hasattr(m.weight, "weight_loader") for m in linears)

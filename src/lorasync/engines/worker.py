@@ -50,3 +50,8 @@ def reload_tensors(
     if tie_word_embeddings:
         vllm_compat.retie_lm_head(model, loaded)
     return len(loaded)
+
+
+def linear_weights_repacked(worker) -> bool:
+    """`vllm_compat.linear_weights_repacked` for the worker's model."""
+    return vllm_compat.linear_weights_repacked(worker.model_runner.get_model())
