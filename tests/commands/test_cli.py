@@ -121,3 +121,34 @@ def test_sync_check_on_the_real_model(smollm2, tmp_path):
     assert f32["ok"] and f32["max_abs_logprob_diff"] <= 1e-4 and "floor_max_abs_logprob_diff" not in f32
     assert bf16["ok"] and bf16["floor_max_abs_logprob_diff"] > 0.1
     assert bf16["tolerance"] == pytest.approx(1.5 * bf16["floor_max_abs_logprob_diff"])
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A tiny llama whose context is 256 tokens (max_position_embeddings), and an adapter."""
+    from dataclasses import replace
+
+    from lorasync.commands.tiny import TinyShape
+
+    root = tmp_path_factory.mktemp("short")
+    make_tiny_model(root / "base", arch="llama", shape=replace(TinyShape(), max_position_embeddings=256))
+    make_random_adapter(root / "base", root / "adapter", AdapterSpec(rank=4))
+    return root
+
+
+def test_engine_context_comes_from_the_model(short_context):
+    from lorasync.engines.colocated import EngineConfig
+
+    assert EngineConfig(model=str(short_context / "base")).max_model_len == 256  # not 512
+    assert EngineConfig(model=str(short_context / "base"), max_model_len=128).max_model_len == 128
+    with pytest.raises(ValueError, match="max_model_len = 512 exceeds the model's context .* use at most 256"):
+        EngineConfig(model=str(short_context / "base"), max_model_len=512)
+
+
+@pytest.mark.vllm
+def test_sync_check_on_a_model_with_a_256_token_context(short_context):
+    """It used to ask vLLM for 512 tokens whatever the model allowed, and exit 2."""
+    r = run_lorasync("sync-check", "--base", str(short_context / "base"), "--adapter",
+                     str(short_context / "adapter"), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["ok"]

@@ -51,6 +51,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ("engine.kind=server", "engine.servers = []: engine.kind: server needs the URLs of running"),
         ("engine.servers=[http://127.0.0.1:8000]", "engine.servers = ['http://127.0.0.1:8000']: servers are for engine.kind: server"),
         ("sync.strategy=factors", "sync.strategy = 'factors' does not work with engine.kind = 'colocated', which takes streaming, merge-unmerge, adapter, auto: use one of those, or engine.kind = 'server'"),
+        ("engine.max_model_len=1", "engine.max_model_len = 1: must be >= 2"),
         ("learning_rate=1", "learning_rate: unknown field"),
         ("optim.lr", "write it as section.field=value"),
         ("optim.lr=fast", "optim.lr = 'fast': must be a number"),

@@ -34,6 +34,7 @@ class SyncCheckConfig:
     strategy: str | None = None  # default: streaming colocated, factors with servers
     servers: list[str] = field(default_factory=list)
     token: str | None = None
+    max_model_len: int | None = None  # the colocated engine's; default: EngineConfig's
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, "--dtype")
@@ -85,7 +86,8 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
         if config.strategy is Strategy.ADAPTER:
             check_servable(model)  # before the engine is built (about 20 s)
         engine = open_engine("colocated", config.strategy, config.base, dtype,
-                             lora_rank=adapter_rank(model.active_peft_config))
+                             lora_rank=adapter_rank(model.active_peft_config),
+                             max_model_len=config.max_model_len)
     tolerance = default_tolerance(dtype) if config.tolerance is None else config.tolerance
     try:
         probes = probe_sequences(engine.vocab_size)

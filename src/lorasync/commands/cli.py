@@ -53,6 +53,7 @@ def _sync_check(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         servers=args.server,
         token=args.token,
+        max_model_len=args.max_model_len,
     )
     result = run_sync_check(config, progress=not args.json)
     details = (
@@ -137,6 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     engine = open_engine(
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
         seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
+        max_model_len=config.engine.max_model_len,
     )
     try:
         rows = GRPOTrainer(config, engine).train(resume=args.resume)
@@ -213,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder (loaded by the trainer)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the engine's dtype")
     p.add_argument("--repeat", type=int, default=1, help="number of syncs before verifying")
+    p.add_argument(
+        "--max-model-len", type=int, default=None,
+        help="the colocated engine's context (default 512, capped by the model's)",
+    )
     p.add_argument(
         "--tolerance", type=float, default=None, help="max |logprob diff| (default per dtype)"
     )

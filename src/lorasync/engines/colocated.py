@@ -32,17 +32,31 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 
+# Tokens per sequence (prompt + completion) an engine holds unless told otherwise: RL rollouts
+# here are short, and the KV cache on CPU is small.
+DEFAULT_MAX_MODEL_LEN = 512
+
+
+def model_context(model_dir: str) -> int | None:
+    """The model's own context length (`max_position_embeddings` of its text config), if known."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    return config.get("max_position_embeddings") or config.get("n_positions")
+
+
 @dataclass
 class EngineConfig:
     """How to build the colocated vLLM engine.
 
     `enforce_eager` defaults to True because on CPU vLLM's torch.compile warm-up costs about
-    35 s per new model shape, far more than a tiny model ever saves from it.
+    35 s per new model shape, far more than a tiny model ever saves from it. `max_model_len`
+    (prompt plus completion tokens) defaults to `DEFAULT_MAX_MODEL_LEN`, capped by the model's
+    own context (`max_position_embeddings`); more than the model's context is refused.
     """
 
     model: str
     dtype: str = "float32"
-    max_model_len: int = 512
+    max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = True
     kv_cache_gib: int = 1
@@ -59,8 +73,16 @@ class EngineConfig:
                 f"EngineConfig.model: no config.json in {self.model!r}; pass a directory "
                 "holding a Hugging Face model (e.g. one made by `lorasync make-tiny`)"
             )
+        context = model_context(self.model)
+        if self.max_model_len is None:
+            self.max_model_len = min(DEFAULT_MAX_MODEL_LEN, context or DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len < 2:
-            raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if context is not None and self.max_model_len > context:
+            raise ValueError(
+                f"max_model_len = {self.max_model_len} exceeds the model's context "
+                f"(max_position_embeddings = {context} in {self.model}): use at most {context}"
+            )
         if self.max_lora_rank < 1:
             raise ValueError(f"EngineConfig.max_lora_rank must be >= 1, got {self.max_lora_rank}")
 

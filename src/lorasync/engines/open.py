@@ -51,10 +51,13 @@ def open_engine(
     lora_rank: int = 0,
     servers: Sequence[str] = (),
     token: str | None = None,
+    max_model_len: int | None = None,
 ) -> ColocatedEngine | ServerEngine:
     """The engine to sync into by `strategy`: a colocated engine on the model folder `model`
     in `dtype` (serving adapters up to `lora_rank` when the strategy needs vLLM's LoRA), or
-    the running `servers` (their token: `token` or $LORASYNC_TOKEN)."""
+    the running `servers` (their token: `token` or $LORASYNC_TOKEN). `max_model_len`: the
+    colocated engine's context (default: `EngineConfig`'s, capped by the model's); servers
+    set theirs at start (`lorasync serve ... --max-model-len N`)."""
     check_pair(kind, strategy)
     if kind == "server":
         return ServerEngine(servers, token)
@@ -62,6 +65,6 @@ def open_engine(
     return ColocatedEngine(
         EngineConfig(
             model=model, dtype=dtype, seed=seed, enable_lora=lora,
-            max_lora_rank=max(MAX_LORA_RANK, lora_rank),
+            max_lora_rank=max(MAX_LORA_RANK, lora_rank), max_model_len=max_model_len,
         )
     )

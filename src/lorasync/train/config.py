@@ -142,6 +142,9 @@ class OptimConfig:
 class EngineSection:
     kind: str = "colocated"  # colocated (vLLM in this process) or server (running servers)
     servers: list[str] = field(default_factory=list)  # server: URLs of `lorasync serve` servers
+    # colocated: tokens per sequence (prompt + completion); unset: 512, capped by the model's
+    # context. Servers set theirs at start (lorasync serve --max-model-len N).
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.kind in ENGINE_KINDS, "engine.kind", self.kind, f"use one of {', '.join(ENGINE_KINDS)}")
@@ -161,6 +164,12 @@ class EngineSection:
                 not self.servers, "engine.servers", self.servers,
                 "servers are for engine.kind: server; drop them or set engine.kind=server",
             )
+        if self.max_model_len is not None:
+            _require(
+                self.kind == "colocated", "engine.max_model_len", self.max_model_len,
+                "servers set theirs at start (lorasync serve --max-model-len N); drop it here",
+            )
+            _require(self.max_model_len >= 2, "engine.max_model_len", self.max_model_len, "must be >= 2")
 
 
 @dataclass
