@@ -126,6 +126,11 @@ def test_every_route_but_health_needs_the_token(servers):
             assert r.status_code == 401, (method, path, r.status_code)
     with pytest.raises(ServerSyncError, match="401"):
         ServerEngine(url, "wrong", timeout=20)
+    # with the token: the development routes lorasync does not use stay closed (403)
+    for path in ("/collective_rpc", "/sleep", "/wake_up", "/weight_checker"):
+        r = httpx.post(url + path, headers={"Authorization": f"Bearer {TOKEN}"}, json={})
+        assert r.status_code == 403 and "--allow-dev-routes" in r.json()["error"], (path, r.status_code)
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lorasync.server import TOKEN_ENV
     from lorasync.server.launch import serve_command, serve_env
 
-    env = serve_env(args.token or os.environ.get(TOKEN_ENV, ""))
+    env = serve_env(args.token or os.environ.get(TOKEN_ENV, ""), allow_dev_routes=args.allow_dev_routes)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"lorasync serve: warning: binding {args.host}; the token and the weights travel "
@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (safetensors) or hub name")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--allow-dev-routes", action="store_true",
+        help="open vLLM's development routes (/collective_rpc, /sleep, ...) to the token's holder; "
+        "closed by default: lorasync does not use them",
+    )
     p.add_argument(
         "--token", default=None, help="required on every route but /health (default $LORASYNC_TOKEN)"
     )

@@ -17,6 +17,7 @@ import httpx
 
 from lorasync.engines import vllm_compat
 from lorasync.server import BACKEND, TOKEN_ENV
+from lorasync.server.guard import DEV_ROUTES_ENV
 
 MIDDLEWARE = "lorasync.server.guard.TokenGuard"
 
@@ -42,14 +43,17 @@ def serve_command(
     ]
 
 
-def serve_env(token: str) -> dict[str, str]:
-    """The server's environment: dev mode for the update routes, the token for the guard."""
+def serve_env(token: str, allow_dev_routes: bool = False) -> dict[str, str]:
+    """The server's environment: dev mode for the update routes, the token for the guard, and
+    whether the guard opens vLLM's other development routes to the token's holder."""
     if not token:
         raise ValueError(
             f"lorasync serve needs a token: pass --token or set {TOKEN_ENV}; every route but "
             "/health will require it (openai client: api_key=<token>)"
         )
-    return os.environ | {"VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
+    env = os.environ | {"VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
+    env.pop(DEV_ROUTES_ENV, None)  # only the flag opens them, not an inherited environment
+    return env | ({DEV_ROUTES_ENV: "1"} if allow_dev_routes else {})
 
 
 def start_server(
