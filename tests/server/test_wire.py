@@ -94,6 +94,8 @@ def test_payload_over_the_limit_is_refused_before_reading_it():
         ({"dtype": "float32", "records": [{"name": "v", "kind": "full", "shapes": [[4]]}]}, "full tensor shapes"),
         ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": 1.0, "shapes": [[6, 5], [5, 4]]}]}, "do not fit"),
         ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": "x", "shapes": [[6, 2], [2, 4]]}]}, "numeric 'scale'"),
+        ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": float("nan"), "shapes": [[6, 2], [2, 4]]}]}, "finite numeric 'scale'"),
+        ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": float("inf"), "shapes": [[6, 2], [2, 4]]}]}, "finite numeric 'scale'"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "full", "shapes": [[-3]]}]}, "positive ints"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "full", "shapes": [[3]]}] * 2}, "sent twice"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "delta", "shapes": [[3]]}]}, "kind must be"),
@@ -110,6 +112,9 @@ def test_bad_magic_and_bad_json_are_refused():
         roundtrip(b"GARBAGE" + b"\0" * 64)
     with pytest.raises(PayloadError, match="not valid JSON"):
         roundtrip(MAGIC + struct.pack("<Q", 3) + b"{x}")
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError, not a payload error
+    with pytest.raises(PayloadError, match="not valid JSON: RecursionError"):
+        roundtrip(MAGIC + struct.pack("<Q", len(deep)) + deep)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

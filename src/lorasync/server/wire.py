@@ -23,6 +23,7 @@ Both ends are assumed little-endian (x86, ARM).
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import zlib
@@ -174,8 +175,8 @@ def check_manifest(
             out.append((name, None, shapes))
         elif rec.get("kind") == "lora":
             scale = rec.get("scale")
-            if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-                raise PayloadError(f"{what}: a lora record needs a numeric 'scale', got {scale!r}")
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+                raise PayloadError(f"{what}: a lora record needs a finite numeric 'scale', got {scale!r}")
             ok = (
                 len(target) == 2
                 and len(shapes) == 2
@@ -250,8 +251,8 @@ def recv_payload(
         raise PayloadError(f"manifest of {length} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
     try:
         head = json.loads(bytes(recv_exact(sock, length, "manifest")))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PayloadError(f"manifest is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting too
+        raise PayloadError(f"manifest is not valid JSON: {type(err).__name__}: {err}"[:300]) from None
     checked = check_payload(head, layout, dtype, max_bytes)
     encoding = head.get("encoding", "raw")
     total = payload_bytes(checked, dtype)
