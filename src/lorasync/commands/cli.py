@@ -35,6 +35,7 @@ def _make_adapter(args: argparse.Namespace) -> int:
         modules_to_save=args.modules_to_save,
         adapter_name=args.adapter_name,
         seed=args.seed,
+        init_std=args.init_std,
     )
     out = make_random_adapter(resolve_model(args.base), args.out, spec)
     print(f"wrote a random LoRA adapter ({spec.adapter_name!r}, r={spec.rank}) to {out}")
@@ -206,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules-to-save", nargs="*", default=[], help="modules trained in full")
     p.add_argument("--adapter-name", default="default", help="PEFT adapter name")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--init-std", type=float, default=0.05,
+        help="std of the random factors (default 0.05, which a tiny model needs to react; on a "
+        "real model 0.01 is more like a trained adapter: 0.05 drives its logits to extremes)",
+    )
     p.set_defaults(func=_make_adapter)
 
     p = sub.add_parser(
