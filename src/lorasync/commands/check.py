@@ -20,7 +20,9 @@ from lorasync.server.client import ServerEngine
 from lorasync.sync.adapter import check_servable
 from lorasync.sync.base import Scorer, Strategy
 from lorasync.sync.policy import adapter_rank, load_policy
-from lorasync.sync.verify import base_weight_change, default_tolerance, judge, measure_floor, probe_sequences, verify
+from lorasync.sync.verify import (
+    base_weight_change, default_tolerance, judge, judged_against_floor, measure_floor, probe_sequences, verify,
+)
 from lorasync.sync.weight_sync import WeightSync
 
 
@@ -92,8 +94,8 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
     try:
         probes = probe_sequences(engine.vocab_size)
         floor = None
-        if dtype != "float32" and config.tolerance is None and engine.weight_version == 0:
-            # low precision: judged against the implementations' own disagreement (verify.py)
+        if judged_against_floor(dtype, config.tolerance) and engine.weight_version == 0:
+            # the engine still serves the checkpoint: measure the implementations' disagreement
             floor = measure_floor(model, engine, probes)
         sync = WeightSync(model, engine, config.strategy)
         reports = [sync() for _ in tqdm(range(config.repeat), desc="sync", disable=not progress)]

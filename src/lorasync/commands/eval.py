@@ -89,9 +89,7 @@ def run_eval(config: EvalConfig, progress: bool = False) -> dict:
     finally:
         engine.close()
     seconds = time.perf_counter() - start
-    # Cut off: it used every token it was allowed and its last one does not end the turn.
-    cut = [len(c.token_ids) >= config.max_tokens and c.token_ids[-1] != tokenizer.eos_token_id
-           for c in completions]
+    cut = [c.truncated for c in completions]  # stopped by max_tokens, not by the end of the turn
     texts = [c.text for c in completions]
     answers = [row["answer"] for row in rows]
     scores = arith.correct([row["prompt"] for row in rows], texts, answers, truncated=cut)

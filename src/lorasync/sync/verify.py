@@ -90,6 +90,12 @@ def measure_floor(model, engine: Scorer, probes: Sequence[Sequence[int]]) -> Ver
         return verify(model, engine, probes)
 
 
+def judged_against_floor(dtype: str, tolerance: float | None) -> bool:
+    """Whether a verdict in the engine dtype `dtype` is judged against the floor: in low
+    precision, unless the caller set its own tolerance."""
+    return dtype != "float32" and tolerance is None
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool

@@ -75,7 +75,8 @@ class DataConfig:
             from lorasync.tasks import TASKS
 
             _require(self.task in TASKS, "data.task", self.task, f"must be one of {', '.join(TASKS)}")
-            _require(self.split in ("train", "test"), "data.split", self.split, "must be train or test")
+            splits = TASKS[self.task].SPLITS
+            _require(self.split in splits, "data.split", self.split, f"must be one of {', '.join(splits)}")
             _require(self.size >= 1, "data.size", self.size, "must be >= 1")
             if self.levels:
                 TASKS[self.task].check_levels(self.levels)

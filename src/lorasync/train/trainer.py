@@ -27,7 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from lorasync.checkpoint import DTYPES, dtype_name
 from lorasync.sync.base import Engine
 from lorasync.sync.policy import lora_targets
-from lorasync.sync.verify import Verification, default_tolerance, judge, measure_floor, probe_sequences
+from lorasync.sync.verify import (
+    Verification, default_tolerance, judge, judged_against_floor, measure_floor, probe_sequences,
+)
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.train import checkpoints
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
@@ -184,7 +186,7 @@ class GRPOTrainer:
         # resumed policy, or an engine that served anything since, needs the current policy.
         if resumed or self.engine.weight_version > 0:
             self.sync()
-        elif self.config.model.dtype != "float32" and self.config.logprob_tolerance is None:
+        elif judged_against_floor(self.config.model.dtype, self.config.logprob_tolerance):
             # low precision: the health check is judged against the implementations' own
             # disagreement, measured while the engine still serves the checkpoint (verify.py)
             self.floor = measure_floor(self.model, self.engine, probe_sequences(self.engine.vocab_size))
