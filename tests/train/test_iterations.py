@@ -80,3 +80,45 @@ def test_two_iterations_take_two_optimizer_steps_per_batch_and_sync_once(tiny_mo
         torch.testing.assert_close(first[0], first[1])
         assert torch.equal(first[1], second[1])
         assert (second[0] - second[1]).abs().max() > 1e-4
+
+
+def test_one_iteration_takes_the_old_logprobs_from_the_update_itself(tiny_model, tmp_path, monkeypatch):
+    """μ = 1 and no dropout: no forward pass of its own for the old logprobs; the update's
+    forward pass (eval mode) gives them, equal to what a separate pass would give."""
+    trainer, engine, _ = trainer_with(tiny_model("qwen2"), tmp_path, 1)
+    calls, batches = [], []
+    real_collect = trainer_module.collect
+
+    def recorded_collect(*args, **kwargs):
+        batch = real_collect(*args, **kwargs)
+        calls.append(kwargs.get("score_old", True))
+        batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(trainer_module, "collect", recorded_collect)
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    row = trainer.train_step()
+    assert calls == [False]
+    batch = batches[0]
+    # what a separate scoring pass of the policy that generated the batch gives
+    trainer.model.load_state_dict(policy_before, strict=False)
+    trainer.model.eval()
+    with torch.no_grad():
+        separate, mask = trainer_module.completion_logprobs(
+            trainer.model, batch.prompts, batch.completions, trainer.tokenizer.pad_token_id
+        )
+    torch.testing.assert_close(batch.old_logprobs[mask], separate[mask], atol=1e-5, rtol=0)
+    assert row["logprob_diff_max"] == batch.health()["logprob_diff_max"]
+
+
+def test_lora_dropout_scores_the_old_logprobs_in_a_pass_of_their_own(tiny_model, tmp_path, monkeypatch):
+    trainer, _, _ = trainer_with(tiny_model("qwen2"), tmp_path, 1)
+    trainer.config.lora.dropout = 0.1
+    calls = []
+    real_collect = trainer_module.collect
+    monkeypatch.setattr(
+        trainer_module, "collect",
+        lambda *a, **k: calls.append(k.get("score_old", True)) or real_collect(*a, **k),
+    )
+    trainer.train_step()
+    assert calls == [True]

@@ -1,8 +1,10 @@
 """One generation batch: prompts to completions (from the engine), rewards and advantages.
 
-Also what the trainer computes about it once, before any update: the policy's logprobs of
-the sampled tokens (GRPO's "old" logprobs) next to the engine's sampling logprobs, whose
-difference is the live health check of the sync.
+Also what the trainer knows about it before any update: the policy's logprobs of the sampled
+tokens (GRPO's "old" logprobs) next to the engine's sampling logprobs, whose difference is the
+live health check of the sync. With one policy update per batch and no dropout, the old
+logprobs are the update's own forward pass, detached (`Rollout.old_logprobs` stays None until
+the trainer fills it in); otherwise `collect` scores them in a forward pass of its own.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Rollout:
     rewards: torch.Tensor  # (B,) weighted sum of the reward functions
     reward_stats: dict[str, float]
     advantages: torch.Tensor  # (B,)
-    old_logprobs: torch.Tensor  # (B, T) the policy that generated them, per the trainer
+    old_logprobs: torch.Tensor | None  # (B, T) the policy that generated them, per the trainer
     engine_logprobs: torch.Tensor  # (B, T) the engine's sampling logprobs
     mask: torch.Tensor  # (B, T) completion tokens
     seconds: float = 0.0  # generation time
@@ -64,6 +66,8 @@ class Rollout:
 
     def health(self) -> dict[str, float]:
         """How far the engine's sampling logprobs are from the trainer's on the same tokens."""
+        if self.old_logprobs is None:
+            raise RuntimeError("the old logprobs are not known yet: the first policy update computes them")
         diff = (self.old_logprobs - self.engine_logprobs).abs()[self.mask]
         return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
 
@@ -96,8 +100,11 @@ def score_rewards(
 def collect(
     engine: Generator, model: torch.nn.Module, tokenizer, config: TrainConfig,
     rewards: Sequence[tuple[RewardSpec, Callable]], rows: list[dict], seed: int,
+    score_old: bool = True,
 ) -> Rollout:
-    """Sample, score and measure one generation batch for the prompts in `rows`."""
+    """Sample, score and measure one generation batch for the prompts in `rows`; with
+    `score_old`, also the policy's logprobs of the sampled tokens (else the caller's update
+    fills them in)."""
     g, field = config.rollout.num_generations, config.data.prompt_field
     start = time.perf_counter()
     prompt_ids = [encode_prompt(tokenizer, row[field]) for row in rows]
@@ -106,13 +113,17 @@ def collect(
     samples = [c for group in groups for c in group]
     prompts = [p for p in prompt_ids for _ in range(g)]
     reward, stats = score_rewards(rewards, rows, samples, g, field)
-    # The policy that generated them, as the engine serves it: no dropout.
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        old, mask = completion_logprobs(model, prompts, [c.token_ids for c in samples], tokenizer.pad_token_id)
-    model.train(was_training)
-    engine_lp = torch.zeros_like(old)
+    old = None
+    if score_old:  # the policy that generated them, as the engine serves it: no dropout
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            old, _ = completion_logprobs(model, prompts, [c.token_ids for c in samples], tokenizer.pad_token_id)
+        model.train(was_training)
+    width = max(len(c.token_ids) for c in samples)
+    engine_lp = torch.zeros(len(samples), width)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)
     for i, c in enumerate(samples):
         engine_lp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        mask[i, : len(c.token_ids)] = True
     return Rollout(prompts, samples, reward, stats, group_advantages(reward, g), old, engine_lp, mask, seconds)

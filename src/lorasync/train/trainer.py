@@ -97,15 +97,22 @@ class GRPOTrainer:
     # -- one step ----------------------------------------------------------------------------
 
     def _optimizer_step(self, batch: Rollout) -> tuple[list[LossParts], float]:
-        """One optimizer step over the whole batch, in `grad_accum` micro-batches."""
+        """One optimizer step over the whole batch, in `grad_accum` micro-batches. A batch
+        whose old logprobs are not known yet gets them from this, the first update's forward
+        pass (the parameters change only after the last micro-batch)."""
         cfg = self.config.optim
         pad = self.tokenizer.pad_token_id
         micro = len(batch.samples) // cfg.grad_accum
+        scoring = batch.old_logprobs is None
+        if scoring:
+            batch.old_logprobs = torch.zeros_like(batch.engine_logprobs)
         parts = []
         for k in range(cfg.grad_accum):
             s = slice(k * micro, (k + 1) * micro)
             prompts, completions = batch.prompts[s], batch.completions[s]
             logprobs, mask = completion_logprobs(self.model, prompts, completions, pad)
+            if scoring:
+                batch.old_logprobs[s, : logprobs.shape[1]] = logprobs.detach()
             ref = None
             if cfg.beta > 0:
                 with torch.no_grad(), self.model.disable_adapter():
@@ -131,8 +138,12 @@ class GRPOTrainer:
         start = time.perf_counter()
         rows = batch_at(self.rows, self.step, cfg.rollout.prompts_per_step, cfg.optim.seed)
         seed = cfg.optim.seed * 100_003 + self.step
-        batch = collect(self.engine, self.model, self.tokenizer, cfg, self.rewards, rows, seed)
-        self.model.train()
+        # μ = 1 without LoRA dropout: the update's forward pass, in eval mode (no dropout;
+        # gradients flow all the same), is the policy that generated the batch, so it gives
+        # the old logprobs and saves a forward pass of their own (TRL does the same)
+        one_pass = cfg.optim.num_iterations == 1 and cfg.lora.dropout == 0
+        batch = collect(self.engine, self.model, self.tokenizer, cfg, self.rewards, rows, seed, score_old=not one_pass)
+        self.model.train(not one_pass)
         parts, norms = [], []
         for _ in range(cfg.optim.num_iterations):
             step_parts, norm = self._optimizer_step(batch)
