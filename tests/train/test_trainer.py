@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lorasync.commands.demo import demo_config, run_demo
+from lorasync.commands.demo import demo_config, run_tiny_demo
 from lorasync.train.trainer import GRPOTrainer
 from tests.helpers import Tap, run_lorasync
 
@@ -25,7 +25,7 @@ def config_for(base, out, dropout=0.0, **optim):
 
 def test_demo_reward_rises_and_the_sync_stays_exact(tmp_path, demo_base):
     (tmp_path / "base").symlink_to(demo_base)  # reuse the session's pre-trained base
-    summary = run_demo(tmp_path, steps=60, seed=0, progress=False)
+    summary = run_tiny_demo(tmp_path, steps=60, seed=0, progress=False)
     assert summary["reward_last10"] > summary["reward_first10"] + 0.2, summary
     assert summary["logprob_diff_max"] <= 1e-4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

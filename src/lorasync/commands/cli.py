@@ -155,17 +155,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lorasync.commands.demo import run_demo
+    from lorasync.commands.demo import run_demo, run_tiny_demo
 
-    summary = run_demo(args.out, steps=args.steps, seed=args.seed)
-    print(
-        f"demo: mean reward {summary['reward_first10']:.2f} over the first 10 steps -> "
-        f"{summary['reward_last10']:.2f} over the last 10; max engine/trainer logprob diff "
-        f"{summary['logprob_diff_max']:.2g}; median sync {1000 * summary['sync_seconds_median']:.0f} ms"
-    )
-    for sample in summary["samples"]:
-        print(f"  {sample['prompt']!r}: before {sample['before']!r} -> after {sample['after']!r}")
-    print(f"report: {args.out}/report.png, metrics: {args.out}/metrics.jsonl")
+    if args.tiny:
+        summary = run_tiny_demo(args.out, steps=60 if args.steps is None else args.steps, seed=args.seed)
+        print(
+            f"demo: mean reward {summary['reward_first10']:.2f} over the first 10 steps -> "
+            f"{summary['reward_last10']:.2f} over the last 10; max engine/trainer logprob diff "
+            f"{summary['logprob_diff_max']:.2g}; median sync {1000 * summary['sync_seconds_median']:.0f} ms"
+        )
+        for sample in summary["samples"]:
+            print(f"  {sample['prompt']!r}: before {sample['before']!r} -> after {sample['after']!r}")
+    else:
+        summary = run_demo(args.out, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
+        before, after = summary["accuracy_before"], summary["accuracy_after"]
+        print(
+            f"demo: {summary['model']} after {summary['steps']} GRPO steps, held-out accuracy on "
+            f"{summary['eval_problems']} problems: greedy {before['T=0']:.0%} -> {after['T=0']:.0%}, "
+            f"T=1 {before['T=1']:.0%} -> {after['T=1']:.0%}; max engine/trainer logprob diff "
+            f"{summary['logprob_diff_max']:.2g}; median step {summary['step_seconds_median']:.1f} s, "
+            f"of which sync {1000 * summary['sync_seconds_median']:.0f} ms"
+        )
+        for sample in summary["samples"]:
+            print(f"  {sample['question']!r} ({sample['answer']}): before {sample['before']!r} -> "
+                  f"after {sample['after']!r}")
+    print(f"report: {args.out}/report.png, metrics: {args.out}/metrics.jsonl, summary: {args.out}/summary.json")
     return 0
 
 
@@ -287,9 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("demo", help="the embedded default: a tiny model learns a toy task")
+    p = sub.add_parser(
+        "demo", help="the embedded default: SmolLM2-135M-Instruct learns arithmetic (--tiny: a "
+                     "tiny local model learns a toy task, no download)",
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=60, help="GRPO steps")
+    p.add_argument("--tiny", action="store_true", help="the tiny local model and toy task instead")
+    p.add_argument("--steps", type=int, help="GRPO steps (default 12; --tiny: 60)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_demo)
 

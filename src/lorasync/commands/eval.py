@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from lorasync.checkpoint import check_dtype
+from lorasync.sync.base import Engine
 from lorasync.tasks import TASKS, arith
 from lorasync.train.data import encode_prompt
 
@@ -59,7 +60,7 @@ def _mean(values: list[float]) -> float:
 
 
 def run_eval(config: EvalConfig, progress: bool = False) -> dict:
-    """Generate one completion per problem and score it; the result as a JSON-ready dict."""
+    """Open an engine on the model, sync the adapter (if any) into it, and `evaluate`."""
     from transformers import AutoTokenizer
 
     from lorasync.engines.open import open_engine
@@ -68,26 +69,31 @@ def run_eval(config: EvalConfig, progress: bool = False) -> dict:
     from lorasync.sync.weight_sync import WeightSync
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    rows = arith.rows(config.split, config.n, config.seed, config.levels)
-    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
     # The policy first: a bad adapter fails before the engine is built (about 20 s).
     policy = load_policy(config.model, config.adapter, config.dtype) if config.adapter else None
     engine = open_engine("colocated", Strategy.STREAMING, config.model, config.dtype, seed=config.seed)
-    start = time.perf_counter()
     try:
         if policy is not None:
             WeightSync(policy, engine, Strategy.STREAMING)()
-        completions = []
-        bar = tqdm(total=len(prompts), desc=f"eval {config.task}/{config.split}", disable=not progress)
-        for i in range(0, len(prompts), BATCH):
-            groups = engine.generate(prompts[i : i + BATCH], config.max_tokens, config.temperature,
-                                     n=1, seed=config.seed)
-            completions += [group[0] for group in groups]
-            bar.update(len(groups))
-        bar.close()
-        weight_version = engine.weight_version
+        return evaluate(engine, tokenizer, config, progress)
     finally:
         engine.close()
+
+
+def evaluate(engine: Engine, tokenizer, config: EvalConfig, progress: bool = False) -> dict:
+    """Generate one completion per problem from `engine`, as it serves now, and score it; the
+    result as a JSON-ready dict."""
+    rows = arith.rows(config.split, config.n, config.seed, config.levels)
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    start = time.perf_counter()
+    completions = []
+    bar = tqdm(total=len(prompts), desc=f"eval {config.task}/{config.split}", disable=not progress)
+    for i in range(0, len(prompts), BATCH):
+        groups = engine.generate(prompts[i : i + BATCH], config.max_tokens, config.temperature,
+                                 n=1, seed=config.seed)
+        completions += [group[0] for group in groups]
+        bar.update(len(groups))
+    bar.close()
     seconds = time.perf_counter() - start
     cut = [c.truncated for c in completions]  # stopped by max_tokens, not by the end of the turn
     texts = [c.text for c in completions]
@@ -112,7 +118,7 @@ def run_eval(config: EvalConfig, progress: bool = False) -> dict:
         "dtype": config.dtype,
         "model": config.model,
         "adapter": config.adapter,
-        "weight_version": weight_version,  # 1 after the adapter's sync, 0 without one
+        "weight_version": engine.weight_version,  # 1 after the adapter's sync, 0 without one
         "generate_seconds": seconds,
         "samples": [
             {"question": row["prompt"][-1]["content"], "answer": row["answer"], "completion": text}
