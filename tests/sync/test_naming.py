@@ -1,9 +1,10 @@
 """PEFT -> checkpoint name rules: one test per rule, and a property test over generated names."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorasync.sync.naming import base_name, served_name
+from lorasync.sync.naming import base_name, check_adapter_name, served_name
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -94,3 +95,22 @@ def test_trainable_tokens_unwrap_and_skip_delta():
     delta = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"
     assert served_name(delta, "default") is None
     assert base_name(delta) is None
+
+
+@pytest.mark.parametrize("name", ["default", "policy", "pol_2", "a-b", "X" * 64])
+def test_adapter_names_that_are_safe_folder_names_pass(name):
+    assert check_adapter_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../etc", "a/b", "a.b", "a b", "x" * 65, "é", "a\n", None])
+def test_adapter_names_that_could_leave_their_folder_are_refused(name):
+    with pytest.raises(ValueError, match="letters, digits"):
+        check_adapter_name(name)
+
+
+def test_the_engine_checks_the_name_before_it_becomes_a_path():
+    from lorasync.engines.colocated import ColocatedEngine
+
+    engine = object.__new__(ColocatedEngine)  # the check comes first: no vLLM needed
+    with pytest.raises(ValueError, match="got '../x'"):
+        engine.load_adapter({}, {"r": 8}, name="../x")

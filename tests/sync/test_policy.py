@@ -59,5 +59,5 @@ def test_non_lora_adapter(base, tmp_path):
 def test_spec_validation():
     with pytest.raises(ValueError, match="rank must be >= 1"):
         AdapterSpec(rank=0)
-    with pytest.raises(ValueError, match="without dots"):
+    with pytest.raises(ValueError, match="AdapterSpec.adapter_name must be 1-64 letters"):
         AdapterSpec(adapter_name="a.b")

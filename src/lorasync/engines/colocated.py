@@ -25,6 +25,7 @@ import torch
 from lorasync.checkpoint import check_dtype, checkpoint_layout, weight_groups
 from lorasync.engines import vllm_compat, worker
 from lorasync.sync.base import Completion
+from lorasync.sync.naming import check_adapter_name
 from lorasync.sync.policy import MAX_LORA_RANK
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ class ColocatedEngine:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
+        check_adapter_name(name)
         rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
         if rank > self.max_lora_rank:
             raise ValueError(

@@ -9,6 +9,8 @@ a tensor has no place in the served model. The rules are listed in `served_name`
 
 from __future__ import annotations
 
+import re
+
 PEFT_PREFIX = "base_model.model."
 # Segments that torch wrappers insert into names and that vLLM's checkpoints never contain.
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -18,6 +20,20 @@ LORA_PREFIX = "lora_"
 LAYER_WRAPPERS = ("base_layer", "token_adapter")
 # Trainable-token rows; the merge writes them into the embedding weight.
 TOKEN_DELTA = "trainable_tokens_delta"
+# Adapter names become folder names (the engine's served adapters, PEFT's saved adapters):
+# letters, digits, `_` and `-`. No dot: PEFT refuses it (a module key), and alone it would
+# make `.` or `..`; no `/`; at most 64 characters.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: str, field: str = "adapter name") -> str:
+    """`name`, or ValueError naming `field` and the rule, before it becomes a path."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"{field} must be 1-64 letters, digits, '_' or '-' (it becomes a folder name), "
+            f"got {name!r}: rename the adapter, e.g. 'policy'"
+        )
+    return name
 
 
 def _strip(name: str) -> list[str]:

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, PeftType, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lorasync.checkpoint import DTYPES
+from lorasync.sync.naming import check_adapter_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 # The rank up to which an engine serves adapters by default (vLLM's `max_lora_rank`).
@@ -107,11 +108,7 @@ class AdapterSpec:
             raise ValueError(f"AdapterSpec.rank must be >= 1, got {self.rank}")
         if not self.targets:
             raise ValueError("AdapterSpec.targets is empty: name modules or use 'all-linear'")
-        if not self.adapter_name or "." in self.adapter_name:
-            raise ValueError(
-                f"AdapterSpec.adapter_name must be a non-empty name without dots, "
-                f"got {self.adapter_name!r}"
-            )
+        check_adapter_name(self.adapter_name, "AdapterSpec.adapter_name")
 
     def lora_config(self, tied_embeddings: bool) -> LoraConfig:
         return LoraConfig(
