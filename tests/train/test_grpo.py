@@ -50,3 +50,19 @@ def test_kl_needs_the_reference_and_is_zero_at_the_reference():
         grpo_loss(*args, beta=0.1)
     assert grpo_loss(*args, beta=0.1, ref_logprobs=lp).kl == 0.0
     assert grpo_loss(*args, beta=0.1, ref_logprobs=lp - 1).kl > 0
+
+
+def test_the_mask_leaves_out_tokens_whose_weight_is_outside_the_band():
+    """is_mask: a token the engine found far less likely (weight e^5 > cap) or far more likely
+    (e^-5 < 1/cap) than the trainer does is left out, the others kept and truncated as usual."""
+    lp = torch.zeros(1, 4, requires_grad=True)
+    engine = torch.tensor([[-5.0, 5.0, 0.0, -0.5]])
+    adv = torch.tensor([1.0])
+    kept = grpo_loss(lp, lp.detach(), engine, adv, torch.ones(1, 4), 0.2, is_cap=2.0, is_mask=True)
+    assert kept.masked_fraction == 0.5
+    assert kept.is_weight_max == pytest.approx(torch.e ** 5) and kept.is_weight_min == pytest.approx(torch.e ** -5)
+    assert kept.is_weight_mean == pytest.approx((1.0 + torch.e ** 0.5) / 2)
+    kept.loss.backward()
+    assert lp.grad[0, :2].abs().sum() == 0 and lp.grad[0, 2:].abs().min() > 0
+    plain = grpo_loss(lp, lp.detach(), engine, adv, torch.ones(1, 4), 0.2, is_cap=2.0)
+    assert plain.masked_fraction == 0 and plain.is_weight_mean == pytest.approx((2.0 + torch.e ** -5 + 1.0 + torch.e ** 0.5) / 4)

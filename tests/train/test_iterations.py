@@ -87,15 +87,15 @@ def test_one_iteration_takes_the_old_logprobs_from_the_update_itself(tiny_model,
     forward pass (eval mode) gives them, equal to what a separate pass would give."""
     trainer, engine, _ = trainer_with(tiny_model("qwen2"), tmp_path, 1)
     calls, batches = [], []
-    real_collect = trainer_module.collect
+    real_score = trainer_module.score
 
-    def recorded_collect(*args, **kwargs):
-        batch = real_collect(*args, **kwargs)
+    def recorded_score(*args, **kwargs):
+        batch = real_score(*args, **kwargs)
         calls.append(kwargs.get("score_old", True))
         batches.append(batch)
         return batch
 
-    monkeypatch.setattr(trainer_module, "collect", recorded_collect)
+    monkeypatch.setattr(trainer_module, "score", recorded_score)
     policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     row = trainer.train_step()
     assert calls == [False]
@@ -115,10 +115,10 @@ def test_lora_dropout_scores_the_old_logprobs_in_a_pass_of_their_own(tiny_model,
     trainer, _, _ = trainer_with(tiny_model("qwen2"), tmp_path, 1)
     trainer.config.lora.dropout = 0.1
     calls = []
-    real_collect = trainer_module.collect
+    real_score = trainer_module.score
     monkeypatch.setattr(
-        trainer_module, "collect",
-        lambda *a, **k: calls.append(k.get("score_old", True)) or real_collect(*a, **k),
+        trainer_module, "score",
+        lambda *a, **k: calls.append(k.get("score_old", True)) or real_score(*a, **k),
     )
     trainer.train_step()
     assert calls == [True]

@@ -52,6 +52,29 @@ def test_broken_sync_shows_in_the_health_metric(tmp_path, demo_base, engine_for)
     assert max(r["logprob_diff_max"] for r in rows[1:]) > 1e-4
 
 
+def test_async_health_scores_each_batch_with_the_policy_that_sampled_it(tmp_path, demo_base, engine_for):
+    """K = 1: batches one version old, scored by the kept snapshot of that version, agree with
+    the engine to float32 precision; a broken sync (weights no longer loaded, versions still
+    counted) shows all the same."""
+    engine = engine_for(str(demo_base))
+    config = config_for(demo_base, tmp_path / "ok", steps=4, lr=1e-2)
+    config.rollout.mode, config.rollout.max_staleness = "async", 1
+    rows = GRPOTrainer(config, engine).train(progress=False)
+    assert [r["staleness_max"] for r in rows] == [0, 1, 1, 1]
+    assert max(r["logprob_diff_max"] for r in rows) <= 1e-4
+
+    calls = []
+
+    def skip_after_first(weights):
+        calls.append(1)
+        return weights if len(calls) == 1 else iter(())
+
+    config = config_for(demo_base, tmp_path / "broken", steps=4, lr=1e-2)
+    config.rollout.mode, config.rollout.max_staleness = "async", 1
+    rows = GRPOTrainer(config, Tap(engine, skip_after_first)).train(progress=False)
+    assert max(r["logprob_diff_max"] for r in rows[2:]) > 1e-4
+
+
 def test_resume_continues_exactly(tmp_path, demo_base, engine_for):
     engine = engine_for(str(demo_base))
     # a schedule that moves, dropout that draws random numbers, the KL and accumulation paths

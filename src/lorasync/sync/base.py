@@ -16,7 +16,7 @@ nothing of each other. An engine implements:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +51,9 @@ class Completion:
     text: str
     logprobs: list[float]
     truncated: bool = False  # stopped by the token limit, not by an end of sequence or turn
+    # the engine's weight version each token was sampled under (filled in by the trainer's
+    # rollout, which holds the engine's lock while it generates: train/rollout.py)
+    versions: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

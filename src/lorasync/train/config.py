@@ -96,14 +96,28 @@ class RewardSpec:
         )
 
 
+ROLLOUT_MODES = ("sync", "async")
+
+
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 4
     num_generations: int = 8
     max_tokens: int = 16
     temperature: float = 1.0
+    # sync: generate, then train, then sync, one after the other. async: a producer generates
+    # the batches of coming steps while the trainer trains (docs/async.md), each used at most
+    # `max_staleness` policy versions after the one that sampled it.
+    mode: str = "sync"
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.mode in ROLLOUT_MODES, "rollout.mode", self.mode, f"use one of {', '.join(ROLLOUT_MODES)}")
+        _require(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness, "must be >= 0")
+        _require(
+            self.mode == "async" or self.max_staleness == 0, "rollout.max_staleness", self.max_staleness,
+            "only rollout.mode: async runs ahead of the policy; set rollout.mode=async or drop it",
+        )
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "must be >= 1")
         _require(
             self.num_generations >= 2,
@@ -126,6 +140,7 @@ class OptimConfig:
     clip_eps: float = 0.2
     beta: float = 0.0  # KL weight to the reference (the adapter disabled)
     is_cap: float = 2.0  # truncation of the engine/trainer importance weight
+    is_mask: bool = False  # also drop tokens whose weight is outside [1/is_cap, is_cap]
     max_grad_norm: float = 1.0
     seed: int = 0
 

@@ -1,17 +1,18 @@
-"""One generation batch: prompts to completions (from the engine), rewards and advantages.
+"""One generation batch: prompts to completions (`generate`, from the engine, each token
+stamped with the weight version that sampled it), then rewards and advantages (`score`).
 
 Also what the trainer knows about it before any update: the policy's logprobs of the sampled
 tokens (GRPO's "old" logprobs) next to the engine's sampling logprobs, whose difference is the
 live health check of the sync. With one policy update per batch and no dropout, the old
 logprobs are the update's own forward pass, detached (`Rollout.old_logprobs` stays None until
-the trainer fills it in); otherwise `collect` scores them in a forward pass of its own.
+the trainer fills it in); otherwise `score` computes them in a forward pass of its own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,6 +64,11 @@ class Rollout:
     engine_logprobs: torch.Tensor  # (B, T) the engine's sampling logprobs
     mask: torch.Tensor  # (B, T) completion tokens
     seconds: float = 0.0  # generation time
+    versions: torch.Tensor | None = None  # (B, T) the engine's weight version of each token
+
+    def staleness(self, version: int) -> torch.Tensor:
+        """Per completion token: how many versions behind `version` its policy was."""
+        return (version - self.versions)[self.mask]
 
     @property
     def completions(self) -> list[list[int]]:
@@ -101,22 +107,45 @@ def score_rewards(
     return total, stats
 
 
-def collect(
-    engine: Generator, model: torch.nn.Module, tokenizer, config: TrainConfig,
-    rewards: Sequence[tuple[RewardSpec, Callable]], rows: list[dict], seed: int,
-    score_old: bool = True,
-) -> Rollout:
-    """Sample, score and measure one generation batch for the prompts in `rows`; with
-    `score_old`, also the policy's logprobs of the sampled tokens (else the caller's update
-    fills them in)."""
+@dataclass
+class Generated:
+    """One step's completions, as the engine sampled them, before any scoring."""
+
+    rows: list[dict]
+    prompts: list[list[int]]  # the prompt of each completion
+    samples: list[Completion]  # `versions` filled in
+    seconds: float
+    version: int  # the engine's weight version they were all sampled under
+
+
+def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict], seed: int) -> Generated:
+    """Sample `num_generations` completions per row from the engine as it serves now, each
+    token stamped with the engine's weight version. The caller keeps syncs out meanwhile
+    (the trainer's engine lock); one that got in anyway is an error, not a mislabelled batch."""
     g, field = config.rollout.num_generations, config.data.prompt_field
     start = time.perf_counter()
+    version = engine.weight_version
     prompt_ids = [encode_prompt(tokenizer, row[field]) for row in rows]
     groups = engine.generate(prompt_ids, config.rollout.max_tokens, config.rollout.temperature, n=g, seed=seed)
-    seconds = time.perf_counter() - start
-    samples = [c for group in groups for c in group]
+    if engine.weight_version != version:
+        raise RuntimeError(
+            f"the engine's weights changed from version {version} to {engine.weight_version} "
+            "while it generated: syncs must hold the trainer's engine lock"
+        )
+    samples = [replace(c, versions=[version] * len(c.token_ids)) for group in groups for c in group]
     prompts = [p for p in prompt_ids for _ in range(g)]
-    reward, stats = score_rewards(rewards, rows, samples, g, field)
+    return Generated(rows, prompts, samples, time.perf_counter() - start, version)
+
+
+def score(
+    generated: Generated, model: torch.nn.Module, tokenizer, config: TrainConfig,
+    rewards: Sequence[tuple[RewardSpec, Callable]], score_old: bool = True,
+) -> Rollout:
+    """Rewards and advantages of a generated batch; with `score_old`, also the policy's
+    logprobs of the sampled tokens (else the caller's update fills them in)."""
+    g, field = config.rollout.num_generations, config.data.prompt_field
+    samples, prompts = generated.samples, generated.prompts
+    reward, stats = score_rewards(rewards, generated.rows, samples, g, field)
     old = None
     if score_old:  # the policy that generated them, as the engine serves it: no dropout
         was_training = model.training
@@ -126,8 +155,13 @@ def collect(
         model.train(was_training)
     width = max(len(c.token_ids) for c in samples)
     engine_lp = torch.zeros(len(samples), width)
+    versions = torch.zeros(len(samples), width, dtype=torch.long)
     mask = torch.zeros(len(samples), width, dtype=torch.bool)
     for i, c in enumerate(samples):
         engine_lp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        versions[i, : len(c.versions)] = torch.tensor(c.versions, dtype=torch.long)
         mask[i, : len(c.token_ids)] = True
-    return Rollout(prompts, samples, reward, stats, group_advantages(reward, g), old, engine_lp, mask, seconds)
+    return Rollout(
+        prompts, samples, reward, stats, group_advantages(reward, g), old, engine_lp, mask,
+        generated.seconds, versions,
+    )

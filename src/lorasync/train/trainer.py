@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,9 @@ from lorasync.train.data import batch_at, encode_prompt, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
 from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
-from lorasync.train.rollout import Rollout, collect, completion_logprobs
+from lorasync.train.producer import Producer, StaleBatch
+from lorasync.train.rollout import Generated, Rollout, completion_logprobs, generate, score
+from lorasync.train.snapshots import PolicySnapshots
 
 
 class GRPOTrainer:
@@ -80,6 +83,10 @@ class GRPOTrainer:
         self.tolerance = config.logprob_tolerance or default_tolerance(config.model.dtype)
         self.floor: Verification | None = None  # low precision: see train()
         self.step = 0
+        # generation and syncs take turns on the engine (async mode: in two threads)
+        self.engine_lock = threading.Lock()
+        # the policies a batch may still come from: the last max_staleness (0 in sync mode)
+        self.snapshots = PolicySnapshots(self.model, rollout.max_staleness + 1 if rollout.mode == "async" else 0)
 
     def save_checkpoint(self) -> Path:
         """Adapter (PEFT format), optimizer, scheduler and RNG states, and the step."""
@@ -132,54 +139,66 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return parts, float(grad_norm)
 
-    def train_step(self) -> dict:
-        """Generate one batch, take μ optimizer steps over it, sync once; return the metrics."""
+    def _generate(self, step: int) -> Generated:
+        """The batch of `step`, sampled with syncs kept out (in the producer's thread when async)."""
+        cfg = self.config
+        rows = batch_at(self.rows, step, cfg.rollout.prompts_per_step, cfg.optim.seed)
+        with self.engine_lock:
+            return generate(self.engine, self.tokenizer, cfg, rows, seed=cfg.optim.seed * 100_003 + step)
+
+    def train_step(self, producer: Producer[Generated] | None = None) -> dict:
+        """Take one step's batch (from `producer`, or generate it now), take μ optimizer steps
+        over it, sync once; return the metrics."""
         cfg = self.config
         start = time.perf_counter()
-        rows = batch_at(self.rows, self.step, cfg.rollout.prompts_per_step, cfg.optim.seed)
-        seed = cfg.optim.seed * 100_003 + self.step
+        if producer is None:
+            generated = self._generate(self.step)
+            wait = generated.seconds
+        else:
+            generated, wait = producer.get(self.step)
+        current = self.engine.weight_version  # the policy this step trains, as served
+        staleness = current - generated.version
+        if staleness > cfg.rollout.max_staleness:
+            raise StaleBatch(
+                f"step {self.step + 1}: its batch was sampled at weight version {generated.version}, "
+                f"{staleness} behind the engine's {self.engine.weight_version}; "
+                f"rollout.max_staleness is {cfg.rollout.max_staleness}"
+            )
         # μ = 1 without LoRA dropout: the update's forward pass, in eval mode (no dropout;
-        # gradients flow all the same), is the policy that generated the batch, so it gives
-        # the old logprobs and saves a forward pass of their own (TRL does the same)
+        # gradients flow all the same), is the current policy, so it gives the old logprobs
+        # and saves a forward pass of their own (TRL does the same)
         one_pass = cfg.optim.num_iterations == 1 and cfg.lora.dropout == 0
-        batch = collect(self.engine, self.model, self.tokenizer, cfg, self.rewards, rows, seed, score_old=not one_pass)
+        batch = score(generated, self.model, self.tokenizer, cfg, self.rewards, score_old=not one_pass)
         self.model.train(not one_pass)
         parts, norms = [], []
         for _ in range(cfg.optim.num_iterations):
             step_parts, norm = self._optimizer_step(batch)
             parts += step_parts
             norms.append(norm)
-        report = self.sync()
+        # the health check: the engine's sampling logprobs against the policy that sampled
+        # them, the trainer's before this update (fresh batch) or a kept snapshot (stale one)
+        health = batch.health() if staleness == 0 else self._stale_health(batch, generated.version)
+        with self.engine_lock:
+            report = self.sync()
+        self.snapshots.record(report.version)
         self.step += 1
-        tokens = int(batch.mask.sum())
-        seconds = time.perf_counter() - start
+        if producer is not None:
+            producer.step_done()
+        return step_metrics(
+            self.step, batch, parts, norms, report, self.scheduler.get_last_lr()[0],
+            time.perf_counter() - start, wait, current, health,
+        )
 
-        def mean(values) -> float:
-            values = list(values)
-            return sum(values) / len(values)
-
-        return {
-            "step": self.step,
-            "reward_mean": batch.rewards.mean().item(),
-            "reward_std": batch.rewards.std().item(),
-            **batch.reward_stats,
-            "loss": mean(p.loss.item() for p in parts),
-            "kl": mean(p.kl for p in parts),
-            "clip_fraction": mean(p.clip_fraction for p in parts),
-            "is_weight_mean": mean(p.is_weight_mean for p in parts),
-            "grad_norm": mean(norms),
-            "optimizer_steps": len(norms),
-            "lr": self.scheduler.get_last_lr()[0],
-            "completion_tokens": tokens,
-            "tokens_per_second": tokens / seconds,
-            "generation_seconds": batch.seconds,
-            "step_seconds": seconds,
-            "sync_seconds": report.seconds,
-            "sync_bytes": report.bytes_sent,
-            "sync_strategy": report.strategy,
-            "weight_version": report.version,
-            **batch.health(),
-        }
+    def _stale_health(self, batch: Rollout, version: int) -> dict[str, float]:
+        """The health check of a stale batch on its first group, scored by the policy of
+        `version`, the one that sampled it."""
+        g = self.config.rollout.num_generations
+        self.model.eval()
+        with self.snapshots.policy_of(version):
+            lp, _ = completion_logprobs(self.model, batch.prompts[:g], batch.completions[:g], self.tokenizer.pad_token_id)
+        width = lp.shape[1]
+        diff = (lp - batch.engine_logprobs[:g, :width]).abs()[batch.mask[:g, :width]]
+        return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -201,10 +220,15 @@ class GRPOTrainer:
             # low precision: the health check is judged against the implementations' own
             # disagreement, measured while the engine still serves the checkpoint (verify.py)
             self.floor = measure_floor(self.model, self.engine, probe_sequences(self.engine.vocab_size))
-        bar = tqdm(total=self.config.optim.steps, initial=self.step, desc="GRPO", disable=not progress)
+        self.snapshots.record(self.engine.weight_version)
+        steps, rollout = self.config.optim.steps, self.config.rollout
+        producer = None
+        if rollout.mode == "async":
+            producer = Producer(self._generate, self.step, steps, rollout.max_staleness)
+        bar = tqdm(total=steps, initial=self.step, desc="GRPO", disable=not progress)
         try:
-            while self.step < self.config.optim.steps:
-                metrics = self.train_step()
+            while self.step < steps:
+                metrics = self.train_step(producer)
                 log.write(metrics)
                 bar.update()
                 bar.set_postfix(
@@ -225,6 +249,8 @@ class GRPOTrainer:
                 if self.config.save_every and self.step % self.config.save_every == 0:
                     self.save_checkpoint()
         finally:
+            if producer is not None:
+                producer.close()
             bar.close()
             log.close()
         self.save_checkpoint()
@@ -237,3 +263,48 @@ class GRPOTrainer:
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         outs = self.engine.generate(ids, max_tokens, temperature=0.7, n=1, seed=seed)
         return [group[0].text for group in outs]
+
+
+def step_metrics(
+    step: int, batch: Rollout, parts: list[LossParts], norms: list[float], report, lr: float,
+    seconds: float, wait: float, current: int, health: dict[str, float],
+) -> dict:
+    """One row of metrics.jsonl."""
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    tokens = int(batch.mask.sum())
+    versions = batch.versions[batch.mask]
+    staleness = (current - versions).float()
+    return {
+        "step": step,
+        "reward_mean": batch.rewards.mean().item(),
+        "reward_std": batch.rewards.std().item(),
+        **batch.reward_stats,
+        "loss": mean(p.loss.item() for p in parts),
+        "kl": mean(p.kl for p in parts),
+        "clip_fraction": mean(p.clip_fraction for p in parts),
+        "is_weight_mean": mean(p.is_weight_mean for p in parts),
+        "is_weight_max": max(p.is_weight_max for p in parts),
+        "is_weight_min": min(p.is_weight_min for p in parts),
+        "masked_fraction": mean(p.masked_fraction for p in parts),
+        "grad_norm": mean(norms),
+        "optimizer_steps": len(norms),
+        "lr": lr,
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / seconds,
+        "generation_seconds": batch.seconds,
+        "wait_seconds": wait,  # the trainer's wait for its batch (all of generation when sync)
+        "step_seconds": seconds,
+        "sync_seconds": report.seconds,
+        "sync_bytes": report.bytes_sent,
+        "sync_strategy": report.strategy,
+        "weight_version": report.version,
+        # per token: how many versions behind the trained policy its sampling policy was
+        "staleness_max": int(staleness.max()) if tokens else 0,
+        "staleness_mean": float(staleness.mean()) if tokens else 0.0,
+        "policy_versions": sorted(set(versions.tolist())),
+        **health,
+    }

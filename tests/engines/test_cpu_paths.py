@@ -1,0 +1,69 @@
+"""The sync's CPU-dependent paths on the side this machine does not take by itself.
+
+Where vLLM's CPU backend can build a prepacked kernel (oneDNN handle, AMX, zentorch) it swaps
+each linear layer's weight, and the tied lm_head keeps a packed copy of its weight for the
+logits GEMM; where it cannot (bf16 on a CPU without AVX-512), the plain weights stay
+(`vllm_compat.linear_weights_repacked`). The sync goes through both: vLLM's layerwise reload,
+and `vllm_compat.retie_lm_head` when a tied embedding was trained. The native side runs in
+tests/sync/test_parity.py (test_parity_default_strategy_bfloat16); here a subprocess with
+torch's and oneDNN's ISA capped at AVX2 takes the other, and must still serve the trainer's
+policy, trained embedding and tied head included.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+CHECK = """
+import json, sys
+from lorasync.engines import worker
+from lorasync.engines.colocated import ColocatedEngine, EngineConfig
+from lorasync.sync.verify import probe_sequences, verify
+from lorasync.sync.weight_sync import WeightSync
+from tests.helpers import policy, train_step
+
+if __name__ == "__main__":
+    model_dir = sys.argv[1]
+    engine = ColocatedEngine(EngineConfig(model=model_dir, dtype="bfloat16"))
+    try:
+        repacked = engine.llm.collective_rpc(worker.linear_weights_repacked)
+        trainer = policy(model_dir, dtype="bfloat16", adapter_name="pol", modules_to_save=["embed_tokens"])
+        probes = probe_sequences(engine.vocab_size)
+        sync = WeightSync(trainer, engine)
+        sync()
+        train_step(trainer)
+        sync()
+        after = verify(trainer, engine, probes).max_abs_diff
+        with trainer.disable_adapter():
+            base = verify(trainer, engine, probes).max_abs_diff
+    finally:
+        engine.close()
+    print("RESULT " + json.dumps({"repacked": repacked, "diff": after, "base_diff": base}))
+"""
+
+
+def test_tied_model_with_trained_embedding_in_bfloat16_without_prepacked_kernels(tiny_model, tmp_path):
+    from lorasync.sync.verify import TOLERANCES
+
+    model_dir = tiny_model("qwen2-tied")
+    root = str(Path(__file__).parents[2])
+    env = {**os.environ, **AVX2_CAP, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": root}
+    script = tmp_path / "check.py"  # a file, not -c: vLLM's spawned processes re-import it
+    script.write_text(CHECK)
+    run = subprocess.run(
+        [sys.executable, str(script), model_dir], env=env, cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert not any(result["repacked"]), result  # the other side: plain weights, loaders kept
+    assert result["diff"] <= TOLERANCES["bfloat16"], result
+    assert result["base_diff"] > 10 * result["diff"], result  # the policy is far from the base
