@@ -75,17 +75,24 @@ def test_grpo_against_a_lorasync_server(tmp_path, demo_base, server, strategy):
     assert rows[-1]["weight_version"] == expected_version(before, STEPS) == served_version(server.url)
 
 
-def test_train_command_against_a_running_server(tmp_path, demo_base, server):
+@pytest.mark.parametrize("mode,k", [("sync", 0), ("async", 1)])
+def test_train_command_against_a_running_server(tmp_path, demo_base, server, mode, k):
+    """From the shell, synchronous and asynchronous (the server generates step s + 1 while the
+    trainer trains step s; every batch at most one version old, its health scored by the
+    policy that sampled it)."""
     before = served_version(server.url)
     r = run_lorasync(
         "train", "--config", str(CONFIG), f"model.base={demo_base}",
         "engine.kind=server", f"engine.servers=[{server.url}]", "sync.strategy=factors",
+        f"rollout.mode={mode}", f"rollout.max_staleness={k}",
         "optim.steps=5", f"output_dir={tmp_path}", env={"LORASYNC_TOKEN": TOKEN},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 5 steps" in r.stdout
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     check_rows(rows, "factors")
+    assert max(r["staleness_max"] for r in rows) == k
+    assert all(len(r["policy_versions"]) == 1 for r in rows)
     assert rows[-1]["weight_version"] == expected_version(before, 5) == served_version(server.url)
     assert (tmp_path / "checkpoints" / "step-000005" / "adapter" / "adapter_config.json").is_file()
 
