@@ -87,3 +87,23 @@ def trainer_threads():
     import threading
 
     return [t for t in threading.enumerate() if t.name == "lorasync-producer" and t.is_alive()]
+
+
+def test_ctrl_c_in_the_trainer_stops_the_producer(tiny_model, tmp_path, monkeypatch):
+    import time
+
+    trainer = trainer_for(tiny_model("qwen2"), tmp_path, mode="async", k=2, steps=6, save_every=1)
+    real = trainer._optimizer_step
+
+    def interrupted(batch):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", interrupted)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(progress=False)
+    assert time.perf_counter() - start < 60
+    assert not trainer_threads()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step-000002"
