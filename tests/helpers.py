@@ -274,3 +274,26 @@ class MemoryReceiver:
         for path in sorted(self.model_dir.glob("*.safetensors")):
             values |= {k: v.to(self.dtype) for k, v in load_file(path).items()}
         return values | self.tensors
+
+
+# --- raw transfers: a sync's bytes, to corrupt --------------------------------------------------
+
+
+class _Recorder:
+    """A socket stand-in that keeps what is sent (a real pair would block on a full buffer)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def sendall(self, chunk) -> None:
+        self.data += bytes(chunk)
+
+
+def transfer_bytes(records: Sequence, compress: bool = False) -> bytes:
+    """The bytes `wire.send_payload` writes for `records` (`sync.base.Record`s): one valid
+    transfer, as a client sends it after a server connects back, to mutate in tests."""
+    from lorasync.server.wire import send_payload
+
+    recorder = _Recorder()
+    send_payload(recorder, list(records), compress)
+    return bytes(recorder.data)

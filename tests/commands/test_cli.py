@@ -1,15 +1,24 @@
 """The CLI end to end, as a user runs it: make a model and an adapter, then sync-check; and
-sync-check's settings, refused with the fix before anything is built."""
+sync-check's settings, refused with the fix before anything is built; and how the commands
+that take a token (serve, sync-check, train) take it: --token-file, $LORASYNC_TOKEN, or the
+deprecated --token."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from lorasync.commands import check, cli
 from lorasync.commands.check import SyncCheckConfig, run_sync_check
 from lorasync.commands.tiny import make_tiny_model
 from lorasync.sync.base import Strategy
+from lorasync.engines import open as engines_open
+from lorasync.server import TOKEN_ENV
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from tests.helpers import run_lorasync
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +163,113 @@ def test_sync_check_on_a_model_with_a_256_token_context(short_context):
                      str(short_context / "adapter"), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["ok"]
+
+
+# --- the token: --token-file, $LORASYNC_TOKEN, or the deprecated --token -------------------------
+
+
+class Stop(ValueError):
+    """Raised by a stand-in once it has what the test needs (the CLI answers it with exit 2)."""
+
+
+@pytest.fixture
+def token_file(tmp_path, monkeypatch):
+    """A token file only its owner reads, while the shell exports another token."""
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """What `lorasync serve` would exec: (argv, env); nothing starts."""
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    return calls
+
+
+def test_serve_takes_the_token_from_the_file_over_the_environment_never_the_command_line(
+    tmp_path, token_file, served, capsys
+):
+    assert cli.main(["serve", "--model", str(tmp_path), "--token-file", token_file, "--dtype", "float32"]) == 0
+    (argv, env), = served
+    assert env[TOKEN_ENV] == "from-file" and not any("from-file" in a for a in argv)
+    assert argv[-2:] == ["--dtype", "float32"]  # vLLM's arguments still pass through
+    assert capsys.readouterr().err == ""  # a private file: no warning
+
+
+def test_serve_takes_the_environment_without_a_flag(tmp_path, token_file, served):
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    assert served[0][1][TOKEN_ENV] == "from-env"
+
+
+def test_serve_warns_for_a_file_others_can_read(tmp_path, token_file, served, capsys):
+    os.chmod(token_file, 0o644)
+    assert cli.main(["serve", "--model", str(tmp_path), "--token-file", token_file]) == 0
+    err = capsys.readouterr().err
+    assert "lorasync serve: warning: --token-file" in err and f"chmod 600 {token_file}" in err
+    assert served[0][1][TOKEN_ENV] == "from-file"
+
+
+def test_the_deprecated_token_flag_still_works_and_warns(tmp_path, token_file, served, capsys):
+    assert cli.main(["serve", "--model", str(tmp_path), "--token", "from-flag"]) == 0
+    assert served[0][1][TOKEN_ENV] == "from-flag"
+    err = capsys.readouterr().err
+    assert "lorasync serve: warning: --token is deprecated" in err
+    assert "`ps`" in err and "--token-file PATH" in err and "$LORASYNC_TOKEN" in err
+
+
+def test_serve_refuses_a_missing_token_file_and_two_tokens(tmp_path, token_file, served, capsys):
+    assert cli.main(["serve", "--model", str(tmp_path), "--token-file", str(tmp_path / "none")]) == 2
+    assert "lorasync serve: error: --token-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--model", str(tmp_path), "--token-file", token_file, "--token", "t"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert served == []
+
+
+def test_sync_check_takes_the_token_file(tmp_path, token_file, monkeypatch, capsys):
+    configs = []
+
+    def run(config, progress):
+        configs.append(config)
+        raise Stop("stopped")
+
+    monkeypatch.setattr(check, "run_sync_check", run)
+    base = ["sync-check", "--base", str(tmp_path), "--adapter", "a", "--server", "http://127.0.0.1:1"]
+    assert cli.main([*base, "--token-file", token_file]) == 2
+    assert cli.main(base) == 2
+    assert cli.main([*base, "--token", "from-flag"]) == 2
+    assert [c.token for c in configs] == ["from-file", "from-env", "from-flag"]
+    assert "--token is deprecated" in capsys.readouterr().err
+
+
+def test_train_takes_the_token_file(tmp_path, token_file, monkeypatch):
+    tokens = []
+
+    def open_engine(*args, **kwargs):
+        tokens.append(kwargs["token"])
+        raise Stop("stopped")
+
+    monkeypatch.setattr(engines_open, "open_engine", open_engine)
+    args = [
+        "train", "--config", str(ROOT / "configs/digits.yaml"), f"model.base={tmp_path}",
+        f"data.path={ROOT / 'configs/digits_prompts.jsonl'}", "engine.kind=server",
+        "engine.servers=[http://127.0.0.1:1]", "sync.strategy=factors",
+    ]
+    assert cli.main([*args, "--token-file", token_file]) == 2
+    assert cli.main(args) == 2
+    assert tokens == ["from-file", "from-env"]
+
+
+def test_options_are_taken_by_their_full_names_only():
+    """`train` has --token-file and no --token: an abbreviation must not turn one into the other."""
+    from lorasync.commands.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--config", "c.yaml", "--token", "secret"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "sync", "--rep", "3"])

@@ -4,11 +4,12 @@ was started with --allow-dev-routes. An ASGI app stands in for vLLM's (the live 
 refusals: tests/server/test_client.py)."""
 
 import asyncio
+import json
 
 import pytest
 
 from lorasync.server import TOKEN_ENV
-from lorasync.server.guard import DEV_ROUTES_ENV, TokenGuard
+from lorasync.server.guard import DEV_ROUTES_ENV, ROUTES_FILE_ENV, TokenGuard, app_routes
 from lorasync.server.launch import serve_env
 
 TOKEN = "s3cret"
@@ -62,3 +63,53 @@ def test_only_the_flag_opens_the_development_routes(monkeypatch):
     monkeypatch.setenv(DEV_ROUTES_ENV, "1")  # inherited from the shell: not enough
     assert DEV_ROUTES_ENV not in serve_env(TOKEN)
     assert serve_env(TOKEN, allow_dev_routes=True)[DEV_ROUTES_ENV] == "1"
+
+
+def starlette_app():
+    """A small app with every kind of route: HTTP, websocket, a mounted app with routes, and a
+    mounted bare ASGI app (vLLM mounts its metrics so)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route, WebSocketRoute
+
+    async def endpoint(request):
+        pass
+
+    async def bare(scope, receive, send):
+        pass
+
+    sub = Starlette(routes=[Route("/inner/{item}", endpoint, methods=["PUT"])])
+    return Starlette(routes=[
+        Route("/a", endpoint, methods=["POST"]), WebSocketRoute("/ws", endpoint),
+        Mount("/sub", app=sub), Mount("/metrics", app=bare),
+    ])
+
+
+def test_app_routes_lists_every_kind_of_route_and_walks_mounts():
+    assert app_routes(starlette_app()) == [
+        {"path": "/a", "kind": "http", "methods": ["POST"]},
+        {"path": "/ws", "kind": "websocket", "methods": []},
+        {"path": "/sub", "kind": "mount", "methods": []},
+        {"path": "/sub/inner/{item}", "kind": "http", "methods": ["PUT"]},
+        {"path": "/metrics", "kind": "mount", "methods": []},
+    ]
+
+
+def test_the_guard_writes_the_apps_routes_at_startup_only_when_a_test_asks(tmp_path, monkeypatch):
+    """What tests/server/test_routes.py reads from the live server."""
+    app, out = starlette_app(), tmp_path / "routes.json"
+    app.add_middleware(TokenGuard)
+
+    async def inner(scope, receive, send):
+        pass
+
+    def start() -> None:  # the lifespan scope Starlette hands its middleware at startup
+        asyncio.run(TokenGuard(inner)({"type": "lifespan", "app": app}, None, None))
+
+    monkeypatch.delenv(ROUTES_FILE_ENV, raising=False)
+    start()
+    assert not out.exists()
+    monkeypatch.setenv(ROUTES_FILE_ENV, str(out))
+    start()
+    written = json.loads(out.read_text())
+    assert written["routes"] == app_routes(app)
+    assert written["middleware"] == ["lorasync.server.guard.TokenGuard"]

@@ -53,7 +53,7 @@ def _sync_check(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         strategy=args.strategy,
         servers=args.server,
-        token=args.token,
+        token=_token(args, args.token) or None,
         max_model_len=args.max_model_len,
     )
     result = run_sync_check(config, progress=not args.json)
@@ -82,11 +82,35 @@ def _sync_check(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def _token(args: argparse.Namespace, token: str | None = None) -> str:
+    """The token of a command that takes one (serve, sync-check, train): --token-file, else
+    the deprecated --token, else $LORASYNC_TOKEN; its warnings go to stderr."""
+    from lorasync.server.launch import resolve_token
+
+    found, warnings = resolve_token(args.token_file, token)
+    for warning in warnings:
+        print(f"lorasync {args.command}: warning: {warning}", file=sys.stderr)
+    return found
+
+
+def _add_token_file(p: argparse.ArgumentParser, deprecated_flag: bool, who: str) -> None:
+    """--token-file (and, where a token flag existed before, the deprecated --token)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--token-file", default=None, metavar="PATH",
+        help=f"a file holding {who} (one line; chmod 600); default $LORASYNC_TOKEN",
+    )
+    if deprecated_flag:
+        group.add_argument(
+            "--token", default=None,
+            help="deprecated (it shows in `ps` and shell history): use --token-file or $LORASYNC_TOKEN",
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from lorasync.server import TOKEN_ENV
     from lorasync.server.launch import serve_command, serve_env
 
-    env = serve_env(args.token or os.environ.get(TOKEN_ENV, ""), allow_dev_routes=args.allow_dev_routes)
+    env = serve_env(_token(args, args.token), allow_dev_routes=args.allow_dev_routes)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"lorasync serve: warning: binding {args.host}; the token and the weights travel "
@@ -139,6 +163,7 @@ def _train(args: argparse.Namespace) -> int:
     engine = open_engine(
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
         seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
+        token=_token(args) or None,
         max_model_len=config.engine.max_model_len,
     )
     try:
@@ -254,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sync into this running `lorasync serve` server instead of a colocated engine "
         "(repeat for several; dtype is the servers')",
     )
-    p.add_argument("--token", default=None, help="the servers' token (default $LORASYNC_TOKEN)")
+    _add_token_file(p, True, "the servers' token")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_sync_check)
 
@@ -271,15 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="open vLLM's development routes (/collective_rpc, /sleep, ...) to the token's holder; "
         "closed by default: lorasync does not use them",
     )
-    p.add_argument(
-        "--token", default=None, help="required on every route but /health (default $LORASYNC_TOKEN)"
-    )
+    _add_token_file(p, True, "the token every route but /health requires")
     p.set_defaults(func=_serve, vllm_args=[])
 
     p = sub.add_parser("train", help="GRPO with LoRA and vLLM generation, from a YAML config")
     p.add_argument("--config", required=True, help="YAML run file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    _add_token_file(p, False, "the token of the servers (engine.kind: server)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -312,7 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     add_bench_parsers(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Options only by their full names, in every subcommand: argparse would otherwise read
+    `--token X` as `--token-file X` where only the latter exists (`train`)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

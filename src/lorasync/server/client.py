@@ -74,8 +74,8 @@ class ServerEngine:
         token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         if not token:
             raise ValueError(
-                f"no token for the servers: pass token=... (CLI: --token) or set {TOKEN_ENV} "
-                "to the token the servers were started with"
+                f"no token for the servers: pass token=... (CLI: --token-file PATH) or set "
+                f"{TOKEN_ENV} to the token the servers were started with"
             )
         self.timeout = timeout
         self.last_wire_bytes = 0

@@ -6,6 +6,10 @@ caller only what it needs: liveness probes to anyone; with the token, the OpenAI
 routes lorasync's client uses (`ALLOWED`); the development routes to no one, unless the server
 was started with `lorasync serve --allow-dev-routes`. Runs inside the server; imports nothing
 of lorasync's trainer side.
+
+For tests only: with LORASYNC_ROUTES_FILE set in the server's environment, the guard writes
+every route of the app it guards, and the app's middleware, to that file at startup
+(`app_routes`), so tests/server/test_routes.py can check each live route against the guard.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ ALLOWED_PATHS = frozenset({
 })
 # Set by `lorasync serve --allow-dev-routes`: every route opens to the token's holder.
 DEV_ROUTES_ENV = "LORASYNC_ALLOW_DEV_ROUTES"
+# Set by tests: the file the guard writes the guarded app's routes to at startup.
+ROUTES_FILE_ENV = "LORASYNC_ROUTES_FILE"
 
 
 def allowed(path: str) -> bool:
@@ -50,8 +56,11 @@ class TokenGuard:
         self.app = app
         self.token = os.environ.get(TOKEN_ENV, "").encode()
         self.dev_routes = os.environ.get(DEV_ROUTES_ENV) == "1"
+        self.routes_file = os.environ.get(ROUTES_FILE_ENV)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and self.routes_file and "app" in scope:
+            _write_routes(scope["app"], self.routes_file)  # the app is whole by startup
         if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
@@ -69,7 +78,7 @@ class TokenGuard:
             ))
         detail = (
             "this server was started without LORASYNC_TOKEN, so every route but "
-            f"{sorted(PUBLIC_PATHS)} is closed; restart it with `lorasync serve --token`"
+            f"{sorted(PUBLIC_PATHS)} is closed; restart it with `lorasync serve --token-file PATH`"
             if not self.token
             else "missing or wrong token: send the header 'Authorization: Bearer <token>' "
             "(openai client: api_key=<token>)"
@@ -81,3 +90,28 @@ async def _refuse(send: Any, status: int, detail: str) -> None:
     body = json.dumps({"error": detail}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def app_routes(app: Any, prefix: str = "") -> list[dict]:
+    """Every route of a Starlette (FastAPI) app, mounted apps walked: {"path", "kind",
+    "methods"}, kind "http", "websocket" or "mount" (a prefix: every path under it)."""
+    out = []
+    for route in getattr(app, "routes", []):
+        path = prefix + getattr(route, "path", "")  # a Host route has none
+        if hasattr(route, "methods"):  # an HTTP route; methods None: any (probed with GET)
+            out.append({"path": path, "kind": "http", "methods": sorted(route.methods or ["GET"])})
+        elif hasattr(route, "app") and hasattr(route, "routes"):  # a mount (or a host)
+            out.append({"path": path, "kind": "mount", "methods": []})
+            out += app_routes(route, path)
+        else:
+            out.append({"path": path, "kind": "websocket", "methods": []})
+    return out
+
+
+def _write_routes(app: Any, path: str) -> None:
+    """The app's routes and its middleware, outermost first, as JSON (whole or not at all)."""
+    middleware = [f"{m.cls.__module__}.{m.cls.__qualname__}" for m in getattr(app, "user_middleware", [])]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"routes": app_routes(app), "middleware": middleware}, f)
+    os.replace(tmp, path)

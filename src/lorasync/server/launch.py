@@ -1,4 +1,5 @@
-"""Starting servers: the command line `lorasync serve` runs, its environment, and waiting for it.
+"""Starting servers: the command line `lorasync serve` runs, its environment, and waiting for it;
+and where a command's token comes from (`resolve_token`).
 
 Used by the CLI (`lorasync serve` replaces itself with the server), benchmarks and tests
 (which start it as a subprocess).
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import httpx
 
@@ -20,6 +23,61 @@ from lorasync.server import BACKEND, TOKEN_ENV
 from lorasync.server.guard import DEV_ROUTES_ENV
 
 MIDDLEWARE = "lorasync.server.guard.TokenGuard"
+# What the deprecated `--token T` prints: why not, and the two ways instead.
+TOKEN_FLAG_DEPRECATED = (
+    "--token is deprecated: a token on the command line shows in `ps` and in the shell's "
+    f"history; pass --token-file PATH (a file only you can read: chmod 600 PATH) or set "
+    f"${TOKEN_ENV} instead"
+)
+
+
+def resolve_token(
+    token_file: str | None = None, token: str | None = None, environ: Mapping[str, str] = os.environ
+) -> tuple[str, list[str]]:
+    """The token a command uses, and the warnings to print: `--token-file`'s, else the
+    deprecated `--token`'s, else $LORASYNC_TOKEN ("" when there is none: the caller refuses).
+
+    A flag wins over the environment, so a shell's exported default can be overridden.
+    """
+    if token_file is not None and token is not None:
+        raise ValueError("pass the token one way: --token-file PATH or $LORASYNC_TOKEN, not --token too")
+    if token_file is not None:
+        return read_token_file(token_file)
+    if token is not None:
+        return token, [TOKEN_FLAG_DEPRECATED]
+    return environ.get(TOKEN_ENV, ""), []
+
+
+def read_token_file(path: str) -> tuple[str, list[str]]:
+    """The token in the file `path` (surrounding whitespace stripped), and a warning when the
+    file is open to its group or to others. Missing, unreadable, empty or several words: an error."""
+    file = Path(path).expanduser()
+    make = (
+        f'write it with `python -c "import secrets; print(secrets.token_hex(16))" > {path}` '
+        f"and `chmod 600 {path}`"
+    )
+    try:
+        text, mode = file.read_text(), file.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--token-file {path}: no such file; {make}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ValueError(f"--token-file {path}: cannot read it ({reason}); pass a text file holding the token") from None
+    token = text.strip()
+    if not token:
+        raise ValueError(f"--token-file {path} is empty: put the token in it, on one line ({make})")
+    if any(c.isspace() for c in token):
+        raise ValueError(
+            f"--token-file {path} holds {len(token.split())} words: a token is one word "
+            "(no spaces or line breaks); put the token alone in the file"
+        )
+    warnings = []
+    if mode & 0o077:
+        warnings.append(
+            f"--token-file {path} is open to its group or to others (mode "
+            f"{stat.S_IMODE(mode):04o}): run `chmod 600 {path}` so only you can read the token"
+        )
+    return token, warnings
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,8 +106,8 @@ def serve_env(token: str, allow_dev_routes: bool = False) -> dict[str, str]:
     whether the guard opens vLLM's other development routes to the token's holder."""
     if not token:
         raise ValueError(
-            f"lorasync serve needs a token: pass --token or set {TOKEN_ENV}; every route but "
-            "/health will require it (openai client: api_key=<token>)"
+            f"lorasync serve needs a token: pass --token-file PATH or set {TOKEN_ENV}; every "
+            "route but /health will require it (openai client: api_key=<token>)"
         )
     env = os.environ | {"VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
     env.pop(DEV_ROUTES_ENV, None)  # only the flag opens them, not an inherited environment

@@ -1,50 +1,107 @@
 """The NCCL transport: the manifest inline in the request, the tensors by NCCL broadcast.
 
 On GPU machines the bytes go from this process's current CUDA device to the servers' GPU
-workers (`nccl.py` has the group and the broadcasts, shared with the receiver). Untested on
-this project's CI, which has no GPU: tests/server/test_nccl.py, marked `gpu`.
+workers (`nccl.py` has the group, its rendezvous by NCCL unique id, and the broadcasts,
+shared with the receiver). NCCL itself needs GPUs: tests/server/test_nccl.py drives this with
+an in-process stand-in for the communicator, and its end-to-end tests are marked `gpu`.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from typing import Any
 
 import torch
 
 from lorasync.checkpoint import DTYPES
 from lorasync.server.control import Control, ServerInfo, ServerSyncError
-from lorasync.server.launch import free_port
-from lorasync.server.nccl import open_trainer, rendezvous, send_records, wait_sent
+from lorasync.server.nccl import (
+    mint_unique_id,
+    open_trainer,
+    read_rendezvous,
+    rendezvous,
+    send_records,
+    wait_sent,
+)
 from lorasync.server.wire import PayloadError, check_payload, manifest
 from lorasync.sync.base import Record
+
+# How often `open_group` looks at the two halves of a join while it waits (seconds).
+_POLL = 0.05
+
+
+def open_group(control: Control, url: str, workers: int, device: int) -> Any:
+    """Open an NCCL group with the `workers` workers of the server at `url`, this process
+    being rank 0 on CUDA device `device`; return this process's communicator.
+
+    This process mints an NCCL unique id and sends it in the (token-guarded) init request;
+    the server's workers join with it. There is no store, so no barrier: every rank must be
+    in NCCL's init while the others are, and this process joins on a thread of its own while
+    the request runs (it returns once the workers have joined). NCCL gives a rank that never
+    comes no timeout, so the message is checked here as the server will check it before
+    anything is sent; if the server refuses it anyway, or a worker fails to join, this
+    process's half of the init is left blocked on its (daemon) thread, which nothing can
+    cancel, and the error says why.
+    """
+    message = rendezvous(mint_unique_id(), workers)
+    read_rendezvous(message)  # the server's own check: a refusal there strands this side
+    joined: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            joined["group"] = open_trainer(message, device)
+        except Exception as err:  # reported below, in this process's words
+            joined["error"] = err
+
+    thread = threading.Thread(target=join, name="lorasync-nccl-join", daemon=True)
+    thread.start()
+    request = control.start(url, "/init_weight_transfer_engine", json={"init_info": {"nccl": message}})
+    deadline = time.monotonic() + control.timeout
+    while request.running() and "error" not in joined and time.monotonic() < deadline:
+        time.sleep(_POLL)
+    if not request.running():
+        request.wait()  # the server's answer: its refusal, or a worker's failure to join
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise ServerSyncError(
+                f"{url}: its workers joined the NCCL group, but this process did not within "
+                f"{control.timeout:.0f} s"
+            )
+    elif "error" not in joined:
+        raise ServerSyncError(
+            f"{url}: its workers did not join the NCCL group within {control.timeout:.0f} s "
+            "(is the server on another GPU than this process, and can it reach this machine? "
+            "NCCL_SOCKET_IFNAME chooses the interface NCCL offers)"
+        )
+    if "error" in joined:
+        err = joined["error"]
+        raise ServerSyncError(
+            f"{url}: this process could not join the NCCL group ({type(err).__name__}: {err}); "
+            "the server's workers may be left waiting in NCCL's init: restart the server"
+        )
+    return joined["group"]
 
 
 class NcclTransport:
     """Transfers by NCCL broadcast from this process (rank 0) to each server's workers."""
 
     def __init__(self, control: Control, host: str) -> None:
+        # `host` (the client's callback_host) is not used: the servers reach this process at
+        # the address NCCL puts in the unique id (see `nccl.mint_unique_id`)
         if not torch.cuda.is_available():
             raise ValueError(
                 "transport='nccl' sends from a CUDA GPU and this process has none; use "
                 "transport='tcp' (the default), which needs no accelerator"
             )
         self.control = control
-        self.host = host
         self.stream = torch.cuda.Stream()
         self._servers: list[ServerInfo] = []
 
     def join(self, server: ServerInfo) -> None:
-        """Open an NCCL group with one server's workers, this process being rank 0. Both
-        sides block in the rendezvous, so the server is asked to join from a thread."""
-        meeting = rendezvous(self.host, free_port(self.host), server.workers)
-        with ThreadPoolExecutor(1) as pool:
-            request = pool.submit(
-                self.control.call, server.url, "POST", "/init_weight_transfer_engine",
-                json={"init_info": {"nccl": meeting}},
-            )
-            server.group = open_trainer(meeting)
-            request.result()
+        """Open an NCCL group with one server's workers, this process being rank 0."""
+        server.group = open_group(self.control, server.url, server.workers, torch.cuda.current_device())
         self._servers.append(server)
 
     def send(self, server: ServerInfo, records: list[Record]) -> int:
