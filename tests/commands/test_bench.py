@@ -137,3 +137,18 @@ def test_bench_dtype_reports_both_dtypes_and_their_ratios(tmp_path):
     for key in ("train_step_s", "decode_s_per_token"):
         assert all(v[key] > 0 for v in d.values())
         assert result["bf16_over_fp32"][key] == pytest.approx(d["bfloat16"][key] / d["float32"][key])
+
+
+def test_bench_sync_measures_a_given_model_folder(tiny_model, tmp_path):
+    """--model DIR: the strategies on that model (here a tiny llama, not the random qwen2
+    the benchmark builds otherwise), every one in parity, nothing built in the cache."""
+    model = tiny_model("llama")
+    r = run_lorasync("bench", "sync", "--model", model, "--rank", "4", "--repeats", "1", "--json",
+                     cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["config"]["model"] == model
+    assert {"streaming", "merge-unmerge", "adapter"} <= set(result["strategies"])
+    for name, s in result["strategies"].items():
+        assert s["max_abs_logprob_diff"] <= TOLERANCES["bfloat16"], (name, s)
+    assert not (tmp_path / "runs" / "bench").exists()

@@ -1,30 +1,47 @@
-"""The wire format refuses malformed, truncated and oversized payloads before anything is used."""
+"""The wire format refuses malformed, truncated, oversized and too slow payloads before anything
+is used, and the client bounds what a server declares to it."""
 
 import json
+import re
 import socket
 import struct
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from lorasync.server.wire import MAGIC, PayloadError, recv_payload, send_payload
+from lorasync.server.control import Control, ServerSyncError
+from lorasync.server.transport_tcp import TcpTransport
+from lorasync.server.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload, send_payload
 from lorasync.sync.base import Record
 
 LAYOUT = {"w": (6, 4), "v": (3,), "big": (512, 256)}
+FIX = "set LORASYNC_TRANSFER_TIMEOUT"  # what a Deadline's message tells to do, in these tests
 
 
-def roundtrip(raw: bytes, max_bytes: int = 1 << 20, dtype: torch.dtype = torch.float32):
-    """Feed `raw` to the receiver through a real socket pair; return what it accepted."""
+def roundtrip(raw: bytes, max_bytes: int = 1 << 20, dtype: torch.dtype = torch.float32,
+              layout=LAYOUT, seconds: float = 10.0):
+    """Feed `raw` to the receiver through a real socket pair, under a deadline of `seconds`;
+    return what it accepted."""
     a, b = socket.socketpair()
-    writer = threading.Thread(target=lambda: (a.sendall(raw), a.shutdown(socket.SHUT_WR)))
+
+    def write() -> None:
+        try:
+            a.sendall(raw)
+            a.shutdown(socket.SHUT_WR)
+        except OSError:  # the receiver refused early and closed its end
+            pass
+
+    writer = threading.Thread(target=write)
     writer.start()
     try:
-        return recv_payload(b, LAYOUT, dtype, max_bytes)
+        return recv_payload(b, layout, dtype, max_bytes, Deadline(seconds, FIX))
     finally:
+        b.close()  # first: a writer blocked on a full buffer gets an error and ends
         writer.join()
         a.close()
-        b.close()
 
 
 def encode(records, compress: bool = False) -> bytes:
@@ -45,7 +62,7 @@ def encode(records, compress: bool = False) -> bytes:
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, to compare bit for bit (torch.equal takes -0.0 for 0.0 and NaN for
     nothing)."""
-    return t.contiguous().view(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)  # flat: a 0-d tensor has no byte view
 
 
 def good_records():
@@ -69,6 +86,11 @@ def test_roundtrip_is_exact():
             assert torch.equal(x, y)
 
 
+def test_an_empty_transfer_is_taken_whatever_the_servers_dtype():
+    """`manifest` declares float32 when there is no tensor to take a dtype from."""
+    assert roundtrip(encode([]), dtype=torch.bfloat16) == []
+
+
 def test_truncated_payload_is_refused():
     raw = encode(good_records())
     with pytest.raises(PayloadError, match="truncated"):
@@ -90,13 +112,16 @@ def test_payload_over_the_limit_is_refused_before_reading_it():
     "head,message",
     [
         ({"dtype": "float32", "records": [{"name": "nope", "kind": "full", "shapes": [[3]]}]}, "not a tensor"),
-        ({"dtype": "bfloat16", "records": []}, "dtype"),
+        ({"dtype": "bfloat16", "records": [{"name": "v", "kind": "full", "shapes": [[3]]}]}, "dtype"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "full", "shapes": [[4]]}]}, "full tensor shapes"),
         ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": 1.0, "shapes": [[6, 5], [5, 4]]}]}, "do not fit"),
         ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": "x", "shapes": [[6, 2], [2, 4]]}]}, "numeric 'scale'"),
         ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": float("nan"), "shapes": [[6, 2], [2, 4]]}]}, "finite numeric 'scale'"),
         ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": float("inf"), "shapes": [[6, 2], [2, 4]]}]}, "finite numeric 'scale'"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "full", "shapes": [[-3]]}]}, "positive ints"),
+        ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": 1.0, "shapes": [[6, True], [True, 4]]}]}, "positive ints"),
+        ({"dtype": "float32", "encoding": "zlib", "records": []}, "encoding must be one of"),
+        ({"dtype": "float32", "records": [{"name": "w", "kind": "lora", "scale": 1e39, "shapes": [[6, 2], [2, 4]]}]}, r"\|scale\| <= 3\.40282e\+38"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "full", "shapes": [[3]]}] * 2}, "sent twice"),
         ({"dtype": "float32", "records": [{"name": "v", "kind": "delta", "shapes": [[3]]}]}, "kind must be"),
         ({"records": "all"}, "'records' list"),
@@ -142,3 +167,95 @@ def test_corrupt_compressed_plane_is_refused():
     raw[-14] ^= 0xFF  # inside the zlib stream of the top byte plane
     with pytest.raises(PayloadError, match="compressed plane"):
         roundtrip(bytes(raw))
+
+
+def test_one_deadline_bounds_the_whole_transfer_of_a_trickling_sender():
+    """A byte every 0.05 s: no single read waits the 0.5 s limit, so a timeout per read would
+    wait as long as the sender trickles (here 3 s, then it stops: "truncated")."""
+    raw = encode(good_records())
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def trickle() -> None:
+            with socket.create_connection(listener.getsockname()) as out:
+                for i in range(60):
+                    if stop.wait(0.05):
+                        return
+                    try:
+                        out.sendall(raw[i : i + 1])
+                    except OSError:  # the receiver gave up and closed
+                        return
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        conn, _ = listener.accept()
+    start = time.monotonic()
+    try:
+        with conn, pytest.raises(PayloadError, match=r"time limit of 0\.5 s") as err:
+            recv_payload(conn, LAYOUT, torch.float32, 1 << 20, Deadline(0.5, FIX))
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        sender.join()
+    assert elapsed < 1.5, elapsed
+    arrived = int(re.search(r"(\d+) bytes arrived", str(err.value)).group(1))
+    assert 0 < arrived < 60 and FIX in str(err.value)
+
+
+def test_the_deadline_covers_the_wait_for_the_end_of_the_stream():
+    """The whole payload, then the sender neither sends more nor closes."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(encode(good_records()))
+        start = time.monotonic()
+        with pytest.raises(PayloadError, match="still reading the end of the stream"):
+            recv_payload(b, LAYOUT, torch.float32, 1 << 20, Deadline(0.3, FIX))
+        assert time.monotonic() - start < 1.3
+
+
+def fake_server(reply: bytes) -> ThreadingHTTPServer:
+    """A stand-in for a server's handshake on loopback: on POST it connects back to the
+    client's listener, proves the nonce, then sends `reply` where a real server's info goes."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            endpoint = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["init_info"]
+            with socket.create_connection((endpoint["host"], endpoint["port"])) as sock:
+                try:
+                    sock.sendall(MAGIC + bytes.fromhex(endpoint["nonce"]) + reply)
+                except OSError:
+                    pass
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(
+    "reply,message",
+    [
+        (struct.pack("<Q", 1 << 62), f"declares {1 << 62} bytes of server info, over the client's limit of {MAX_INFO_BYTES}"),
+        (struct.pack("<Q", 3) + b"{x}", "server info is not valid JSON"),
+        (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
+    ],
+    ids=["huge", "bad-json", "not-an-object"],
+)
+def test_the_client_caps_and_checks_the_server_info_it_reads(reply, message):
+    server = fake_server(reply)
+    url = f"http://127.0.0.1:{server.server_port}"
+    control = Control("token", timeout=5)
+    try:
+        with pytest.raises(ServerSyncError, match=re.escape(message)) as err:
+            TcpTransport(control, "127.0.0.1", compress=False).handshake(url)
+        assert str(err.value).startswith(url)
+    finally:
+        control.close()
+        server.shutdown()
+        server.server_close()

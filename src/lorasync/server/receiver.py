@@ -36,6 +36,7 @@ from lorasync.server.nccl import join_workers, recv_records
 from lorasync.server.wire import (
     MAGIC,
     NONCE_BYTES,
+    Deadline,
     PayloadError,
     check_payload,
     recv_payload,
@@ -113,6 +114,7 @@ class LoraTransferEngine(WeightTransferEngine):
         # each sync is complete on its own: what an earlier client (another adapter, other
         # target modules) changed and this payload does not touch goes back to the checkpoint.
         self._dirty: set[int] = set()
+        # seconds for one whole transfer (connecting and every read), not for each read
         self.timeout = float(os.environ.get(TIMEOUT_ENV, "120"))
         # A valid payload never exceeds the full size of every checkpoint tensor (factors
         # are smaller than the tensors they change); anything larger is refused unread.
@@ -163,8 +165,11 @@ class LoraTransferEngine(WeightTransferEngine):
         if update_info.manifest is not None:
             records = self._receive_nccl(update_info.manifest)
         else:
-            with update_info.connect(self.timeout) as sock:
-                records = recv_payload(sock, self.layout, self.dtype, self.max_bytes)
+            deadline = Deadline(
+                self.timeout, f"set {TIMEOUT_ENV} (seconds, now {self.timeout:g}) in the server's environment"
+            )
+            with update_info.connect(deadline.left("the connection")) as sock:
+                records = recv_payload(sock, self.layout, self.dtype, self.max_bytes, deadline)
         full = {r.name for r in records if r.scale is None}  # sent whole: no base value needed
         for name in self._touched(records):
             if name not in self.pristine and name not in full:

@@ -17,7 +17,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from lorasync.server.control import Control, Pending, ServerInfo, ServerSyncError
-from lorasync.server.wire import MAGIC, NONCE_BYTES, PayloadError, recv_exact, send_payload
+from lorasync.server.wire import (
+    MAGIC,
+    MAX_INFO_BYTES,
+    NONCE_BYTES,
+    Deadline,
+    PayloadError,
+    recv_exact,
+    send_payload,
+)
 from lorasync.sync.base import Record
 
 T = TypeVar("T")
@@ -37,11 +45,10 @@ class TcpTransport:
     def handshake(self, url: str) -> ServerInfo:
         """What the server at `url` serves: checkpoint layout, fused groups, dtype, vocab."""
 
-        def read_info(sock: socket.socket) -> dict:
-            (length,) = struct.unpack("<Q", recv_exact(sock, 8, "server info length"))
-            return json.loads(bytes(recv_exact(sock, length, "server info")))
-
-        info = self.with_callback(url, "/init_weight_transfer_engine", "init_info", read_info)
+        info = self.with_callback(
+            url, "/init_weight_transfer_engine", "init_info",
+            lambda sock, deadline: read_info(sock, url, deadline),
+        )
         model = self.control.call(url, "GET", "/v1/models").json()["data"][0]["id"]
         return ServerInfo(
             url=url,
@@ -59,14 +66,17 @@ class TcpTransport:
         """Transfer `records` to a server with an open update session; return wire bytes."""
         return self.with_callback(
             server.url, "/update_weights", "update_info",
-            lambda sock: send_payload(sock, records, self.compress),
+            lambda sock, deadline: send_payload(sock, records, self.compress),
         )
 
     def close(self) -> None:
         pass  # one connection per transfer: nothing stays open
 
-    def with_callback(self, url: str, path: str, field: str, talk: Callable[[socket.socket], T]) -> T:
-        """POST `path` naming a one-shot listener; run `talk(sock)` on the server's connection.
+    def with_callback(
+        self, url: str, path: str, field: str, talk: Callable[[socket.socket, Deadline], T]
+    ) -> T:
+        """POST `path` naming a one-shot listener; run `talk(sock, deadline)` on the server's
+        connection, whose reads share one deadline (the control timeout).
 
         The request blocks until the server is done with the stream, so it runs on a thread
         while this one serves the connection. The server must open it and prove the nonce.
@@ -88,10 +98,11 @@ class TcpTransport:
                 )
             with sock:
                 sock.settimeout(timeout)
-                hello = recv_exact(sock, len(MAGIC) + NONCE_BYTES, "hello")
+                deadline = Deadline(timeout, "raise ServerEngine(timeout=...) on the trainer")
+                hello = recv_exact(sock, len(MAGIC) + NONCE_BYTES, "hello", deadline)
                 if not secrets.compare_digest(bytes(hello), MAGIC + nonce):
                     raise ServerSyncError(f"{url}: a connection without the transfer's nonce")
-                result = talk(sock)
+                result = talk(sock, deadline)
                 sock.shutdown(socket.SHUT_WR)
         except (OSError, PayloadError) as err:  # PayloadError: the stream ended early
             # The server may have refused the payload and closed the stream: wait for its
@@ -106,6 +117,24 @@ class TcpTransport:
             ) from None
         request.wait(extra=5)
         return result
+
+
+def read_info(sock: socket.socket, url: str, deadline: Deadline) -> dict:
+    """The server's answer to the handshake (a length, then JSON), its size capped before a
+    byte of it is read: a server cannot make the client allocate what it likes."""
+    (length,) = struct.unpack("<Q", recv_exact(sock, 8, "server info length", deadline))
+    if length > MAX_INFO_BYTES:
+        raise ServerSyncError(
+            f"{url}: the server declares {length} bytes of server info, over the client's limit "
+            f"of {MAX_INFO_BYTES} (wire.MAX_INFO_BYTES); is it a lorasync server of this version?"
+        )
+    try:
+        info = json.loads(bytes(recv_exact(sock, length, "server info", deadline)))
+    except (ValueError, RecursionError) as err:  # bad JSON, UTF-8, int digits; deep nesting
+        raise ServerSyncError(f"{url}: server info is not valid JSON ({type(err).__name__}: {err})"[:300]) from None
+    if not isinstance(info, dict):
+        raise ServerSyncError(f"{url}: server info must be a JSON object, got {type(info).__name__}")
+    return info
 
 
 def _accept(listener: socket.socket, request: Pending, timeout: float) -> socket.socket | None:

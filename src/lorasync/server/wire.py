@@ -12,7 +12,8 @@ The manifest lists records in order. A `lora` record carries `b` then `a` with
 GPT-2's Conv1D); a `full` record carries the tensor itself (modules_to_save, and variants the
 receiver cannot merge from factors). Every size is declared before any byte is read and checked
 against the receiver's checkpoint, so a malformed, truncated or oversized payload is refused
-before the model is touched.
+before the model is touched. The receiver's reading of one transfer obeys one deadline
+(`Deadline`), not a timeout per read: a peer that trickles bytes cannot hold it longer.
 
 Lossless compression (`encoding: "zlib-top-byte"`): each tensor's most significant byte
 plane (sign and high exponent bits, a few distinct values for trained weights) is sent
@@ -23,9 +24,9 @@ Both ends are assumed little-endian (x86, ARM).
 from __future__ import annotations
 
 import json
-import math
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Mapping
 
@@ -37,12 +38,41 @@ from lorasync.sync.base import Record
 MAGIC = b"LSYNC1\n"
 NONCE_BYTES = 32
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is ~100 bytes a tensor; 16 MiB is ~150k tensors
+# What the client reads from a server at connection (layout and groups: ~200 bytes a tensor).
+MAX_INFO_BYTES = 64 << 20
 _CHUNK = 4 << 20
 ENCODINGS = ("raw", "zlib-top-byte")
 
 
 class PayloadError(ValueError):
     """A transfer broke the wire format; nothing was loaded."""
+
+
+class Deadline:
+    """One time limit for a whole transfer: each read may take only what is left of it.
+
+    `fix` says how to raise the limit (the setting, on which side). `received` counts the
+    bytes read under it, for the message when it expires.
+    """
+
+    def __init__(self, seconds: float, fix: str) -> None:
+        self.seconds, self.fix = seconds, fix
+        self.end = time.monotonic() + seconds
+        self.received = 0
+
+    def left(self, what: str) -> float:
+        """Seconds left, > 0; PayloadError when none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise self.expired(what)
+        return left
+
+    def expired(self, what: str) -> PayloadError:
+        return PayloadError(
+            f"transfer over its time limit of {self.seconds:g} s for the whole payload: "
+            f"{self.received} bytes arrived and it was still reading {what}; a slow link or a "
+            f"large payload needs more: {self.fix}"
+        )
 
 
 def manifest(records: list[Record], encoding: str = "raw") -> dict:
@@ -72,7 +102,8 @@ def send_payload(sock: socket.socket, records: list[Record], compress: bool = Fa
     sent = len(MAGIC) + 8 + len(head)
     for record in records:
         for tensor in record.tensors:
-            planes = tensor.detach().contiguous().view(torch.uint8).reshape(tensor.numel(), -1)
+            # flat first: a 0-d tensor cannot be viewed as bytes
+            planes = tensor.detach().contiguous().reshape(-1).view(torch.uint8).reshape(tensor.numel(), -1)
             if compress:
                 top = _deflate(planes[:, -1].contiguous().numpy())
                 sock.sendall(struct.pack("<Q", len(top)) + top)
@@ -93,18 +124,19 @@ def _deflate(plane) -> bytes:
 
 
 def _recv_tensor(
-    sock: socket.socket, shape: tuple[int, ...], dtype: torch.dtype, encoding: str, what: str
+    sock: socket.socket, shape: tuple[int, ...], dtype: torch.dtype, encoding: str, what: str,
+    deadline: Deadline,
 ) -> torch.Tensor:
     """One tensor of a checked manifest, decoded; a corrupt compressed plane is refused."""
     n, elem = _numel(shape), _elem(dtype)
     if encoding == "raw":
-        return torch.frombuffer(recv_exact(sock, n * elem, what), dtype=dtype).view(shape)
-    (length,) = struct.unpack("<Q", recv_exact(sock, 8, f"{what} plane length"))
+        return torch.frombuffer(recv_exact(sock, n * elem, what, deadline), dtype=dtype).view(shape)
+    (length,) = struct.unpack("<Q", recv_exact(sock, 8, f"{what} plane length", deadline))
     if length > n + n // 1000 + 64:  # over zlib's worst case for n bytes: not a valid plane
         raise PayloadError(f"{what}: compressed plane of {length} bytes for {n} values")
     inflater = zlib.decompressobj()
     try:
-        top = inflater.decompress(recv_exact(sock, length, f"{what} plane"), n)
+        top = inflater.decompress(recv_exact(sock, length, f"{what} plane", deadline), n)
     except zlib.error as err:
         raise PayloadError(f"{what}: corrupt compressed plane ({err})") from None
     if len(top) != n or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
@@ -112,26 +144,41 @@ def _recv_tensor(
     planes = torch.empty((n, elem), dtype=torch.uint8)
     planes[:, -1] = torch.frombuffer(bytearray(top), dtype=torch.uint8)
     if elem > 1:
-        rest = recv_exact(sock, n * (elem - 1), what)
+        rest = recv_exact(sock, n * (elem - 1), what, deadline)
         planes[:, :-1] = torch.frombuffer(rest, dtype=torch.uint8).view(n, elem - 1)
     return planes.view(-1).view(dtype).view(shape)
 
 
-def recv_exact(sock: socket.socket, n: int, what: str) -> bytearray:
-    """Read exactly `n` bytes or raise PayloadError (the peer closed early: truncated)."""
+def recv_exact(sock: socket.socket, n: int, what: str, deadline: Deadline | None = None) -> bytearray:
+    """Read exactly `n` bytes or raise PayloadError (the peer closed early: truncated; or the
+    `deadline` passed). Without a deadline the socket's own timeout bounds each read."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], min(n - got, _CHUNK))
+        k = _recv(sock, lambda: sock.recv_into(view[got:], min(n - got, _CHUNK)), what, deadline)
         if k == 0:
             raise PayloadError(f"truncated payload: {what} ended after {got} of {n} bytes")
         got += k
     return buf
 
 
+def _recv(sock: socket.socket, read, what: str, deadline: Deadline | None) -> int:
+    """`read()` (one recv on `sock`, returning a byte count or bytes) within what is left of
+    `deadline`; its running out is a PayloadError."""
+    if deadline is None:
+        return read()
+    sock.settimeout(deadline.left(what))
+    try:
+        got = read()
+    except TimeoutError:  # socket.timeout
+        raise deadline.expired(what) from None
+    deadline.received += got if isinstance(got, int) else len(got)
+    return got
+
+
 def _shape(value, what: str) -> tuple[int, ...]:
-    if not (isinstance(value, list) and all(isinstance(d, int) and d > 0 for d in value)):
+    if not (isinstance(value, list) and all(type(d) is int and d > 0 for d in value)):  # not bool
         raise PayloadError(f"{what}: a shape must be a list of positive ints, got {value!r}")
     return tuple(value)
 
@@ -147,7 +194,7 @@ def check_manifest(
     """
     if not isinstance(head, Mapping) or not isinstance(head.get("records"), list):
         raise PayloadError("manifest must be a JSON object with a 'records' list")
-    if head.get("dtype") != dtype_name(dtype):
+    if head["records"] and head.get("dtype") != dtype_name(dtype):  # an empty one says float32
         raise PayloadError(
             f"payload dtype {head.get('dtype')!r} is not the server's dtype {dtype_name(dtype)!r}; "
             "send tensors in the engine's dtype"
@@ -175,8 +222,11 @@ def check_manifest(
             out.append((name, None, shapes))
         elif rec.get("kind") == "lora":
             scale = rec.get("scale")
-            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-                raise PayloadError(f"{what}: a lora record needs a finite numeric 'scale', got {scale!r}")
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not _fits(scale, dtype):
+                raise PayloadError(
+                    f"{what}: a lora record needs a finite numeric 'scale' within the server's "
+                    f"dtype ({dtype_name(dtype)}: |scale| <= {torch.finfo(dtype).max:g}), got {scale!r:.40}"
+                )
             ok = (
                 len(target) == 2
                 and len(shapes) == 2
@@ -196,6 +246,14 @@ def check_manifest(
         else:
             raise PayloadError(f"{what}: kind must be 'lora' or 'full', got {rec.get('kind')!r}")
     return out
+
+
+def _fits(scale: int | float, dtype: torch.dtype) -> bool:
+    """Finite, and finite in `dtype` (a merge with it would fill the weights with inf)."""
+    try:
+        return abs(float(scale)) <= torch.finfo(dtype).max  # False for NaN
+    except OverflowError:  # an int past every float (JSON has no size limit)
+        return False
 
 
 def check_payload(
@@ -237,30 +295,32 @@ def recv_payload(
     layout: Mapping[str, tuple[int, ...]],
     dtype: torch.dtype,
     max_bytes: int,
+    deadline: Deadline,
 ) -> list[Record]:
     """Read and validate one transfer; every check runs before the caller touches weights.
 
     Refuses a bad magic, a manifest over MAX_MANIFEST_BYTES, a payload declaring more than
-    `max_bytes`, shapes that do not fit the checkpoint, a stream that ends early (truncated)
-    and bytes after the declared end (oversized).
+    `max_bytes`, shapes that do not fit the checkpoint, a stream that ends early (truncated),
+    bytes after the declared end (oversized) and a transfer still incomplete at `deadline`.
     """
-    if bytes(recv_exact(sock, len(MAGIC), "magic")) != MAGIC:
+    if bytes(recv_exact(sock, len(MAGIC), "magic", deadline)) != MAGIC:
         raise PayloadError("not a lorasync payload (bad magic); client and server versions differ?")
-    (length,) = struct.unpack("<Q", recv_exact(sock, 8, "manifest length"))
+    (length,) = struct.unpack("<Q", recv_exact(sock, 8, "manifest length", deadline))
     if length > MAX_MANIFEST_BYTES:
         raise PayloadError(f"manifest of {length} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
     try:
-        head = json.loads(bytes(recv_exact(sock, length, "manifest")))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting too
+        head = json.loads(bytes(recv_exact(sock, length, "manifest", deadline)))
+    # ValueError: not JSON, not UTF-8, or an int over Python's 4300 digits; RecursionError: nesting
+    except (ValueError, RecursionError) as err:
         raise PayloadError(f"manifest is not valid JSON: {type(err).__name__}: {err}"[:300]) from None
     checked = check_payload(head, layout, dtype, max_bytes)
     encoding = head.get("encoding", "raw")
     total = payload_bytes(checked, dtype)
     records = []
     for name, scale, shapes in checked:
-        tensors = tuple(_recv_tensor(sock, s, dtype, encoding, name) for s in shapes)
+        tensors = tuple(_recv_tensor(sock, s, dtype, encoding, name, deadline) for s in shapes)
         records.append(Record(name, tensors, scale))
-    if sock.recv(1):
+    if _recv(sock, lambda: sock.recv(1), "the end of the stream", deadline):
         raise PayloadError(f"oversized payload: bytes follow the declared {total} tensor bytes")
     return records
 
