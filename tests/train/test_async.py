@@ -33,7 +33,7 @@ def test_async_with_k_0_is_the_synchronous_run_exactly(tiny_model, tmp_path):
     model = tiny_model("qwen2")
     runs = {}
     for mode in ("sync", "async"):
-        trainer = trainer_for(model, tmp_path / mode, mode=mode, k=0)
+        trainer = trainer_for(model, tmp_path / mode, mode=mode, k=0, steps=2)
         rows = trainer.train(progress=False)
         runs[mode] = ([{k: v for k, v in r.items() if k not in TIMING} for r in rows], lora_state(trainer))
     assert runs["sync"][0] == runs["async"][0]
@@ -44,9 +44,10 @@ def test_async_with_k_0_is_the_synchronous_run_exactly(tiny_model, tmp_path):
 @pytest.mark.parametrize("k", [1, 2])
 def test_batches_are_at_most_k_versions_old_and_every_token_says_which(tiny_model, tmp_path, k):
     model = tiny_model("qwen2")
-    trainer = trainer_for(model, tmp_path, mode="async", k=k, steps=5, engine=RandomEngine(model))
+    steps = k + 2
+    trainer = trainer_for(model, tmp_path, mode="async", k=k, steps=steps, engine=RandomEngine(model))
     rows = trainer.train(progress=False)
-    assert [r["staleness_max"] for r in rows] == [min(s, k) for s in range(5)]  # instant generation runs k ahead
+    assert [r["staleness_max"] for r in rows] == [min(s, k) for s in range(steps)]  # instant generation runs k ahead
     for step, r in enumerate(rows):
         assert r["policy_versions"] == [max(0, step - k)]
         assert r["staleness_mean"] == r["staleness_max"]
