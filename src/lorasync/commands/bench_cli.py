@@ -1,4 +1,5 @@
-"""`lorasync bench ...`: the benchmark subcommands' arguments and handlers (sync, dtype, train)."""
+"""`lorasync bench ...`: the benchmark subcommands' arguments and handlers (sync, dtype, train;
+train --rollout: rollout_bench.py)."""
 
 from __future__ import annotations
 
@@ -46,16 +47,55 @@ def _bench_dtype(args: argparse.Namespace) -> int:
     return 0
 
 
+# The flags only one kind of `bench train` takes (default None: given when not None), and the
+# batch-shape flags, whose defaults are the task's (TrainBenchConfig's, rollout_bench.task_defaults).
+TRL_ONLY = ("eval_n",)
+ROLLOUT_ONLY = ("max_staleness", "engine")
+SHAPE_FLAGS = ("prompts_per_step", "num_generations", "max_tokens", "lr", "rank", "grad_accum")
+
+
+def _refuse_given(args: argparse.Namespace, names, fix: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            raise ValueError(f"--{name.replace('_', '-')} = {value!r}: {fix}")
+
+
 def _bench_train(args: argparse.Namespace) -> int:
+    if args.rollout is not None:
+        return _bench_rollout(args)
+    from lorasync.commands.rollout_bench import TINY
     from lorasync.commands.train_bench import TrainBenchConfig, format_table, run_train_bench
 
+    _refuse_given(args, ROLLOUT_ONLY, "it is for comparing rollout modes: add --rollout sync,async, or drop it")
+    if args.model == TINY:
+        raise ValueError(f"--model = {TINY!r}: the tiny demo model is for comparing rollout modes "
+                         "(add --rollout sync,async); TRL's side needs a chat model: pass a model folder or hub name")
+    given = {name: getattr(args, name) for name in (*SHAPE_FLAGS, "task", "eval_n", "out")}
     config = TrainBenchConfig(
-        model=resolve_model(args.model), task=args.task, steps=args.steps,
-        prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
-        max_tokens=args.max_tokens, lr=args.lr, rank=args.rank, grad_accum=args.grad_accum,
-        eval_n=args.eval_n, dtype=args.dtype, out=args.out, seed=args.seed,
+        model=resolve_model(args.model), steps=args.steps, dtype=args.dtype, seed=args.seed,
+        **{name: value for name, value in given.items() if value is not None},
     )
     result = run_train_bench(config)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def _bench_rollout(args: argparse.Namespace) -> int:
+    from lorasync.commands.rollout_bench import TINY, RolloutBenchConfig, format_table, run_rollout_bench
+
+    _refuse_given(args, TRL_ONLY, "it is for the TRL comparison; the rollout comparison measures no "
+                  "held-out accuracy: drop it")
+    if args.model == TINY:
+        _refuse_given(args, ("task",), f"--model {TINY} learns the tiny demo's toy task (write digits) "
+                      "only: drop --task")
+    config = RolloutBenchConfig(
+        model=args.model, modes=tuple(m.strip() for m in args.rollout.split(",")),
+        max_staleness=args.max_staleness, engine=args.engine or "colocated", steps=args.steps,
+        dtype=args.dtype, seed=args.seed, out=args.out or "runs/bench_rollout",
+        **{name: getattr(args, name) for name in SHAPE_FLAGS},
+    )
+    result = run_rollout_bench(config)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -100,27 +140,60 @@ def add_bench_parsers(sub) -> None:
     p = bench_sub.add_parser(
         "train",
         help="the same GRPO run through TRL's GRPOTrainer (colocated vLLM) and `lorasync train`: "
-        "seconds per step, sync seconds and held-out accuracy, side by side",
+        "seconds per step, sync seconds and held-out accuracy, side by side; or, with --rollout, "
+        "lorasync's trainer with synchronous and asynchronous rollouts",
+        description="Without --rollout: TRL's GRPOTrainer against `lorasync train`, the same run. "
+        "With --rollout sync,async: `lorasync train` with each rollout mode in turn (same seed, "
+        "steps and batch shape, one engine, after one untimed warm-up step), a row per mode: "
+        "seconds per step, the trainer's wait for generation per step, tokens per second, reward "
+        "mean (last 5 steps and all), staleness max, and the ratios async/sync of step time and wait. "
+        "`--model tiny --rollout sync,async` runs in about a minute on two cores.",
     )
-    p.add_argument("--model", required=True, help="model folder or hub name")
-    p.add_argument("--task", choices=tuple(TASKS), default="arith", help="the task (train split; "
-                   "accuracy on the test split)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (default 10)")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (default 8)")
-    p.add_argument("--num-generations", type=int, default=8, help="completions per prompt (default 8)")
-    p.add_argument("--max-tokens", type=int, default=16, help="completion token limit (default 16)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate, constant (default 3e-4)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank, alpha 2 x rank (default 16)")
     p.add_argument(
-        "--grad-accum", type=int, default=2,
-        help="micro-batches per optimizer step; must divide prompts x generations (default 2)",
+        "--model", required=True,
+        help="model folder or hub name (the arith task); with --rollout also `tiny`: the tiny "
+        "demo's model (`lorasync demo --tiny`, built and pre-trained once into --out/base) "
+        "and its toy task (write digits), with the demo's batch shape and learning rate",
     )
-    p.add_argument("--eval-n", type=int, default=200, help="held-out problems (default 200)")
+    p.add_argument("--task", choices=tuple(TASKS), default=None, help="the task (train split; "
+                   "accuracy on the test split); default arith")
+    p.add_argument(
+        "--rollout", default=None, metavar="MODES",
+        help="compare rollout modes of lorasync's trainer instead of TRL against lorasync: "
+        "sync, async or both, comma-separated, run in that order (e.g. sync,async)",
+    )
+    p.add_argument(
+        "--max-staleness", type=int, default=None, metavar="K",
+        help="with --rollout: how many policy versions an async batch may lag (rollout.max_staleness; "
+        "default 1 when async runs)",
+    )
+    p.add_argument(
+        "--engine", choices=("colocated", "server"), default=None,
+        help="with --rollout: colocated (default: one vLLM engine in this process, streaming sync) "
+        "or server (one `lorasync serve` started on the model, LoRA-factor sync, stopped at the end)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per side or mode (default 10)")
+    p.add_argument("--prompts-per-step", type=int, default=None,
+                   help="prompts per step (default 8; --model tiny: 4)")
+    p.add_argument("--num-generations", type=int, default=None, help="completions per prompt (default 8)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="completion token limit (default 16; --model tiny: 12)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate, constant (default 3e-4; --model tiny: 2e-3)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha 2 x rank (default 16)")
+    p.add_argument(
+        "--grad-accum", type=int, default=None,
+        help="micro-batches per optimizer step; must divide prompts x generations "
+        "(default 2; --model tiny: 1)",
+    )
+    p.add_argument("--eval-n", type=int, default=None,
+                   help="held-out problems (default 200; not with --rollout)")
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32",
         help="trainers' and engines' dtype (TRL: bf16 autocast for bfloat16)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (both sides)")
-    p.add_argument("--out", default="runs/bench_train", help="output folder (default runs/bench_train)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (every side or mode)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/bench_train; with --rollout runs/bench_rollout)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_train)
