@@ -85,7 +85,9 @@ def test_resume_continues_exactly(tmp_path, demo_base, engine_for):
     # the same run, stopped by a failure in step 3, after the checkpoint of step 2
     crashed = GRPOTrainer(config_for(demo_base, tmp_path / "b", steps=4, save_every=2, **opts), engine)
     step = crashed.train_step
-    crashed.train_step = lambda: step() if crashed.step < 2 else (_ for _ in ()).throw(RuntimeError("crash"))
+    crashed.train_step = lambda producer=None: (
+        step(producer) if crashed.step < 2 else (_ for _ in ()).throw(RuntimeError("crash"))
+    )
     with pytest.raises(RuntimeError, match="crash"):
         crashed.train(progress=False)
     torch.manual_seed(1234)  # whatever ran in between: the checkpoint restores the RNGs
