@@ -106,7 +106,8 @@ def test_factor_sync_gives_parity_through_the_openai_client(servers, trainer):
         assert verify(trainer, engine, probes).max_abs_diff > 1e-2
     engine.close()
 
-    # The same sync compressed (top byte plane): fewer bytes, the same weights.
+    # A second client, compressed as by default (top byte plane): fewer bytes than the raw
+    # transfer, the same weights. (Raw factors, compress=False: test_faults.py.)
     engine = ServerEngine([s.url for s in servers], TOKEN, compress=True)
     compressed = factor_sync(trainer, engine)
     train_step(trainer)
@@ -275,17 +276,29 @@ def test_sync_check_command_against_running_servers(servers, tiny_model, tmp_pat
 
 
 def test_generations_running_through_syncs_each_come_from_one_policy(servers, trainer):
-    """Greedy completions requested all through three syncs each equal what one of the four
-    policies generates alone. A request running across a weight change would continue the
-    old policy's tokens with the new one's: the server pauses (in-flight requests finish
-    first) and resets its prefix cache around every load. Checked able to fail: without the
-    pause, 3 of 7 completions here were such mixtures."""
+    """Greedy completions requested by four threads all through eight syncs each equal, token
+    for token and logprob for logprob (within 1e-4), what exactly one of the nine policies
+    generates alone. A request running across a weight change would continue the old
+    policy's tokens with the new one's: the server pauses (in-flight requests finish first)
+    and resets its prefix cache around every load. Checked able to fail, with the client's
+    /pause dropped (a pytest plugin patching `Control.call`; the source unchanged): 4 runs
+    failed with 6 of 77, 4 of 86, 15 of 110 and 4 of 84 completions mixed. As this test was
+    (one thread, three syncs, tokens only) it caught 2 of 5 and 1 of 7: a sync often lands
+    between requests, and two policies' greedy tokens often agree for a while, so a switch
+    there leaves tokens another policy gives alone; with one thread, eight syncs and
+    logprobs, 1 run in 3 passed without the pause."""
     engine = ServerEngine(servers[0].url, TOKEN)
     sync = factor_sync(trainer, engine)
     prompt = probe_sequences(engine.vocab_size, n=1, length=8)
 
-    def greedy() -> tuple[int, ...]:
-        return tuple(engine.generate(prompt, max_tokens=64, temperature=0.0)[0][0].token_ids)
+    def greedy() -> tuple[tuple[int, ...], list[float]]:
+        out = engine.generate(prompt, max_tokens=64, temperature=0.0)[0][0]
+        return tuple(out.token_ids), out.logprobs
+
+    def policies_of(completion) -> list[int]:
+        """The policies (indices in `alone`) whose completion this one is."""
+        tokens, logprobs = completion
+        return [i for i, (t, lp) in enumerate(alone) if t == tokens and max_diff([lp], [logprobs]) <= TOL]
 
     sync()
     alone = [greedy()]
@@ -295,19 +308,21 @@ def test_generations_running_through_syncs_each_come_from_one_policy(servers, tr
         while not stop.is_set():
             seen.append(greedy())
 
-    generator = threading.Thread(target=keep_generating)
-    generator.start()
+    generators = [threading.Thread(target=keep_generating) for _ in range(4)]
+    for g in generators:
+        g.start()
     try:
-        for _ in range(3):
+        for _ in range(8):
             train_step(trainer)
             sync()
             alone.append(greedy())  # the next sync waits for this: one policy throughout
     finally:
         stop.set()
-        generator.join()
-    assert len(set(alone)) == 4, "the policies must generate differently for the check to bite"
-    assert len(seen) >= 3
-    mixed = [s for s in seen if s not in alone]
+        for g in generators:
+            g.join()
+    assert all(len(policies_of(a)) == 1 for a in alone), "the policies must differ for the check to bite"
+    assert len(seen) >= 8
+    mixed = [s for s in seen if len(policies_of(s)) != 1]
     assert not mixed, f"{len(mixed)} of {len(seen)} completions mixed two policies"
     engine.close()
 

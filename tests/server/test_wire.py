@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from lorasync.server.control import Control, ServerSyncError
+from lorasync.server.control import MAX_RESPONSE_BYTES, Control, ServerSyncError
 from lorasync.server.transport_tcp import TcpTransport
 from lorasync.server.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload, send_payload
 from lorasync.sync.base import Record
@@ -213,11 +213,26 @@ def test_the_deadline_covers_the_wait_for_the_end_of_the_stream():
         assert time.monotonic() - start < 1.3
 
 
-def fake_server(reply: bytes) -> ThreadingHTTPServer:
+def fake_server(reply: bytes, models: bytes = b'{"data": [{"id": "m"}]}') -> ThreadingHTTPServer:
     """A stand-in for a server's handshake on loopback: on POST it connects back to the
-    client's listener, proves the nonce, then sends `reply` where a real server's info goes."""
+    client's listener, proves the nonce, then sends `reply` where a real server's info goes;
+    GET answers `models` (chunked, as a streaming server would: no length announced)."""
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(models), 1 << 16):
+                piece = models[i : i + (1 << 16)]
+                try:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                except OSError:  # the client stopped reading
+                    return
+            self.wfile.write(b"0\r\n\r\n")
+
         def do_POST(self) -> None:
             endpoint = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["init_info"]
             with socket.create_connection((endpoint["host"], endpoint["port"])) as sock:
@@ -248,7 +263,68 @@ def fake_server(reply: bytes) -> ThreadingHTTPServer:
     ids=["huge", "bad-json", "not-an-object"],
 )
 def test_the_client_caps_and_checks_the_server_info_it_reads(reply, message):
-    server = fake_server(reply)
+    expect_handshake_error(fake_server(reply), message)
+
+
+GOOD_INFO = {
+    "layout": {"w": [2, 3]}, "groups": [["w"]], "dtype": "float32", "vocab_size": 8,
+    "max_payload_bytes": 1 << 20, "workers": 1, "merge_kernel": "addmm",
+}
+
+
+def info_reply(info: dict) -> bytes:
+    body = json.dumps(info).encode()
+    return struct.pack("<Q", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"vocab_size": None}, "field 'vocab_size' must be a positive integer, got None"),
+        ({"workers": 0}, "field 'workers' must be a positive integer, got 0"),
+        ({"max_payload_bytes": "1"}, "field 'max_payload_bytes' must be a positive integer, got '1'"),
+        ({"dtype": "float8"}, "field 'dtype' must be one of"),
+        ({"layout": {"w": [2, -3]}}, "field 'layout' must be an object of names to shapes"),
+        ({"layout": ["w"]}, "field 'layout' must be an object of names to shapes"),
+        ({"groups": [["w", 1]]}, "field 'groups' must be a list of lists of names"),
+        ({"merge_kernel": None}, "field 'merge_kernel' must be a string"),
+    ],
+    ids=["missing", "zero", "string-int", "dtype", "negative-size", "layout-list", "group-name", "kernel"],
+)
+def test_the_client_checks_every_field_of_the_server_info(change, message):
+    """A field missing or of the wrong type is the server's error, naming the field and the
+    value, not a KeyError or TypeError later. The good info passes (the check can pass)."""
+    server = fake_server(info_reply(GOOD_INFO))
+    url = f"http://127.0.0.1:{server.server_port}"
+    control = Control("token", timeout=5)
+    try:
+        info = TcpTransport(control, "127.0.0.1", compress=False).handshake(url)
+        assert (info.layout, info.model, info.dtype) == ({"w": (2, 3)}, "m", "float32")
+    finally:
+        control.close()
+        server.shutdown()
+        server.server_close()
+    expect_handshake_error(fake_server(info_reply(GOOD_INFO | change)), message)
+
+
+@pytest.mark.parametrize(
+    "models,message",
+    [
+        (b"[" * 50 + b"x" * (2 << 20), f"the answer is over the client's limit of {MAX_RESPONSE_BYTES} bytes"),
+        (b"{not json", "the answer is not JSON"),
+        (b'{"data": []}', "no model id in"),
+    ],
+    ids=["huge", "bad-json", "no-model"],
+)
+def test_the_client_caps_and_checks_http_answers(models, message):
+    """An answer to a control request is read to at most MAX_RESPONSE_BYTES, even when no
+    length is announced, then checked: a server cannot make the client allocate what it
+    likes, nor fail it with a KeyError."""
+    expect_handshake_error(fake_server(info_reply(GOOD_INFO), models), message)
+
+
+def expect_handshake_error(server: ThreadingHTTPServer, message: str) -> None:
+    """The handshake with `server` raises ServerSyncError naming its URL and saying `message`."""
     url = f"http://127.0.0.1:{server.server_port}"
     control = Control("token", timeout=5)
     try:

@@ -49,18 +49,13 @@ class TcpTransport:
             url, "/init_weight_transfer_engine", "init_info",
             lambda sock, deadline: read_info(sock, url, deadline),
         )
-        model = self.control.call(url, "GET", "/v1/models").json()["data"][0]["id"]
-        return ServerInfo(
-            url=url,
-            layout={k: tuple(v) for k, v in info["layout"].items()},
-            groups=info["groups"],
-            dtype=info["dtype"],
-            vocab_size=info["vocab_size"],
-            model=model,
-            max_payload_bytes=info["max_payload_bytes"],
-            workers=info["workers"],
-            merge_kernel=info["merge_kernel"],
-        )
+        models = self.control.json(url, "GET", "/v1/models")
+        try:
+            model = models["data"][0]["id"]
+            assert isinstance(model, str)
+        except (KeyError, IndexError, TypeError, AssertionError):
+            raise ServerSyncError(f"{url}/v1/models: no model id in {models!r}"[:300]) from None
+        return ServerInfo.from_report(url, info, model)
 
     def send(self, server: ServerInfo, records: list[Record]) -> int:
         """Transfer `records` to a server with an open update session; return wire bytes."""
