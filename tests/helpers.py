@@ -177,6 +177,19 @@ def train_step(model: torch.nn.Module, scale: float = 0.02) -> None:
                 param.add_(scale * torch.randn_like(param))
 
 
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what `train_step` moves (the adapter): one policy version, to load back with
+    `load_trainable` when checking which version generated what."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
 # --- engines that record ----------------------------------------------------------------------
 
 

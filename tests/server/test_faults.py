@@ -34,7 +34,7 @@ from lorasync.server.control import ServerSyncError
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, policy, train_step, transfer_bytes
+from tests.helpers import TOKEN, Server, load_trainable, policy, train_step, trainable, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 server
@@ -65,11 +65,6 @@ def trainer(tiny_model):
 
 def factor_sync(trainer, engine) -> WeightSync:
     return WeightSync(trainer, engine, "factors")
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    """A copy of what a train step moves (the adapter): one policy version."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def generated_diff(model, prompt: list[int], completion) -> float:
@@ -125,11 +120,9 @@ def test_four_openai_clients_through_twenty_syncs_each_get_one_whole_policy(serv
     # The trainer's logprobs of each distinct completion, under every version.
     expected: dict[int, dict[tuple, list[float]]] = {}
     distinct = sorted({(tuple(p), t) for p, t, _ in answers})
-    params = dict(trainer.named_parameters())
     with torch.no_grad():
         for version, state in versions.items():
-            for name, value in state.items():
-                params[name].copy_(value)
+            load_trainable(trainer, state)
             scores = trainer_scores(trainer, [list(p) + list(t) for p, t in distinct])
             expected[version] = {pt: s[-len(pt[1]):] for pt, s in zip(distinct, scores)}
     served_by = []

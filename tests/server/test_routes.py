@@ -41,6 +41,7 @@ OPEN = {
     "/v1/chat/completions/derender", "/v1/responses", "/v1/responses/{response_id}",
     "/v1/responses/{response_id}/cancel", "/v1/responses/render", "/v1/messages",
     "/v1/messages/count_tokens", "/v1/messages/render", "/v1/systemone",
+    "/inference/v1/generate",  # vLLM's token route: generation with per-token weight versions
 }
 
 

@@ -8,9 +8,10 @@ spread over the servers; weights move through vLLM's own weight-transfer routes,
 a transport: TCP (`transport_tcp.py`) or, on GPU machines, NCCL (`transport_nccl.py`).
 
 A sync is atomic from outside and all or none over the servers: every server is paused
-(in-flight requests finish first) and receives the payload, and only then does each load it,
-take the new weight version, reset its prefix cache and resume; a transfer that fails anywhere
-leaves every server serving the previous version (`load_records`).
+(in-flight requests finish first, or with in_flight="keep" are frozen and labelled per token)
+and receives the payload, and only then does each load it, take the new weight version, reset
+its prefix cache and resume; a transfer that fails anywhere leaves every server serving the
+previous version (`load_records`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Protocol, TypeVar
 import torch
 
 from lorasync.checkpoint import DTYPES
-from lorasync.server import TOKEN_ENV
+from lorasync.server import IN_FLIGHT, TOKEN_ENV
 from lorasync.server.control import Control, ServerInfo, ServerSyncError
+from lorasync.server.tokens import TokenGenerator
 from lorasync.server.transport_nccl import NcclTransport
 from lorasync.server.transport_tcp import TcpTransport
 from lorasync.sync.base import Completion, Record
@@ -53,6 +55,10 @@ class ServerEngine:
     on by default, since the link is what server mode pays for; off for loopback, if you like.
     `transport="nccl"` moves the bytes by NCCL broadcast from this process's current CUDA
     device to the servers' GPU workers instead of TCP (raw tensors: `compress` is for TCP).
+    `in_flight`: what a sync does to the requests running on the servers: "wait" (default)
+    lets them finish on the old weights first (each completion is one version's); "keep"
+    freezes them, loads, and lets them go on with the new weights (each completion's tokens
+    carry the version that sampled them); see docs/async.md.
     """
 
     def __init__(
@@ -63,9 +69,13 @@ class ServerEngine:
         callback_host: str = "127.0.0.1",
         compress: bool = True,
         transport: str = "tcp",
+        in_flight: str = "wait",
     ) -> None:
         from openai import OpenAI
 
+        if in_flight not in IN_FLIGHT:
+            raise ValueError(f"in_flight must be one of {', '.join(IN_FLIGHT)}, got {in_flight!r}")
+        self.in_flight = in_flight
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -109,6 +119,7 @@ class ServerEngine:
             OpenAI(base_url=f"{s.url}/v1", api_key=token, timeout=timeout, max_retries=0)
             for s in self._servers
         ]
+        self._tokens = TokenGenerator([s.url for s in self._servers], token, timeout)
 
     # -- the engine interface ---------------------------------------------------------------
 
@@ -131,7 +142,8 @@ class ServerEngine:
     def load_records(self, records: Sequence[Record]) -> int:
         """Send one transfer to every server, all or none; return the new weight version.
 
-        Two phases. Every server is paused (requests in flight finish first) and receives
+        Two phases. Every server is paused (requests in flight finish first, or with
+        in_flight="keep" are frozen) and receives
         and checks the whole payload, loading nothing; only when all have it does each load
         it. If a transfer fails, the servers that received theirs discard it, the rest are
         not touched, and all keep serving the previous version: ServerSyncError says which
@@ -145,7 +157,7 @@ class ServerEngine:
             wire, received = 0, []
             try:
                 for server in self._servers:
-                    self.control.call(server.url, "POST", "/pause", True, params={"mode": "wait", "clear_cache": "true"})
+                    self.control.call(server.url, "POST", "/pause", True, params={"mode": self.in_flight, "clear_cache": "true"})
                     paused.append(server)
                     wire = self._receive(server, list(records))
                     received.append(server)
@@ -157,7 +169,7 @@ class ServerEngine:
             for server in self._servers:
                 try:
                     self.control.call(server.url, "POST", "/finish_weight_update", json={"weight_version": str(version)})
-                    self.control.call(server.url, "POST", "/reset_prefix_cache")
+                    self._reset_prefix_cache(server.url)
                 except ServerSyncError as err:
                     errors.append(f"{err} (loading failed after every server received the payload)")
             if errors:
@@ -177,12 +189,33 @@ class ServerEngine:
         self.last_wire_bytes = wire
         return version
 
+    def _reset_prefix_cache(self, url: str) -> None:
+        """Drop the KV blocks the old weights computed, so no request reuses them. With
+        in_flight="keep" the frozen requests must not keep theirs either: they are preempted,
+        and on resume recompute their prompt and tokens so far with the new weights, then go
+        on, so each token is sampled by exactly the version it is labelled with. vLLM 0.32's
+        pause (clear_cache, deprecated there) already preempts them; `reset_running_requests`
+        makes sure. vLLM refuses a reset while blocks are held: an error here, never ignored
+        (tests/server/test_in_flight.py shows the stale KV a kept block leaves: 0.46 in a
+        token's logprob)."""
+        keep = self.in_flight == "keep"
+        answer = self.control.json(url, "POST", "/reset_prefix_cache", params={"reset_running_requests": str(keep).lower()})
+        if not (isinstance(answer, dict) and answer.get("success") is True):
+            raise ServerSyncError(
+                f"{url}/reset_prefix_cache did not reset ({answer!r}): new requests could reuse "
+                "KV blocks of the old weights"[:400]
+            )
+
     def served_versions(self) -> list[str]:
         """The weight version each server reports serving (GET /weight_info)."""
-        return [
-            self.control.call(s.url, "GET", "/weight_info", retry=True).json()["weight_version"]
-            for s in self._servers
-        ]
+        versions = []
+        for s in self._servers:
+            answer = self.control.json(s.url, "GET", "/weight_info", retry=True)
+            version = answer.get("weight_version") if isinstance(answer, dict) else None
+            if not isinstance(version, str):
+                raise ServerSyncError(f"{s.url}/weight_info: no weight version (a string) in {answer!r}"[:300])
+            versions.append(version)
+        return versions
 
     def generate(
         self,
@@ -192,7 +225,15 @@ class ServerEngine:
         n: int = 1,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        """Sample `n` completions per prompt, prompts spread round-robin over the servers."""
+        """Sample `n` completions per prompt, prompts spread round-robin over the servers.
+
+        With in_flight="keep" a sync may land while they run, so each completion comes with
+        the weight version of each of its tokens, as the server recorded them (`tokens.py`).
+        """
+        if self.in_flight == "keep":
+            return self._spread(
+                prompts, lambda i, batch: self._tokens.generate(i, batch, max_tokens, temperature, n, seed)
+            )
 
         def run(i: int, batch: list[list[int]]) -> list[list[Completion]]:
             out = self._clients[i].completions.create(
@@ -236,6 +277,7 @@ class ServerEngine:
         """Close the HTTP connections and NCCL groups; the servers keep running."""
         self.transport.close()
         self.control.close()
+        self._tokens.close()
         for client in self._clients:
             client.close()
 

@@ -24,11 +24,12 @@ from lorasync.server import TOKEN_ENV
 # Routes anyone may call: liveness probes only. Everything else, the OpenAI API included,
 # needs the token: a dev-mode server can be reconfigured through its other routes.
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
-# With the token: the OpenAI API (and its tokenizer routes, metrics), and what a lorasync
-# client calls for a sync (server/client.py, server/control.py, server/transport_*.py).
+# With the token: the OpenAI API (and its tokenizer routes, metrics), vLLM's token route
+# (server/tokens.py), and what a lorasync client calls for a sync (server/client.py,
+# server/control.py, server/transport_*.py).
 ALLOWED_PREFIXES = ("/v1/",)
 ALLOWED_PATHS = frozenset({
-    "/tokenize", "/detokenize", "/metrics",
+    "/tokenize", "/detokenize", "/metrics", "/inference/v1/generate",
     "/pause", "/resume", "/reset_prefix_cache", "/weight_info",
     "/init_weight_transfer_engine", "/start_weight_update", "/update_weights", "/finish_weight_update",
 })

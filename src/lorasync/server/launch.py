@@ -97,6 +97,9 @@ def serve_command(
         "--weight-transfer-config", f'{{"backend": "{BACKEND}"}}',
         "--middleware", MIDDLEWARE,
         *vllm_compat.scheduler_flags(),  # seeded sampling on CPU (see there)
+        # the token route, whose answers carry per-token weight versions (server/tokens.py);
+        # the guard opens only it of the scale-out routes
+        "--enable-scale-out",
         *extra,
     ]
 
