@@ -125,9 +125,22 @@ def engine_for():
 
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory):
-    """The demo's base model: a tiny Qwen2 pre-trained briefly (about 45 s, once a session)."""
+    """The demo's base model: a tiny Qwen2 pre-trained briefly (about 5 s, once a session)."""
     from lorasync.commands.demo import pretrain
 
     out = make_tiny_model(tmp_path_factory.mktemp("demo") / "base", arch="qwen2")
     pretrain(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_server(tiny_model):
+    """One `lorasync serve` on the tiny Qwen2 (float32) for the module, killed at its end
+    (about 25 s to start on 2 busy cores). A test that kills it restarts it: `.start().wait()`."""
+    from tests.helpers import Server
+
+    server = Server(tiny_model("qwen2")).start().wait()
+    try:
+        yield server
+    finally:
+        server.kill()

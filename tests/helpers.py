@@ -308,5 +308,43 @@ def transfer_bytes(records: Sequence, compress: bool = False) -> bytes:
     from lorasync.server.wire import send_payload
 
     recorder = _Recorder()
-    send_payload(recorder, list(records), compress)
+    sent = send_payload(recorder, list(records), compress)
+    assert sent == len(recorder.data)  # it reports what it wrote
     return bytes(recorder.data)
+
+
+def roundtrip(raw: bytes, layout: dict, max_bytes: int = 1 << 20, dtype: torch.dtype = torch.float32,
+              seconds: float = 10.0):
+    """Feed `raw` to the receiver (`wire.recv_payload`) through a real socket pair, under a
+    deadline of `seconds`; return what it accepted."""
+    import socket
+    import threading
+
+    from lorasync.server.wire import Deadline, recv_payload
+
+    a, b = socket.socketpair()
+
+    def write() -> None:
+        try:
+            a.sendall(raw)
+            a.shutdown(socket.SHUT_WR)
+        except OSError:  # the receiver refused early and closed its end
+            pass
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        return recv_payload(b, layout, dtype, max_bytes, Deadline(seconds, DEADLINE_FIX))
+    finally:
+        b.close()  # first: a writer blocked on a full buffer gets an error and ends
+        writer.join()
+        a.close()
+
+
+DEADLINE_FIX = "set LORASYNC_TRANSFER_TIMEOUT"  # what `roundtrip`'s Deadline tells to do
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, to compare bit for bit (torch.equal takes -0.0 for 0.0 and NaN for
+    nothing)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)  # flat: a 0-d tensor has no byte view

@@ -14,6 +14,7 @@ from lorasync.commands.rollout_bench import (
     LAST_STEPS, RolloutBenchConfig, bench_engine, format_table, ratios, summarize, task_defaults,
     tiny_base, train_config,
 )
+from lorasync.commands.rollout_report import plot_reward_vs_time
 from lorasync.commands.train_bench import TrainBenchConfig
 from tests.helpers import run_lorasync
 
@@ -38,6 +39,12 @@ STEPS, K = 3, 1
         (["--rollout", "sync,async", "--grad-accum", "3"],
          "--grad-accum = 3: must divide prompts-per-step x num-generations = 32"),
         ([], "--model = 'tiny': the tiny demo model is for comparing rollout modes (add --rollout sync,async)"),
+        (["--rollout", "sync,async", "--engine", "server", "--in-flight", "keep,hold"],
+         "--in-flight = 'keep,hold': name each of wait, keep at most once (e.g. wait,keep)"),
+        (["--rollout", "sync,async", "--in-flight", "keep"], "--in-flight = 'keep': keep lets syncs land in "
+         "an async batch on a server: add --rollout async and --engine server, or drop it"),
+        (["--rollout", "sync", "--engine", "server", "--in-flight", "keep"], "--in-flight = 'keep': keep lets"),
+        (["--in-flight", "keep"], "--in-flight = 'keep': it is for comparing rollout modes: add --rollout"),
     ],
 )
 def test_bad_flags_are_refused_naming_flag_value_and_fix(flags, message, capsys, tmp_path, monkeypatch):
@@ -72,17 +79,28 @@ def test_the_modes_train_the_same_run_but_for_the_rollout(engine, tmp_path):
                                 prompts_per_step=2, out=str(tmp_path))
     servers = ["http://127.0.0.1:9"] if engine == "server" else []
     runs = {mode: train_config(config, "base", mode, servers) for mode in ("sync", "async")}
+    if engine == "server":
+        runs["async-keep"] = train_config(config, "base", "async", servers, "keep")
+        assert runs["async-keep"].rollout.in_flight == "keep"
+        assert runs["async-keep"].output_dir == str(tmp_path / "async-keep")
     assert (runs["sync"].rollout.mode, runs["sync"].rollout.max_staleness) == ("sync", 0)
     assert (runs["async"].rollout.mode, runs["async"].rollout.max_staleness) == ("async", 2)
     assert runs["async"].output_dir == str(tmp_path / "async")
     for run in runs.values():
-        run.rollout.mode, run.rollout.max_staleness, run.output_dir = "sync", 0, ""
-    assert runs["sync"] == runs["async"]
+        run.rollout.mode, run.rollout.max_staleness, run.rollout.in_flight, run.output_dir = "sync", 0, "wait", ""
+    assert all(run == runs["sync"] for run in runs.values())
     run = runs["sync"]
     assert (run.optim.steps, run.optim.seed, run.optim.lr, run.rollout.prompts_per_step) == (7, 3, 2e-3, 2)
     assert run.data.prompts and run.rewards[0].function == "lorasync.train.rewards:digit_fraction"
     assert (run.engine.kind, run.engine.servers, run.sync.strategy.value) == (
         ("server", servers, "factors") if engine == "server" else ("colocated", [], "streaming"))
+
+
+def test_runs_are_sync_then_async_per_in_flight():
+    config = RolloutBenchConfig(model="tiny", engine="server", in_flight=("wait", "keep"))
+    assert config.runs() == [("sync", "sync", "wait"), ("async", "async", "wait"), ("async-keep", "async", "keep")]
+    config = RolloutBenchConfig(model="tiny", modes=("async",), engine="server", in_flight=("keep",))
+    assert config.runs() == [("async-keep", "async", "keep")]
 
 
 def row(step: int, seconds: float, wait: float, reward: float, stale: int, tokens: int = 100) -> dict:
@@ -112,6 +130,31 @@ def test_summary_means_per_step_and_ratios():
     assert "reward last 5" in table[1] and table[2].split() == ["sync", "2.00", "1.00", "0.50", "50.0", "0.500",
                                                                "0.400", "0"]
     assert table[3].startswith("async (K=1)") and table[4] == "async/sync: step time 0.50, wait 0.25"
+    # in flight: its own row and ratio
+    keep = summarize([row(s, 0.5, 0.2, 0.1 * s, 1) for s in range(1, 8)])
+    result["modes"]["async-keep"] = keep | {"rollout": {"mode": "async", "max_staleness": 1, "in_flight": "keep"}}
+    result["keep_over_sync"] = ratios(result["modes"], "async-keep")
+    assert result["keep_over_sync"] == pytest.approx({"step_seconds": 0.25, "wait_seconds": 0.2})
+    table = format_table(result | {"plot": "out/reward_vs_time.png"}).splitlines()
+    assert table[4].startswith("keep (K=1)") and table[6] == "keep/sync: step time 0.25, wait 0.20"
+    assert table[7] == "reward against wall-clock: out/reward_vs_time.png"
+
+
+def test_reward_is_plotted_against_the_summed_step_times(tmp_path, monkeypatch):
+    """One line per run; x = the steps' seconds summed, y = each step's reward."""
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.append((list(x), list(y), kw["label"])) or real(self, x, y, **kw))
+    modes = {"sync": summarize([row(s, 2.0, 1.0, 0.1 * s, 0) for s in range(1, 4)]) | {"rollout": {"mode": "sync"}},
+             "async": summarize([row(s, 1.0, 0.2, 0.2 * s, 1) for s in range(1, 4)])
+             | {"rollout": {"mode": "async", "max_staleness": 1}}}
+    plot_reward_vs_time(modes, tmp_path / "p.png", "title")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert drawn == [([2.0, 4.0, 6.0], pytest.approx([0.1, 0.2, 0.3]), "sync"),
+                     ([1.0, 2.0, 3.0], pytest.approx([0.2, 0.4, 0.6]), "async (K=1)")]
 
 
 def test_tiny_base_is_built_once_aside_then_reused(tmp_path, monkeypatch):
@@ -168,7 +211,7 @@ def test_bench_runs_both_modes_on_the_tiny_model(tmp_path):
     assert list(modes) == ["sync", "async"]
     for mode, side in modes.items():
         # what the trainer ran with, read back from the run folder
-        assert side["rollout"] == {"mode": mode, "max_staleness": K if mode == "async" else 0}
+        assert side["rollout"] == {"mode": mode, "max_staleness": K if mode == "async" else 0, "in_flight": "wait"}
         assert side["sync_strategy"] == "streaming" and Path(side["run_dir"]) == tmp_path / "out" / mode
         assert side["steps"] == STEPS and [s["step"] for s in side["per_step"]] == [1, 2, 3]
         for s in side["per_step"]:
@@ -182,4 +225,5 @@ def test_bench_runs_both_modes_on_the_tiny_model(tmp_path):
     assert result["async_over_sync"]["step_seconds"] == pytest.approx(
         modes["async"]["step_seconds"] / modes["sync"]["step_seconds"])
     table = format_table(result).splitlines()
-    assert table[2].startswith("sync ") and table[3].startswith(f"async (K={K})") and len(table) == 5
+    assert table[2].startswith("sync ") and table[3].startswith(f"async (K={K})") and len(table) == 6
+    assert result["plot"] == str(tmp_path / "out" / "reward_vs_time.png") and Path(result["plot"]).is_file()

@@ -20,7 +20,7 @@ from lorasync.sync.factors import lora_records
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, max_diff, openai_scores, policy, run_lorasync, train_step
+from tests.helpers import TOKEN, Server, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 servers
@@ -67,22 +67,6 @@ def factor_sync(trainer, engine) -> WeightSync:
     return WeightSync(trainer, engine, "factors")
 
 
-class Recorder:
-    """A socket stand-in that keeps what is sent (a real pair would block on a full buffer)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def sendall(self, chunk) -> None:
-        self.data += bytes(chunk)
-
-
-def wire_bytes(send, records) -> bytes:
-    recorder = Recorder()
-    send(recorder, records)
-    return bytes(recorder.data)
-
-
 def test_factor_sync_gives_parity_through_the_openai_client(servers, trainer):
     engine = ServerEngine([s.url for s in servers], TOKEN)
     sync = factor_sync(trainer, engine)
@@ -111,7 +95,7 @@ def test_factor_sync_gives_parity_through_the_openai_client(servers, trainer):
     engine = ServerEngine([s.url for s in servers], TOKEN, compress=True)
     compressed = factor_sync(trainer, engine)
     train_step(trainer)
-    raw = wire_bytes(transport_tcp.send_payload, list(lora_records(compressed.merger, compressed.plan, engine.dtype)))
+    raw = transfer_bytes(list(lora_records(compressed.merger, compressed.plan, engine.dtype)))
     compressed()
     assert engine.last_wire_bytes < len(raw)
     assert verify(trainer, engine, probes).max_abs_diff <= TOL
@@ -153,10 +137,8 @@ def test_bad_payload_is_refused_and_the_previous_version_keeps_serving(
     before = engine.score(probes)
     version = engine.served_versions()
 
-    real_send = transport_tcp.send_payload
-
     def bad_send(sock, records, compress=False):
-        raw = wire_bytes(real_send, records)
+        raw = transfer_bytes(records)
         sock.sendall(corrupt(raw))
         return len(raw)
 
@@ -187,7 +169,7 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
         sends.append(sock)
         if len(sends) == 1:
             return real_send(sock, records, compress)
-        raw = wire_bytes(real_send, records)
+        raw = transfer_bytes(records)
         sock.sendall(raw[: len(raw) // 2])
         return len(raw)
 
@@ -350,7 +332,7 @@ def test_a_sync_resets_the_prefix_cache_of_a_prompt_longer_than_a_kv_block(serve
 
     def cache_left_alone(self, url, method, path, retry=False, **kwargs):
         if path == "/reset_prefix_cache":
-            return None
+            return httpx.Response(200, json={"success": True})  # as if it had reset
         if path == "/pause":
             kwargs["params"] = kwargs["params"] | {"clear_cache": "false"}
         return real_call(self, url, method, path, retry, **kwargs)

@@ -34,27 +34,18 @@ from lorasync.server.control import ServerSyncError
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, load_trainable, policy, train_step, trainable, transfer_bytes
+from tests.helpers import TOKEN, load_trainable, policy, train_step, trainable, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 server
 
 
-@pytest.fixture(scope="module")
-def _server(tiny_model):
-    server = Server(tiny_model("qwen2")).start().wait()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 @pytest.fixture
-def server(_server):
+def server(qwen2_server):
     """The module's server, up: one an earlier test killed is started again."""
-    if _server.process.poll() is not None:
-        _server.start().wait()
-    return _server
+    if qwen2_server.process.poll() is not None:
+        qwen2_server.start().wait()
+    return qwen2_server
 
 
 @pytest.fixture

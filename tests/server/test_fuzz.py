@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from lorasync.checkpoint import dtype_name
 from lorasync.server.wire import ENCODINGS, MAGIC, PayloadError
 from lorasync.sync.base import Record
-from tests.server.test_wire import bits, encode, roundtrip
+from tests.helpers import bits, roundtrip, transfer_bytes
 
 # Two LoRA targets (out, in), a vector and a scalar, as a checkpoint holds them.
 LAYOUT = {"q": (8, 6), "k": (4, 8), "norm": (6,), "gate": ()}
@@ -37,7 +37,7 @@ def outcome(raw: bytes, dtype: torch.dtype) -> list[Record] | PayloadError:
     """What the receiver makes of `raw`: the records it accepted (checked against the layout
     here) or its PayloadError. Any other exception propagates and fails the test."""
     try:
-        records = roundtrip(raw, MAX_BYTES, dtype, LAYOUT, seconds=5.0)
+        records = roundtrip(raw, LAYOUT, MAX_BYTES, dtype, seconds=5.0)
     except PayloadError as err:
         assert "time limit" not in str(err), f"the parser waited for bytes that never come: {err}"
         return err
@@ -166,7 +166,7 @@ def test_random_bytes_are_refused(raw):
 @FUZZ
 def test_valid_payloads_arrive_bit_for_bit(payload, compress):
     records, dtype = payload
-    got = outcome(encode(records, compress), dtype)
+    got = outcome(transfer_bytes(records, compress), dtype)
     assert [(r.name, r.scale) for r in got] == [(r.name, r.scale) for r in records]
     for sent, received in zip(records, got):
         assert all(torch.equal(bits(x), bits(y)) for x, y in zip(sent.tensors, received.tensors))
@@ -178,7 +178,7 @@ def test_payloads_cut_short_extended_or_relengthed_are_refused(payload, compress
     """Cut, extended, another manifest length, or (compressed) another length of the first
     tensor's top byte plane."""
     records, dtype = payload
-    raw = encode(records, compress)
+    raw = transfer_bytes(records, compress)
     cut = raw[: data.draw(st.integers(0, len(raw) - 1), label="cut at")]
     extended = raw + data.draw(st.binary(min_size=1, max_size=64), label="extra")
     bad = [cut, extended, relength(raw, len(MAGIC), data)]
@@ -199,7 +199,7 @@ def relength(raw: bytes, at: int, data) -> bytes:
 @FUZZ
 def test_payloads_with_flipped_bytes_are_refused_or_fit(payload, compress, data):
     records, dtype = payload
-    raw = bytearray(encode(records, compress))
+    raw = bytearray(transfer_bytes(records, compress))
     for _ in range(data.draw(st.integers(1, 4), label="flips")):
         at = data.draw(st.integers(0, len(raw) - 1), label="at")
         raw[at] ^= data.draw(st.integers(1, 255), label="mask")
@@ -212,7 +212,7 @@ def test_manifests_with_a_field_replaced_are_refused_or_fit(payload, data):
     records, dtype = payload
     assume(records)
     compress = data.draw(st.booleans(), label="compress")
-    head, body = split(encode(records, compress))
+    head, body = split(transfer_bytes(records, compress))
     rec = head["records"][data.draw(st.integers(0, len(records) - 1), label="record")]
     field = data.draw(st.sampled_from([*sorted(edge_values), "rank"]), label="field")
     if field == "rank":  # both factors' r at once: sizes stay consistent, the checks decide
@@ -230,7 +230,7 @@ def test_manifests_with_a_field_replaced_are_refused_or_fit(payload, data):
 def test_manifests_otherwise_changed_are_refused_or_fit(payload, data):
     records, dtype = payload
     compress = data.draw(st.booleans(), label="compress")
-    head, body = split(encode(records, compress))
+    head, body = split(transfer_bytes(records, compress))
     change = data.draw(st.sampled_from(["head field", "drop key", "drop record", "repeat record"]))
     if change == "head field":
         field = data.draw(st.sampled_from(sorted(head_values)), label="field")
@@ -260,5 +260,5 @@ def test_lora_scales_are_refused_or_fit(dtype, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_negative_zero_scale_is_a_valid_scale(dtype):
     records = [Record("q", (torch.ones(8, 2, dtype=dtype), torch.ones(2, 6, dtype=dtype)), -0.0)]
-    got = outcome(encode(records), dtype)
+    got = outcome(transfer_bytes(records), dtype)
     assert math.copysign(1.0, got[0].scale) == -1.0

@@ -17,22 +17,13 @@ import torch
 from lorasync.server.client import ServerEngine
 from lorasync.sync.verify import probe_sequences, trainer_scores
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, load_trainable, policy, train_step, trainable
+from tests.helpers import TOKEN, load_trainable, policy, train_step, trainable
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 server
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    started = Server(tiny_model("qwen2")).start().wait()
-    try:
-        yield started
-    finally:
-        started.kill()
-
-
-def test_keep_labels_every_token_with_the_policy_that_sampled_it(server, tiny_model):
+def test_keep_labels_every_token_with_the_policy_that_sampled_it(qwen2_server, tiny_model):
     """Eight long completions (4 prompts x 2) sample while syncs land one after another. Some
     completions span several versions; every token's served logprob equals (within 1e-4) the
     trainer's under the version its label names, prefix included, and not under the version
@@ -44,7 +35,7 @@ def test_keep_labels_every_token_with_the_policy_that_sampled_it(server, tiny_mo
     switch is 0.46 off the new policy: the labels are true only because the requests
     recompute their prefix with the new weights."""
     trainer = policy(tiny_model("qwen2"), targets=["all-linear"])
-    engine = ServerEngine(server.url, TOKEN, in_flight="keep")
+    engine = ServerEngine(qwen2_server.url, TOKEN, in_flight="keep")
     sync = WeightSync(trainer, engine, "factors")
     versions = {sync().version: trainable(trainer)}
     prompts = probe_sequences(engine.vocab_size, n=4, length=8, seed=5)

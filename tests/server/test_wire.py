@@ -14,55 +14,18 @@ import torch
 
 from lorasync.server.control import MAX_RESPONSE_BYTES, Control, ServerSyncError
 from lorasync.server.transport_tcp import TcpTransport
-from lorasync.server.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload, send_payload
+from lorasync.server.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload
 from lorasync.sync.base import Record
+from tests import helpers
+from tests.helpers import DEADLINE_FIX, bits, transfer_bytes
 
 LAYOUT = {"w": (6, 4), "v": (3,), "big": (512, 256)}
-FIX = "set LORASYNC_TRANSFER_TIMEOUT"  # what a Deadline's message tells to do, in these tests
+FIX = DEADLINE_FIX
 
 
-def roundtrip(raw: bytes, max_bytes: int = 1 << 20, dtype: torch.dtype = torch.float32,
-              layout=LAYOUT, seconds: float = 10.0):
-    """Feed `raw` to the receiver through a real socket pair, under a deadline of `seconds`;
-    return what it accepted."""
-    a, b = socket.socketpair()
-
-    def write() -> None:
-        try:
-            a.sendall(raw)
-            a.shutdown(socket.SHUT_WR)
-        except OSError:  # the receiver refused early and closed its end
-            pass
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        return recv_payload(b, layout, dtype, max_bytes, Deadline(seconds, FIX))
-    finally:
-        b.close()  # first: a writer blocked on a full buffer gets an error and ends
-        writer.join()
-        a.close()
-
-
-def encode(records, compress: bool = False) -> bytes:
-    """What `send_payload` writes for `records` (a real socket pair, read as it is written)."""
-    a, b = socket.socketpair()
-    chunks = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: b.recv(1 << 16), b"")))
-    reader.start()
-    sent = send_payload(a, records, compress=compress)
-    a.close()
-    reader.join()
-    b.close()
-    raw = b"".join(chunks)
-    assert sent == len(raw)  # it reports what it wrote
-    return raw
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, to compare bit for bit (torch.equal takes -0.0 for 0.0 and NaN for
-    nothing)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)  # flat: a 0-d tensor has no byte view
+def roundtrip(raw: bytes, max_bytes: int = 1 << 20, dtype: torch.dtype = torch.float32, layout=LAYOUT,
+              seconds: float = 10.0):
+    return helpers.roundtrip(raw, layout, max_bytes, dtype, seconds)
 
 
 def good_records():
@@ -79,7 +42,7 @@ def raw_with(head: dict, body: bytes = b"") -> bytes:
 
 def test_roundtrip_is_exact():
     records = good_records()
-    got = roundtrip(encode(records))
+    got = roundtrip(transfer_bytes(records))
     assert [r.name for r in got] == ["w", "v"] and got[0].scale == 0.5
     for sent, received in zip(records, got):
         for x, y in zip(sent.tensors, received.tensors):
@@ -88,22 +51,22 @@ def test_roundtrip_is_exact():
 
 def test_an_empty_transfer_is_taken_whatever_the_servers_dtype():
     """`manifest` declares float32 when there is no tensor to take a dtype from."""
-    assert roundtrip(encode([]), dtype=torch.bfloat16) == []
+    assert roundtrip(transfer_bytes([]), dtype=torch.bfloat16) == []
 
 
 def test_truncated_payload_is_refused():
-    raw = encode(good_records())
+    raw = transfer_bytes(good_records())
     with pytest.raises(PayloadError, match="truncated"):
         roundtrip(raw[:-5])
 
 
 def test_trailing_bytes_are_refused():
     with pytest.raises(PayloadError, match="oversized"):
-        roundtrip(encode(good_records()) + b"\0" * 8)
+        roundtrip(transfer_bytes(good_records()) + b"\0" * 8)
 
 
 def test_payload_over_the_limit_is_refused_before_reading_it():
-    raw = encode(good_records())
+    raw = transfer_bytes(good_records())
     with pytest.raises(PayloadError, match="over the server's limit"):
         roundtrip(raw, max_bytes=16)
 
@@ -150,7 +113,7 @@ def test_compressed_roundtrip_is_exact_and_smaller(dtype):
     b = (0.02 * torch.randn(512, 16)).to(dtype)
     b.view(-1)[: len(special)] = special.to(dtype)
     records = [Record("big", (b, (0.02 * torch.randn(16, 256)).to(dtype)), 0.5), Record("v", (special[:3].to(dtype),))]
-    raw, compressed = encode(records), encode(records, compress=True)
+    raw, compressed = transfer_bytes(records), transfer_bytes(records, compress=True)
     got = roundtrip(compressed, dtype=dtype)
     assert [(r.name, r.scale) for r in got] == [("big", 0.5), ("v", None)]
     for sent, received in zip(records, got):
@@ -163,7 +126,7 @@ def test_compressed_roundtrip_is_exact_and_smaller(dtype):
 
 def test_corrupt_compressed_plane_is_refused():
     records = [Record("v", (torch.randn(3),))]
-    raw = bytearray(encode(records, compress=True))
+    raw = bytearray(transfer_bytes(records, compress=True))
     raw[-14] ^= 0xFF  # inside the zlib stream of the top byte plane
     with pytest.raises(PayloadError, match="compressed plane"):
         roundtrip(bytes(raw))
@@ -172,7 +135,7 @@ def test_corrupt_compressed_plane_is_refused():
 def test_one_deadline_bounds_the_whole_transfer_of_a_trickling_sender():
     """A byte every 0.05 s: no single read waits the 0.5 s limit, so a timeout per read would
     wait as long as the sender trickles (here 3 s, then it stops: "truncated")."""
-    raw = encode(good_records())
+    raw = transfer_bytes(good_records())
     stop = threading.Event()
     with socket.create_server(("127.0.0.1", 0)) as listener:
 
@@ -206,7 +169,7 @@ def test_the_deadline_covers_the_wait_for_the_end_of_the_stream():
     """The whole payload, then the sender neither sends more nor closes."""
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(encode(good_records()))
+        a.sendall(transfer_bytes(good_records()))
         start = time.monotonic()
         with pytest.raises(PayloadError, match="still reading the end of the stream"):
             recv_payload(b, LAYOUT, torch.float32, 1 << 20, Deadline(0.3, FIX))

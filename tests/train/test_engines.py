@@ -75,16 +75,17 @@ def test_grpo_against_a_lorasync_server(tmp_path, demo_base, server, strategy):
     assert rows[-1]["weight_version"] == expected_version(before, STEPS) == served_version(server.url)
 
 
-@pytest.mark.parametrize("mode,k", [("sync", 0), ("async", 1)])
-def test_train_command_against_a_running_server(tmp_path, demo_base, server, mode, k):
+@pytest.mark.parametrize("mode,k,in_flight", [("sync", 0, "wait"), ("async", 1, "wait"), ("async", 1, "keep")])
+def test_train_command_against_a_running_server(tmp_path, demo_base, server, mode, k, in_flight):
     """From the shell, synchronous and asynchronous (the server generates step s + 1 while the
     trainer trains step s; every batch at most one version old, its health scored by the
-    policy that sampled it)."""
+    policy that sampled it); with in_flight=keep a sync may land inside a batch, whose tokens
+    then come from two versions, each token's health scored by its own."""
     before = served_version(server.url)
     r = run_lorasync(
         "train", "--config", str(CONFIG), f"model.base={demo_base}",
         "engine.kind=server", f"engine.servers=[{server.url}]", "sync.strategy=factors",
-        f"rollout.mode={mode}", f"rollout.max_staleness={k}",
+        f"rollout.mode={mode}", f"rollout.max_staleness={k}", f"rollout.in_flight={in_flight}",
         "optim.steps=5", f"output_dir={tmp_path}", env={"LORASYNC_TOKEN": TOKEN},
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -92,7 +93,10 @@ def test_train_command_against_a_running_server(tmp_path, demo_base, server, mod
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     check_rows(rows, "factors")
     assert max(r["staleness_max"] for r in rows) == k
-    assert all(len(r["policy_versions"]) == 1 for r in rows)
+    for row in rows:  # the versions trained on: the current one and, async, the one before
+        current = row["weight_version"] - 1
+        assert set(row["policy_versions"]) <= {current - k, current}, row
+        assert len(row["policy_versions"]) == 1 or in_flight == "keep", row
     assert rows[-1]["weight_version"] == expected_version(before, 5) == served_version(server.url)
     assert (tmp_path / "checkpoints" / "step-000005" / "adapter" / "adapter_config.json").is_file()
 

@@ -50,7 +50,7 @@ def _bench_dtype(args: argparse.Namespace) -> int:
 # The flags only one kind of `bench train` takes (default None: given when not None), and the
 # batch-shape flags, whose defaults are the task's (TrainBenchConfig's, rollout_bench.task_defaults).
 TRL_ONLY = ("eval_n",)
-ROLLOUT_ONLY = ("max_staleness", "engine")
+ROLLOUT_ONLY = ("max_staleness", "engine", "in_flight")
 SHAPE_FLAGS = ("prompts_per_step", "num_generations", "max_tokens", "lr", "rank", "grad_accum")
 
 
@@ -92,6 +92,7 @@ def _bench_rollout(args: argparse.Namespace) -> int:
     config = RolloutBenchConfig(
         model=args.model, modes=tuple(m.strip() for m in args.rollout.split(",")),
         max_staleness=args.max_staleness, engine=args.engine or "colocated", steps=args.steps,
+        in_flight=tuple(f.strip() for f in (args.in_flight or "wait").split(",")),
         dtype=args.dtype, seed=args.seed, out=args.out or "runs/bench_rollout",
         **{name: getattr(args, name) for name in SHAPE_FLAGS},
     )
@@ -166,6 +167,11 @@ def add_bench_parsers(sub) -> None:
         "--max-staleness", type=int, default=None, metavar="K",
         help="with --rollout: how many policy versions an async batch may lag (rollout.max_staleness; "
         "default 1 when async runs)",
+    )
+    p.add_argument(
+        "--in-flight", default=None, metavar="MODES",
+        help="with --rollout async and --engine server: what a sync does to the requests running "
+        "(rollout.in_flight): wait (default), keep, or wait,keep for one async run each",
     )
     p.add_argument(
         "--engine", choices=("colocated", "server"), default=None,

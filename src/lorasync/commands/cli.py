@@ -164,7 +164,7 @@ def _train(args: argparse.Namespace) -> int:
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
         seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
         token=_token(args) or None,
-        max_model_len=config.engine.max_model_len,
+        max_model_len=config.engine.max_model_len, in_flight=config.rollout.in_flight,
     )
     try:
         rows = GRPOTrainer(config, engine).train(resume=args.resume)

@@ -12,7 +12,9 @@ Reported per mode, from its metrics.jsonl: wall-clock seconds per step, the trai
 its batch per step (all of generation in sync mode; what generation did not hide in async
 mode), generation seconds, completion tokens per second of step time, the reward mean over the
 last few steps and over all, and the staleness of the trained tokens; with both modes, the
-ratios async/sync of step time and of wait.
+ratios async/sync of step time and of wait; and OUT/reward_vs_time.png, each run's reward
+against wall-clock. `--in-flight wait,keep` runs async once per value (server engine only):
+syncs that wait for the running requests, and syncs that land in flight (`async-keep`).
 
 `--model tiny` is `lorasync demo --tiny`'s model and toy task (write digits): a tiny Qwen2
 built and pre-trained once into OUT/base (`make_tiny_model` + `pretrain`, about 5 s on two
@@ -34,12 +36,14 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorasync.commands.rollout_report import (
+    ASYNC_RUNS, LAST_STEPS, TINY, format_table, plot_reward_vs_time, ratios,
+)
+from lorasync.server import IN_FLIGHT
 from lorasync.train.config import ROLLOUT_MODES
 
-TINY = "tiny"  # --model tiny: the tiny demo's model and task
 ENGINES = ("colocated", "server")
 DTYPES_COMPARED = ("float32", "bfloat16")
-LAST_STEPS = 5  # "reward last": the mean over this many final steps (all, in shorter runs)
 MAX_MODEL_LEN = 512  # the server's context, as the colocated engine's default
 SHAPE = ("prompts_per_step", "num_generations", "max_tokens", "lr", "rank", "grad_accum")
 
@@ -49,6 +53,8 @@ class RolloutBenchConfig:
     model: str  # "tiny", a model folder or a hub name (resolved by `model_folder`)
     modes: tuple[str, ...] = ROLLOUT_MODES  # run in this order
     max_staleness: int | None = None  # None: 1 when async runs, else 0
+    # async runs: one per value, syncs waiting for the running requests or landing in flight
+    in_flight: tuple[str, ...] = ("wait",)
     engine: str = "colocated"
     steps: int = 10
     # None: the task's (the tiny demo's, or configs/smollm2_arith.yaml's); see `task_defaults`
@@ -82,6 +88,13 @@ class RolloutBenchConfig:
                 "only async rollouts run ahead of the policy: add async (--rollout sync,async) "
                 "or drop --max-staleness")
         require(self.engine in ENGINES, "--engine", self.engine, f"use one of {', '.join(ENGINES)}")
+        self.in_flight = tuple(self.in_flight)
+        flag = ",".join(self.in_flight)
+        require(bool(self.in_flight) and set(self.in_flight) <= set(IN_FLIGHT) and len(set(self.in_flight)) == len(self.in_flight),
+                "--in-flight", flag, f"name each of {', '.join(IN_FLIGHT)} at most once (e.g. wait,keep)")
+        require("keep" not in self.in_flight or ("async" in self.modes and self.engine == "server"),
+                "--in-flight", flag, "keep lets syncs land in an async batch on a server: add "
+                "--rollout async and --engine server, or drop it")
         require(self.dtype in DTYPES_COMPARED, "--dtype", self.dtype, f"use one of {', '.join(DTYPES_COMPARED)}")
         require(bool(self.model), "--model", self.model, f"pass {TINY}, a model folder or a hub name")
         require(bool(self.out), "--out", self.out, "name an output folder")
@@ -105,6 +118,15 @@ class RolloutBenchConfig:
     @property
     def task(self) -> str:
         return "digits" if self.tiny else "arith"
+
+    def runs(self) -> list[tuple[str, str, str]]:
+        """(key, rollout mode, in_flight) of each run, in order: sync, then async per in_flight."""
+        return [
+            (key, mode, in_flight)
+            for mode in self.modes
+            for key, in_flight in ((("sync", "wait"),) if mode == "sync" else
+                                   tuple((ASYNC_RUNS[f], f) for f in self.in_flight))
+        ]
 
 
 def _flag(field: str) -> str:
@@ -161,13 +183,15 @@ def model_folder(config: RolloutBenchConfig) -> str:
     return folder
 
 
-def train_config(config: RolloutBenchConfig, model: str, mode: str, servers: Sequence[str] = ()):
-    """The TrainConfig of one mode: the task's run with the bench's settings; the modes'
-    differ only in rollout.mode, rollout.max_staleness and output_dir."""
+def train_config(
+    config: RolloutBenchConfig, model: str, mode: str, servers: Sequence[str] = (), in_flight: str = "wait"
+):
+    """The TrainConfig of one run: the task's run with the bench's settings; the runs differ
+    only in rollout.mode, rollout.max_staleness, rollout.in_flight and output_dir."""
     from lorasync.commands.demo import demo_config, real_demo_config
     from lorasync.train.config import EngineSection, ModelConfig, RolloutConfig, SyncSection
 
-    out = Path(config.out) / mode
+    out = Path(config.out) / (mode if mode == "sync" else ASYNC_RUNS[in_flight])
     base = demo_config(out, config.steps, config.seed) if config.tiny else real_demo_config(
         out, model, config.steps, config.seed)
     server = config.engine == "server"
@@ -178,7 +202,7 @@ def train_config(config: RolloutBenchConfig, model: str, mode: str, servers: Seq
         rollout=RolloutConfig(
             prompts_per_step=config.prompts_per_step, num_generations=config.num_generations,
             max_tokens=config.max_tokens, temperature=base.rollout.temperature, mode=mode,
-            max_staleness=config.max_staleness if mode == "async" else 0,
+            max_staleness=config.max_staleness if mode == "async" else 0, in_flight=in_flight,
         ),
         optim=dataclasses.replace(base.optim, steps=config.steps, lr=config.lr,
                                   grad_accum=config.grad_accum, seed=config.seed),
@@ -247,11 +271,15 @@ def warm_up(config: RolloutBenchConfig, model: str, engine, servers: Sequence[st
     return time.perf_counter() - start
 
 
-def run_mode(config: RolloutBenchConfig, model: str, mode: str, engine, servers: Sequence[str]) -> dict:
-    """One mode's run on `engine`; its summary (`summarize`) and what it ran with."""
+def run_mode(
+    config: RolloutBenchConfig, model: str, mode: str, engine, servers: Sequence[str], in_flight: str = "wait"
+) -> dict:
+    """One run on `engine`; its summary (`summarize`) and what it ran with."""
     from lorasync.train.trainer import GRPOTrainer
 
-    train = train_config(config, model, mode, servers)
+    train = train_config(config, model, mode, servers, in_flight)
+    if servers:  # what the server client's syncs do to the running requests, for this run
+        engine.in_flight = in_flight
     trainer = GRPOTrainer(train, engine)
     start = time.perf_counter()
     rows = trainer.train(progress=True)
@@ -261,7 +289,7 @@ def run_mode(config: RolloutBenchConfig, model: str, mode: str, engine, servers:
     ran = json.loads((Path(train.output_dir) / "config.json").read_text())  # as the trainer wrote it
     side = summarize(rows)
     side.update(
-        rollout={k: ran["rollout"][k] for k in ("mode", "max_staleness")},
+        rollout={k: ran["rollout"][k] for k in ("mode", "max_staleness", "in_flight")},
         sync_strategy=ran["sync"]["strategy"], run_seconds=run_seconds, run_dir=train.output_dir,
     )
     return side
@@ -296,14 +324,6 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def ratios(modes: dict) -> dict | None:
-    """async / sync of the mean step time and of the mean wait (None without both modes)."""
-    if not {"sync", "async"} <= set(modes):
-        return None
-    a, s = modes["async"], modes["sync"]
-    return {k: a[k] / s[k] if s[k] > 0 else None for k in ("step_seconds", "wait_seconds")}
-
-
 # -- the bench -------------------------------------------------------------------------------
 
 
@@ -321,40 +341,14 @@ def run_rollout_bench(config: RolloutBenchConfig) -> dict:
             result["engine"] = {"kind": config.engine, "servers": servers}
             _log("warm-up: one untimed step")
             result["warmup_seconds"] = warm_up(config, model, engine, servers)
-            for mode in config.modes:
-                _log(f"{mode} rollouts: {config.steps} steps")
-                modes[mode] = run_mode(config, model, mode, engine, servers)
+            for key, mode, in_flight in config.runs():
+                _log(f"{key} rollouts: {config.steps} steps")
+                modes[key] = run_mode(config, model, mode, engine, servers, in_flight)
     result["modes"] = modes
     result["async_over_sync"] = ratios(modes)
+    if "async-keep" in modes:
+        result["keep_over_sync"] = ratios(modes, "async-keep")
+    plot = Path(config.out) / "reward_vs_time.png"
+    plot_reward_vs_time(modes, plot, format_table(result | {"plot": None}).splitlines()[0])
+    result["plot"] = str(plot)
     return result
-
-
-def mode_label(mode: str, side: dict) -> str:
-    return f"async (K={side['rollout']['max_staleness']})" if mode == "async" else mode
-
-
-def format_table(result: dict) -> str:
-    """The human table: a row per mode (means per step), then the ratios async/sync."""
-    c = result["config"]
-    model = "tiny demo model" if c["model"] == TINY else c["model"]
-    last = min(LAST_STEPS, c["steps"])
-    lines = [
-        f"bench train --rollout: {model}, {c['task']}, {result['engine']['kind']} engine, "
-        f"{c['steps']} steps x {c['prompts_per_step']} prompts x {c['num_generations']} completions "
-        f"(max {c['max_tokens']} tokens), {c['dtype']}, seed {c['seed']}, on {result['machine']['cpu_model']}",
-        f"{'':13}{'s/step':>8}{'wait s/step':>13}{'gen s/step':>12}{'tokens/s':>10}"
-        f"{f'reward last {last}':>16}{'reward all':>12}{'staleness max':>15}",
-    ]
-    for mode, side in result["modes"].items():
-        lines.append(
-            f"{mode_label(mode, side):13}{side['step_seconds']:8.2f}{side['wait_seconds']:13.2f}"
-            f"{side['generation_seconds']:12.2f}{side['tokens_per_second']:10.1f}"
-            f"{side['reward_mean_last']:16.3f}{side['reward_mean']:12.3f}{side['staleness_max']:15d}"
-        )
-    ratio = result["async_over_sync"]
-    if ratio is not None:
-        def show(x: float | None) -> str:
-            return "n/a" if x is None else f"{x:.2f}"
-
-        lines.append(f"async/sync: step time {show(ratio['step_seconds'])}, wait {show(ratio['wait_seconds'])}")
-    return "\n".join(lines)

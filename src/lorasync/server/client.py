@@ -3,8 +3,9 @@
 `ServerEngine` has the colocated engine's interface (a `WeightReceiver`, `RecordReceiver`,
 `Generator` and `Scorer`) over vLLM OpenAI servers started by `lorasync serve` (or any vLLM
 server with lorasync installed, the `lorasync` weight-transfer backend selected and
-`guard.TokenGuard` as middleware). Generation and scoring use the OpenAI-compatible API,
-spread over the servers; weights move through vLLM's own weight-transfer routes, the bytes by
+`guard.TokenGuard` as middleware). Generation and scoring use the OpenAI-compatible API
+(`completions.py`), or, when syncs land in flight, vLLM's token route (`tokens.py`), spread
+over the servers; weights move through vLLM's own weight-transfer routes, the bytes by
 a transport: TCP (`transport_tcp.py`) or, on GPU machines, NCCL (`transport_nccl.py`).
 
 A sync is atomic from outside and all or none over the servers: every server is paused
@@ -25,6 +26,7 @@ import torch
 
 from lorasync.checkpoint import DTYPES
 from lorasync.server import IN_FLIGHT, TOKEN_ENV
+from lorasync.server.completions import CompletionsClient
 from lorasync.server.control import Control, ServerInfo, ServerSyncError
 from lorasync.server.tokens import TokenGenerator
 from lorasync.server.transport_nccl import NcclTransport
@@ -71,8 +73,6 @@ class ServerEngine:
         transport: str = "tcp",
         in_flight: str = "wait",
     ) -> None:
-        from openai import OpenAI
-
         if in_flight not in IN_FLIGHT:
             raise ValueError(f"in_flight must be one of {', '.join(IN_FLIGHT)}, got {in_flight!r}")
         self.in_flight = in_flight
@@ -115,10 +115,7 @@ class ServerEngine:
         # or by addmm on its accelerator (NCCL); the sync report names it
         kernels = {"addmm"} if transport == "nccl" else {s.merge_kernel for s in self._servers}
         self.merge_kernel = ",".join(sorted(kernels))
-        self._clients = [
-            OpenAI(base_url=f"{s.url}/v1", api_key=token, timeout=timeout, max_retries=0)
-            for s in self._servers
-        ]
+        self._completions = CompletionsClient([(s.url, s.model) for s in self._servers], token, timeout)
         self._tokens = TokenGenerator([s.url for s in self._servers], token, timeout)
 
     # -- the engine interface ---------------------------------------------------------------
@@ -230,32 +227,8 @@ class ServerEngine:
         With in_flight="keep" a sync may land while they run, so each completion comes with
         the weight version of each of its tokens, as the server recorded them (`tokens.py`).
         """
-        if self.in_flight == "keep":
-            return self._spread(
-                prompts, lambda i, batch: self._tokens.generate(i, batch, max_tokens, temperature, n, seed)
-            )
-
-        def run(i: int, batch: list[list[int]]) -> list[list[Completion]]:
-            out = self._clients[i].completions.create(
-                model=self._servers[i].model, prompt=batch, max_tokens=max_tokens,
-                temperature=temperature, n=n, seed=seed, logprobs=0,
-                extra_body={"return_token_ids": True},
-            )
-            choices = sorted(out.choices, key=lambda c: c.index)
-            return [
-                [
-                    Completion(
-                        token_ids=list(c.token_ids),
-                        text=c.text,
-                        logprobs=list(c.logprobs.token_logprobs),
-                        truncated=c.finish_reason == "length",
-                    )
-                    for c in choices[p * n : (p + 1) * n]
-                ]
-                for p in range(len(batch))
-            ]
-
-        return self._spread(prompts, run)
+        client = self._tokens if self.in_flight == "keep" else self._completions
+        return self._spread(prompts, lambda i, batch: client.generate(i, batch, max_tokens, temperature, n, seed))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (tokens 1..n-1), spread over the servers."""
@@ -263,23 +236,14 @@ class ServerEngine:
 
     def score_on(self, index: int, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Like `score`, on server `index` only: echo=True completions of the sequences."""
-        out = self._clients[index].completions.create(
-            model=self._servers[index].model, prompt=[list(s) for s in sequences], echo=True,
-            logprobs=0, max_tokens=1, temperature=1.0,
-            # token ids instead of echoed text: no detokenizing of the prompt, which fails
-            # for ids the tokenizer lacks (random models of a real shape have a small one)
-            extra_body={"return_token_ids": True},
-        )
-        choices = sorted(out.choices, key=lambda c: c.index)
-        return [c.logprobs.token_logprobs[1 : len(s)] for c, s in zip(choices, sequences)]
+        return self._completions.score(index, sequences)
 
     def close(self) -> None:
         """Close the HTTP connections and NCCL groups; the servers keep running."""
         self.transport.close()
         self.control.close()
         self._tokens.close()
-        for client in self._clients:
-            client.close()
+        self._completions.close()
 
     # -- internals --------------------------------------------------------------------------
 

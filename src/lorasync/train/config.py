@@ -16,6 +16,7 @@ import yaml
 
 from lorasync.checkpoint import DTYPES
 from lorasync.engines.open import ENGINE_KINDS, check_pair, default_strategy
+from lorasync.server import IN_FLIGHT
 from lorasync.sync.base import Strategy
 
 
@@ -110,9 +111,19 @@ class RolloutConfig:
     # `max_staleness` policy versions after the one that sampled it.
     mode: str = "sync"
     max_staleness: int = 0
+    # async with servers, a sync while a batch is being generated: `wait` lets the requests
+    # running finish on the old policy first (vLLM's pause mode "wait"), `keep` freezes them,
+    # loads the new weights and lets them go on (pause mode "keep"): the version change is
+    # recorded per token within each completion (docs/async.md).
+    in_flight: str = "wait"
 
     def __post_init__(self) -> None:
         _require(self.mode in ROLLOUT_MODES, "rollout.mode", self.mode, f"use one of {', '.join(ROLLOUT_MODES)}")
+        _require(self.in_flight in IN_FLIGHT, "rollout.in_flight", self.in_flight, f"use one of {', '.join(IN_FLIGHT)}")
+        _require(
+            self.mode == "async" or self.in_flight == "wait", "rollout.in_flight", self.in_flight,
+            "only rollout.mode: async syncs while generating; set rollout.mode=async or drop it",
+        )
         _require(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness, "must be >= 0")
         _require(
             self.mode == "async" or self.max_staleness == 0, "rollout.max_staleness", self.max_staleness,
@@ -233,6 +244,11 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _require(self.save_every >= 0, "save_every", self.save_every, "must be >= 0")
+        _require(
+            self.rollout.in_flight == "wait" or self.engine.kind == "server", "rollout.in_flight",
+            self.rollout.in_flight,
+            "keep freezes requests on running servers: set engine.kind=server, or in_flight=wait",
+        )
 
 
 _SECTIONS = {

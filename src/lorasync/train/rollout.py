@@ -115,26 +115,39 @@ class Generated:
     prompts: list[list[int]]  # the prompt of each completion
     samples: list[Completion]  # `versions` filled in
     seconds: float
-    version: int  # the engine's weight version they were all sampled under
+    version: int  # the oldest weight version that sampled any of their tokens
 
 
 def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict], seed: int) -> Generated:
     """Sample `num_generations` completions per row from the engine as it serves now, each
-    token stamped with the engine's weight version. The caller keeps syncs out meanwhile
-    (the trainer's engine lock); one that got in anyway is an error, not a mislabelled batch."""
+    token stamped with the weight version that sampled it.
+
+    With `rollout.in_flight: keep` syncs may land meanwhile, and the engine (servers) reports
+    each token's version. Otherwise the caller keeps syncs out (the trainer's engine lock)
+    and every token gets the engine's version; a sync that got in anyway is an error, not a
+    mislabelled batch."""
     g, field = config.rollout.num_generations, config.data.prompt_field
     start = time.perf_counter()
     version = engine.weight_version
     prompt_ids = [encode_prompt(tokenizer, row[field]) for row in rows]
     groups = engine.generate(prompt_ids, config.rollout.max_tokens, config.rollout.temperature, n=g, seed=seed)
-    if engine.weight_version != version:
+    samples = [c for group in groups for c in group]
+    if config.rollout.in_flight == "keep":
+        if any(len(c.versions) != len(c.token_ids) for c in samples):
+            raise RuntimeError(
+                "rollout.in_flight: keep needs an engine that reports each token's weight version "
+                f"(servers); {type(engine).__name__} did not"
+            )
+        oldest = min((v for c in samples for v in c.versions), default=version)
+    elif engine.weight_version != version:
         raise RuntimeError(
             f"the engine's weights changed from version {version} to {engine.weight_version} "
             "while it generated: syncs must hold the trainer's engine lock"
         )
-    samples = [replace(c, versions=[version] * len(c.token_ids)) for group in groups for c in group]
+    else:
+        samples, oldest = [replace(c, versions=[version] * len(c.token_ids)) for c in samples], version
     prompts = [p for p in prompt_ids for _ in range(g)]
-    return Generated(rows, prompts, samples, time.perf_counter() - start, version)
+    return Generated(rows, prompts, samples, time.perf_counter() - start, oldest)
 
 
 def score(

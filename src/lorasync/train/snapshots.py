@@ -1,8 +1,8 @@
 """The policies of the last few weight versions, for the health check of stale batches.
 
 In asynchronous mode a batch may have been sampled by a policy up to `max_staleness` versions
-older than the trainer's. The health check compares the engine's sampling logprobs with the
-trainer's logprobs of *that* policy, so the trainer keeps a copy of its trainable parameters
+older than the trainer's (token by token, when a sync lands during generation). The health
+check compares the engine's sampling logprobs with the trainer's logprobs of *that* policy, so the trainer keeps a copy of its trainable parameters
 (the LoRA factors: a few MB) for each engine weight version still in the window, and scores
 with it swapped in. Nothing is kept in synchronous mode.
 """
@@ -10,7 +10,7 @@ with it swapped in. Nothing is kept in synchronous mode.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -32,8 +32,23 @@ class PolicySnapshots:
         while len(self._by_version) > self.keep:
             self._by_version.popitem(last=False)
 
-    def __contains__(self, version: int) -> bool:
-        return version in self._by_version
+    def health(
+        self, score: Callable[[], torch.Tensor], engine_logprobs: torch.Tensor, versions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> dict[str, float]:
+        """The health check of tokens sampled by older policies, each token against the policy
+        of its own version: `score()` gives the model's logprobs (B, T) of the batch's tokens,
+        and runs once per version present, with that version's policy swapped in. A batch
+        sampled across a sync (`rollout.in_flight: keep`) has two versions in one completion."""
+        diffs = []
+        for version in sorted(set(versions[mask].tolist())):
+            with self.policy_of(version), torch.no_grad():
+                logprobs = score()
+            width = logprobs.shape[1]
+            ours = mask[:, :width] & (versions[:, :width] == version)
+            diffs.append((logprobs - engine_logprobs[:, :width]).abs()[ours])
+        diff = torch.cat(diffs)
+        return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
 
     @contextmanager
     def policy_of(self, version: int) -> Iterator[None]:

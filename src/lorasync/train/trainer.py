@@ -14,6 +14,7 @@ knows nothing of vLLM, and works the same with a colocated engine or running ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -140,10 +141,12 @@ class GRPOTrainer:
         return parts, float(grad_norm)
 
     def _generate(self, step: int) -> Generated:
-        """The batch of `step`, sampled with syncs kept out (in the producer's thread when async)."""
+        """The batch of `step` (in the producer's thread when async), with syncs kept out; or,
+        with `rollout.in_flight: keep`, let in: the engine records the switch in each
+        completion's per-token versions."""
         cfg = self.config
         rows = batch_at(self.rows, step, cfg.rollout.prompts_per_step, cfg.optim.seed)
-        with self.engine_lock:
+        with self.engine_lock if cfg.rollout.in_flight == "wait" else contextlib.nullcontext():
             return generate(self.engine, self.tokenizer, cfg, rows, seed=cfg.optim.seed * 100_003 + step)
 
     def train_step(self, producer: Producer[Generated] | None = None) -> dict:
@@ -177,7 +180,7 @@ class GRPOTrainer:
             norms.append(norm)
         # the health check: the engine's sampling logprobs against the policy that sampled
         # them, the trainer's before this update (fresh batch) or a kept snapshot (stale one)
-        health = batch.health() if staleness == 0 else self._stale_health(batch, generated.version)
+        health = batch.health() if staleness == 0 else self._stale_health(batch)
         with self.engine_lock:
             report = self.sync()
         self.snapshots.record(report.version)
@@ -189,16 +192,15 @@ class GRPOTrainer:
             time.perf_counter() - start, wait, current, health,
         )
 
-    def _stale_health(self, batch: Rollout, version: int) -> dict[str, float]:
-        """The health check of a stale batch on its first group, scored by the policy of
-        `version`, the one that sampled it."""
+    def _stale_health(self, batch: Rollout) -> dict[str, float]:
+        """The health check of a stale batch on its first group, each token scored by the
+        policy of the version that sampled it (two in one completion with in_flight: keep)."""
         g = self.config.rollout.num_generations
         self.model.eval()
-        with self.snapshots.policy_of(version):
-            lp, _ = completion_logprobs(self.model, batch.prompts[:g], batch.completions[:g], self.tokenizer.pad_token_id)
-        width = lp.shape[1]
-        diff = (lp - batch.engine_logprobs[:g, :width]).abs()[batch.mask[:g, :width]]
-        return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
+        return self.snapshots.health(
+            lambda: completion_logprobs(self.model, batch.prompts[:g], batch.completions[:g], self.tokenizer.pad_token_id)[0],
+            batch.engine_logprobs[:g], batch.versions[:g], batch.mask[:g],
+        )
 
     # -- the run -----------------------------------------------------------------------------
 
