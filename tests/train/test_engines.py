@@ -5,6 +5,7 @@ is logged, and the engine's weight version counts the syncs. A run against a ser
 onto the server even when it served another policy in between."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,60 @@ def test_a_run_against_a_server_resumes_onto_the_served_policy(tmp_path, demo_ba
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # the resumed policy reached the server before step 3 generated
     check_rows(rows, "factors")
+
+
+def test_a_server_killed_during_an_async_rollout_ends_the_run_with_a_clear_error(tmp_path, demo_base):
+    """Async, K = 0 (the producer generates each batch while the trainer waits for it), a
+    checkpoint every step, against a server of its own that is SIGKILLed at the start of the
+    third batch's generation, in the producer's thread. The run ends within a bound (no
+    deadlock between the trainer and the producer) with ProducerError naming the step and the
+    server, and the checkpoint of step 2, the last finished, loads with `PeftModel`.
+    Checked able to fail (a pytest plugin: the producer's `_run` keeping its error to itself
+    and sleeping): the run hangs past the bound."""
+    import signal
+    import threading
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorasync.train.producer import ProducerError
+
+    server = Server(str(demo_base)).start().wait()
+    config = demo_config(tmp_path, steps=50)
+    config.model.base, config.save_every = str(demo_base), 1
+    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection("factors")
+    config.rollout.mode = "async"
+    engine = open_engine("server", config.sync.strategy, servers=[server.url], token=TOKEN)
+    generate, calls = engine.generate, []
+
+    def generate_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=60)
+        return generate(*args, **kwargs)
+
+    engine.generate = generate_then_die
+    outcome: list[BaseException | None] = []
+
+    def train() -> None:
+        try:
+            GRPOTrainer(config, engine).train(progress=False)
+            outcome.append(None)
+        except BaseException as err:  # handed to the test
+            outcome.append(err)
+
+    runner = threading.Thread(target=train, daemon=True)
+    try:
+        runner.start()
+        runner.join(timeout=180)
+        assert not runner.is_alive(), "the run still waits after its server died: a deadlock"
+    finally:
+        server.kill()
+        engine.close()
+    error = outcome[0]
+    assert isinstance(error, ProducerError), error
+    assert "step 3" in str(error) and server.url in str(error), error
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
+    base = AutoModelForCausalLM.from_pretrained(str(demo_base))
+    PeftModel.from_pretrained(base, str(tmp_path / "checkpoints" / "step-000002" / "adapter"))

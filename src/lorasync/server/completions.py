@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lorasync.server.control import ServerSyncError
 from lorasync.sync.base import Completion
 
 
@@ -19,6 +20,7 @@ class CompletionsClient:
         """`servers`: (base URL, served model name) of each."""
         from openai import OpenAI
 
+        self.urls = [url for url, _ in servers]
         self.models = [model for _, model in servers]
         self._clients = [
             OpenAI(base_url=f"{url}/v1", api_key=token, timeout=timeout, max_retries=0) for url, _ in servers
@@ -29,8 +31,8 @@ class CompletionsClient:
         n: int, seed: int | None,
     ) -> list[list[Completion]]:
         """`n` completions of each prompt from server `index`, in one request."""
-        out = self._clients[index].completions.create(
-            model=self.models[index], prompt=[list(p) for p in prompts], max_tokens=max_tokens,
+        out = self._create(
+            index, prompt=[list(p) for p in prompts], max_tokens=max_tokens,
             temperature=temperature, n=n, seed=seed, logprobs=0, extra_body={"return_token_ids": True},
         )
         choices = sorted(out.choices, key=lambda c: c.index)
@@ -47,8 +49,8 @@ class CompletionsClient:
 
     def score(self, index: int, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (tokens 1..n-1), on server `index`."""
-        out = self._clients[index].completions.create(
-            model=self.models[index], prompt=[list(s) for s in sequences], echo=True,
+        out = self._create(
+            index, prompt=[list(s) for s in sequences], echo=True,
             logprobs=0, max_tokens=1, temperature=1.0,
             # token ids instead of echoed text: no detokenizing of the prompt, which fails
             # for ids the tokenizer lacks (random models of a real shape have a small one)
@@ -56,6 +58,17 @@ class CompletionsClient:
         )
         choices = sorted(out.choices, key=lambda c: c.index)
         return [c.logprobs.token_logprobs[1 : len(s)] for c, s in zip(choices, sequences)]
+
+    def _create(self, index: int, **request):
+        """One completions request to server `index`; any failure names the server."""
+        from openai import APIError
+
+        try:
+            return self._clients[index].completions.create(model=self.models[index], **request)
+        except APIError as err:
+            raise ServerSyncError(
+                f"{self.urls[index]}/v1/completions: {type(err).__name__}: {err}. Is the server running?"
+            ) from None
 
     def close(self) -> None:
         for client in self._clients:

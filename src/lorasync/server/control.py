@@ -20,7 +20,8 @@ from lorasync.checkpoint import DTYPES
 MAX_RESPONSE_BYTES = 1 << 20
 
 class ServerSyncError(RuntimeError):
-    """A server did not take a sync; it still serves its previous weight version."""
+    """A server did not take a sync (it still serves its previous weight version), or did not
+    answer a request; the message names it."""
 
 
 @dataclass
