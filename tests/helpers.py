@@ -348,3 +348,65 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, to compare bit for bit (torch.equal takes -0.0 for 0.0 and NaN for
     nothing)."""
     return t.contiguous().reshape(-1).view(torch.uint8)  # flat: a 0-d tensor has no byte view
+
+
+# --- data-parallel runs: ranks as processes, an engine that replays fixed generations ----------
+
+
+def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple) -> None:
+    """One rank: the environment torchrun would give it, then `fn(rank, *args)`."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    fn(rank, *args)
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 300) -> list[int]:
+    """Run `fn(rank, *args)` in `world` spawned processes as the ranks of one process group
+    (torchrun's environment variables), and return their exit codes in rank order. A run
+    past `timeout` seconds is killed and raises TimeoutError: a hang never hangs the tests.
+    `fn` must be importable (a module-level function)."""
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [context.Process(target=_rank_main, args=(fn, r, world, port, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        if any(p.is_alive() for p in procs):
+            raise TimeoutError(f"{world} ranks still running after {timeout} s")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(30)
+    return [p.exitcode for p in procs]
+
+
+class ReplayEngine(MemoryReceiver):
+    """A `MemoryReceiver` that generates fixed completions: each prompt's are a function of
+    its token ids alone (not of the seed, the step or the rank that asks), so one rank with
+    the whole batch and N ranks with a share each train on the same generations, and sampling
+    never enters a comparison. The text shows about two digits in three tokens, so the demo's
+    reward (the share of digits) varies within a group."""
+
+    def generate(self, prompts, max_tokens, temperature=1.0, n=1, seed=None):
+        from lorasync.sync.base import Completion
+
+        out = []
+        for ids in prompts:
+            gen = torch.Generator().manual_seed(hash(tuple(ids)) % (2**31))
+            lengths = torch.randint(max(1, max_tokens // 2), max_tokens + 1, (n,), generator=gen).tolist()
+            group = []
+            for length in lengths:
+                tokens = torch.randint(10, 100, (length,), generator=gen).tolist()
+                text = "".join("7" if t % 3 else "x" for t in tokens)
+                group.append(Completion(tokens, text, [-1.0] * length))
+            out.append(group)
+        return out

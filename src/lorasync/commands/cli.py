@@ -154,12 +154,27 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lorasync.commands.torchrun import launch, under_torchrun
     from lorasync.engines.open import open_engine
+    from lorasync.train import distributed
     from lorasync.train.config import load_config
     from lorasync.train.trainer import GRPOTrainer
 
-    config = load_config(args.config, args.overrides)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc = {args.nproc}: must be >= 1")
+    config = load_config(args.config, args.overrides)  # checked once, before any rank starts
+    if args.nproc > 1 and not under_torchrun():
+        distributed.check(config, distributed.Dist(0, args.nproc, config.parallel.mode))  # before any rank starts
+        argv = ["train", "--config", args.config, *(["--resume"] if args.resume else []),
+                *(["--token-file", args.token_file] if args.token_file else []), *args.overrides]
+        return launch(args.nproc, argv)
     config.model.base = resolve_model(config.model.base)  # a hub name becomes a local folder
+    # Joined before the engine is built: a colocated vLLM engine sets up its own default
+    # process group unless one exists; finding ours, it lays its groups out inside it as
+    # "external data parallel" (one per rank), so each rank has an engine of its own. vLLM
+    # 0.32 reads torchrun's RANK/LOCAL_RANK only under its external_launcher executor, which
+    # is not used: nothing to scrub. Pinned by tests/commands/test_train_distributed.py.
+    dist = distributed.init(config.parallel)
     engine = open_engine(
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
         seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
@@ -170,6 +185,9 @@ def _train(args: argparse.Namespace) -> int:
         rows = GRPOTrainer(config, engine).train(resume=args.resume)
     finally:
         engine.close()
+        distributed.close(dist)
+    if not dist.main:
+        return 0
     last = rows[-1]
     print(
         f"trained {last['step']} steps into {config.output_dir}: reward {last['reward_mean']:.3f}, "
@@ -303,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel ranks on this machine, started by torchrun (parallel.mode: ddp or "
+        "fsdp2; docs/distributed.md); default 1",
+    )
     _add_token_file(p, False, "the token of the servers (engine.kind: server)")
     p.set_defaults(func=_train)
 

@@ -6,6 +6,7 @@ requests) and `async-keep` (they land in flight: `rollout.in_flight: keep`).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 TINY = "tiny"  # --model tiny (rollout_bench.TINY)
@@ -76,7 +77,7 @@ def plot_reward_vs_time(modes: dict, path: str | Path, title: str) -> None:
         ax.plot(elapsed, [s["reward_mean"] for s in side["per_step"]], marker=".", label=mode_label(mode, side))
     ax.set_xlabel("wall-clock seconds (steps summed)")
     ax.set_ylabel("reward mean of the step's batch")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -214,6 +214,23 @@ class SyncSection:
             raise ConfigError(str(err)) from None
 
 
+PARALLEL_MODES = ("ddp", "fsdp2")
+
+
+@dataclass
+class ParallelConfig:
+    # On N ranks (torchrun, or `lorasync train --nproc N`; docs/distributed.md): ddp (each rank
+    # holds the whole policy, gradients all-reduced) or fsdp2 (`fully_shard`: parameters,
+    # gradients and optimizer state sharded over the ranks). One process: not used.
+    mode: str = "ddp"
+    # a collective waiting longer than this (a rank died or hangs) fails on every other rank
+    timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require(self.mode in PARALLEL_MODES, "parallel.mode", self.mode, f"use one of {', '.join(PARALLEL_MODES)}")
+        _require(self.timeout_seconds > 0, "parallel.timeout_seconds", self.timeout_seconds, "must be > 0")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig
@@ -224,6 +241,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineSection = field(default_factory=EngineSection)
     sync: SyncSection = field(default_factory=SyncSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output_dir: str = "runs/train"
     save_every: int = 0  # 0: only at the end
     logprob_tolerance: float | None = None  # engine/trainer health check; default per dtype
@@ -259,6 +277,7 @@ _SECTIONS = {
     "optim": OptimConfig,
     "engine": EngineSection,
     "sync": SyncSection,
+    "parallel": ParallelConfig,
 }
 # Keys that moved, and where to: refused with a message saying so.
 _MOVED = {"sync_strategy": "sync.strategy (a section: `sync: {strategy: streaming}`)"}

@@ -46,6 +46,7 @@ class LossParts:
     is_weight_max: float  # before truncation, over all completion tokens
     is_weight_min: float
     masked_fraction: float  # tokens left out by `is_mask`
+    tokens: int = 0  # tokens the loss averages over (the completion tokens `is_mask` kept)
 
 
 def grpo_loss(
@@ -99,4 +100,5 @@ def grpo_loss(
         is_weight_max=float(weights.max()),
         is_weight_min=float(weights.min()),
         masked_fraction=masked_fraction,
+        tokens=int(mask.sum()),
     )

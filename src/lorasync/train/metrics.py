@@ -14,15 +14,25 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 
 class MetricsLog:
-    """Appends step metrics to `<dir>/metrics.jsonl` and TensorBoard files in `<dir>/tb`."""
+    """Appends step metrics to `<dir>/metrics.jsonl` and TensorBoard files in `<dir>/tb`.
 
-    def __init__(self, out_dir: str | Path) -> None:
+    `write=False` (the ranks other than 0 of a data-parallel run, whose metrics rank 0 writes
+    reduced): nothing is written; `rows()` gives the rows written since, from memory."""
+
+    def __init__(self, out_dir: str | Path, write: bool = True) -> None:
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        self.writer = SummaryWriter(log_dir=str(self.dir / "tb"))
+        self.writes = write
+        self.memory: list[dict] = []
+        self.writer = None
+        if write:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(self.dir / "tb"))
 
     def write(self, metrics: dict) -> None:
+        self.memory.append(metrics)
+        if not self.writes:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
@@ -31,17 +41,22 @@ class MetricsLog:
         self.writer.flush()
 
     def rows(self) -> list[dict]:
+        if not self.writes:
+            return list(self.memory)
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (a resumed run rewrites the steps after its checkpoint)."""
+        if not self.writes:
+            return
         kept = [r for r in self.rows() if r["step"] <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_report(rows: list[dict], path: str | Path) -> None:

@@ -9,7 +9,8 @@ adapter into the engine. Every step also measures how far the engine's sampling 
 from the trainer's on the same tokens: the live health check of the sync.
 
 The trainer talks to the engine through `Generator` (generate) and `WeightSync` only; it
-knows nothing of vLLM, and works the same with a colocated engine or running servers.
+knows nothing of vLLM, and works the same with a colocated engine or running servers. On N
+ranks (torchrun) it trains data-parallel; what differs is in `distributed.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lorasync.sync.verify import (
     Verification, default_tolerance, judge, judged_against_floor, measure_floor, probe_sequences,
 )
 from lorasync.sync.weight_sync import WeightSync
-from lorasync.train import checkpoints
+from lorasync.train import checkpoints, distributed
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
 from lorasync.train.data import batch_at, encode_prompt, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
@@ -57,7 +58,9 @@ class GRPOTrainer:
                 f"{dtype_name(engine.dtype)}: set model.dtype={dtype_name(engine.dtype)}, or "
                 f"start the servers with --dtype {config.model.dtype}"
             )
-        torch.manual_seed(config.optim.seed)
+        self.dist = distributed.init(config.parallel)  # one process: rank 0 of 1
+        distributed.check(config, self.dist)
+        torch.manual_seed(config.optim.seed)  # the same on every rank: the same initial adapter
         random.seed(config.optim.seed)
         self.rows = load_rows(config.data)
         self.rewards = [(spec, load_reward(spec.function)) for spec in config.rewards]
@@ -69,6 +72,9 @@ class GRPOTrainer:
             LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                        target_modules=lora_targets(lora.targets)),
         )
+        # what the training forward passes go through: the model, or DDP's wrapper of it; under
+        # FSDP2 the model itself, its parameters sharded (so before the optimizer holds them)
+        self.train_model = distributed.wrap(self.model, self.dist)
         optim = config.optim
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=optim.lr)
         # μ optimizer steps per generation batch: the schedule counts optimizer steps
@@ -77,8 +83,9 @@ class GRPOTrainer:
         )
         rollout = config.rollout
         tokens_per_step = rollout.prompts_per_step * rollout.num_generations * rollout.max_tokens
+        target = distributed.sync_target(engine, self.dist, config.sync.strategy.value, config.engine.kind == "server")
         self.sync = WeightSync(
-            self.model, engine, config.sync.strategy,
+            self.model, target, config.sync.strategy,
             tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
         )
         self.tolerance = config.logprob_tolerance or default_tolerance(config.model.dtype)
@@ -90,35 +97,49 @@ class GRPOTrainer:
         self.snapshots = PolicySnapshots(self.model, rollout.max_staleness + 1 if rollout.mode == "async" else 0)
 
     def save_checkpoint(self) -> Path:
-        """Adapter (PEFT format), optimizer, scheduler and RNG states, and the step."""
-        return checkpoints.save(
-            self.out, self.step, self.model, self.optimizer, self.scheduler, config_to_dict(self.config)
-        )
+        """Adapter (PEFT format), optimizer, scheduler and RNG states, and the step; on N ranks
+        the whole adapter, written once by rank 0, and every rank's RNG states."""
+        state = checkpoints.gather_state(self.model, self.optimizer, self.dist)
+        if self.dist.main:
+            checkpoints.save(self.out, self.step, self.model, self.scheduler, config_to_dict(self.config), state)
+        distributed.barrier(self.dist, "saving a checkpoint")
+        return checkpoints.folder(self.out, self.step)
 
     def resume(self) -> Path | None:
         """Load the latest checkpoint in the output folder, if there is one."""
         path = checkpoints.latest(self.out)
         if path is not None:
-            self.step = checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+            self.step = checkpoints.load(path, self.model, self.optimizer, self.scheduler, self.dist)
         return path
+
+    def _sync(self):
+        """One sync of the policy (on N ranks: `distributed.sync_policy`)."""
+        shared = self.config.engine.kind == "server"
+        with self.engine_lock:
+            report = distributed.sync_policy(self.sync, self.model, self.dist, shared, self.config.sync.strategy.value)
+            if shared and not self.dist.main:  # these ranks' engines never sync: the version
+                self.engine.weight_version = report.version  # rank 0's sync made the servers serve
+        return report
 
     # -- one step ----------------------------------------------------------------------------
 
     def _optimizer_step(self, batch: Rollout) -> tuple[list[LossParts], float]:
         """One optimizer step over the whole batch, in `grad_accum` micro-batches. A batch
         whose old logprobs are not known yet gets them from this, the first update's forward
-        pass (the parameters change only after the last micro-batch)."""
+        pass (the parameters change only after the last micro-batch). The gradient is that of
+        the token mean over the global batch (all micro-batches of all ranks): each
+        micro-batch's token sum is back-propagated, and the sum scaled once at the end."""
         cfg = self.config.optim
         pad = self.tokenizer.pad_token_id
         micro = len(batch.samples) // cfg.grad_accum
         scoring = batch.old_logprobs is None
         if scoring:
             batch.old_logprobs = torch.zeros_like(batch.engine_logprobs)
-        parts = []
+        parts, kept = [], 0
         for k in range(cfg.grad_accum):
             s = slice(k * micro, (k + 1) * micro)
             prompts, completions = batch.prompts[s], batch.completions[s]
-            logprobs, mask = completion_logprobs(self.model, prompts, completions, pad)
+            logprobs, mask = completion_logprobs(self.train_model, prompts, completions, pad)
             if scoring:
                 batch.old_logprobs[s, : logprobs.shape[1]] = logprobs.detach()
             ref = None
@@ -128,13 +149,19 @@ class GRPOTrainer:
             width = logprobs.shape[1]
             part = grpo_loss(
                 logprobs, batch.old_logprobs[s, :width], batch.engine_logprobs[s, :width],
-                batch.advantages[s], mask, cfg.clip_eps, cfg.is_cap, cfg.beta, ref,
+                batch.advantages[s], mask, cfg.clip_eps, cfg.is_cap, cfg.beta, ref, is_mask=cfg.is_mask,
             )
-            (part.loss / cfg.grad_accum).backward()
+            # the loss is the micro-batch's token mean; times its tokens (those the loss
+            # keeps: grpo_loss's `is_mask` leaves some out), the token sum
+            (part.loss * part.tokens).backward()
+            kept += part.tokens
             parts.append(part)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
-        )
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        # DDP and FSDP2 averaged the ranks' sums: times the ranks over all kept tokens
+        scale = self.dist.world / max(distributed.total(kept, self.dist), 1)
+        for grad in [p.grad for p in trained if p.grad is not None]:
+            grad.mul_(scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,11 +170,12 @@ class GRPOTrainer:
     def _generate(self, step: int) -> Generated:
         """The batch of `step` (in the producer's thread when async), with syncs kept out; or,
         with `rollout.in_flight: keep`, let in: the engine records the switch in each
-        completion's per-token versions."""
-        cfg = self.config
-        rows = batch_at(self.rows, step, cfg.rollout.prompts_per_step, cfg.optim.seed)
+        completion's per-token versions. On N ranks, this rank's share of the step's prompts."""
+        cfg, d = self.config, self.dist
+        rows = distributed.shard(batch_at(self.rows, step, cfg.rollout.prompts_per_step, cfg.optim.seed), d)
+        seed = cfg.optim.seed * 100_003 + step * d.world + d.rank
         with self.engine_lock if cfg.rollout.in_flight == "wait" else contextlib.nullcontext():
-            return generate(self.engine, self.tokenizer, cfg, rows, seed=cfg.optim.seed * 100_003 + step)
+            return generate(self.engine, self.tokenizer, cfg, rows, seed=seed)
 
     def train_step(self, producer: Producer[Generated] | None = None) -> dict:
         """Take one step's batch (from `producer`, or generate it now), take μ optimizer steps
@@ -172,7 +200,7 @@ class GRPOTrainer:
         # and saves a forward pass of their own (TRL does the same)
         one_pass = cfg.optim.num_iterations == 1 and cfg.lora.dropout == 0
         batch = score(generated, self.model, self.tokenizer, cfg, self.rewards, score_old=not one_pass)
-        self.model.train(not one_pass)
+        self.train_model.train(not one_pass)
         parts, norms = [], []
         for _ in range(cfg.optim.num_iterations):
             step_parts, norm = self._optimizer_step(batch)
@@ -181,16 +209,16 @@ class GRPOTrainer:
         # the health check: the engine's sampling logprobs against the policy that sampled
         # them, the trainer's before this update (fresh batch) or a kept snapshot (stale one)
         health = batch.health() if staleness == 0 else self._stale_health(batch)
-        with self.engine_lock:
-            report = self.sync()
+        report = self._sync()
         self.snapshots.record(report.version)
         self.step += 1
         if producer is not None:
             producer.step_done()
-        return step_metrics(
+        metrics = step_metrics(
             self.step, batch, parts, norms, report, self.scheduler.get_last_lr()[0],
             time.perf_counter() - start, wait, current, health,
         )
+        return distributed.reduce_metrics(metrics, batch.rewards, self.dist)
 
     def _stale_health(self, batch: Rollout) -> dict[str, float]:
         """The health check of a stale batch on its first group, each token scored by the
@@ -205,19 +233,22 @@ class GRPOTrainer:
     # -- the run -----------------------------------------------------------------------------
 
     def train(self, resume: bool = False, progress: bool = True) -> list[dict]:
-        """Run to `optim.steps`; return the metrics of all steps in the run folder."""
+        """Run to `optim.steps`; return the metrics of all steps in the run folder (on N ranks,
+        rank 0 writes the folder; the others return the rows of this run)."""
+        main = self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.out)
+        log = MetricsLog(self.out, write=main)
         resumed = resume and self.resume() is not None
         if resumed:
             log.truncate_after(self.step)
-        elif log.path.exists():
+        elif main and log.path.exists():
             log.path.unlink()  # a fresh run owns its metrics file
-        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2))
+        if main:
+            (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2))
         # An engine as built serves the checkpoint, which a fresh adapter (B = 0) equals; a
         # resumed policy, or an engine that served anything since, needs the current policy.
-        if resumed or self.engine.weight_version > 0:
-            self.sync()
+        if resumed or distributed.broadcast_object(self.engine.weight_version, self.dist) > 0:
+            self._sync()
         elif judged_against_floor(self.config.model.dtype, self.config.logprob_tolerance):
             # low precision: the health check is judged against the implementations' own
             # disagreement, measured while the engine still serves the checkpoint (verify.py)
@@ -227,10 +258,11 @@ class GRPOTrainer:
         producer = None
         if rollout.mode == "async":
             producer = Producer(self._generate, self.step, steps, rollout.max_staleness)
-        bar = tqdm(total=steps, initial=self.step, desc="GRPO", disable=not progress)
+        bar = tqdm(total=steps, initial=self.step, desc="GRPO", disable=not (progress and main))
         try:
             while self.step < steps:
-                metrics = self.train_step(producer)
+                with distributed.failures(self.dist, f"step {self.step + 1}"):
+                    metrics = self.train_step(producer)
                 log.write(metrics)
                 bar.update()
                 bar.set_postfix(
@@ -238,16 +270,9 @@ class GRPOTrainer:
                     sync_ms=f"{1000 * metrics['sync_seconds']:.0f}",
                     lp_diff=f"{metrics['logprob_diff_max']:.1e}",
                 )
-                health = Verification(metrics["logprob_diff_max"], metrics["logprob_diff_mean"], 0)
-                verdict = judge(health, self.tolerance, self.floor)
-                if not verdict.ok:
-                    tqdm.write(
-                        f"warning: step {self.step}: engine/trainer logprob diff max "
-                        f"{metrics['logprob_diff_max']:.3g}, mean {metrics['logprob_diff_mean']:.3g} "
-                        f"> bound {verdict.max_bound:.3g}"
-                        + (f", {verdict.mean_bound:.3g}" if verdict.mean_bound is not None else "")
-                        + ": the engine is not serving the trained policy"
-                    )
+                warning = health_warning(metrics, self.tolerance, self.floor)
+                if warning and main:
+                    tqdm.write(warning)
                 if self.config.save_every and self.step % self.config.save_every == 0:
                     self.save_checkpoint()
         finally:
@@ -257,7 +282,8 @@ class GRPOTrainer:
             log.close()
         self.save_checkpoint()
         rows = log.rows()
-        plot_report(rows, self.out / "report.png")
+        if main:
+            plot_report(rows, self.out / "report.png")
         return rows
 
     def sample(self, prompts: list[str], max_tokens: int, seed: int = 0) -> list[str]:
@@ -265,6 +291,20 @@ class GRPOTrainer:
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         outs = self.engine.generate(ids, max_tokens, temperature=0.7, n=1, seed=seed)
         return [group[0].text for group in outs]
+
+
+def health_warning(metrics: dict, tolerance: float, floor: Verification | None) -> str | None:
+    """The warning for a step whose engine/trainer logprob difference is out of bounds."""
+    verdict = judge(Verification(metrics["logprob_diff_max"], metrics["logprob_diff_mean"], 0), tolerance, floor)
+    if verdict.ok:
+        return None
+    return (
+        f"warning: step {metrics['step']}: engine/trainer logprob diff max "
+        f"{metrics['logprob_diff_max']:.3g}, mean {metrics['logprob_diff_mean']:.3g} "
+        f"> bound {verdict.max_bound:.3g}"
+        + (f", {verdict.mean_bound:.3g}" if verdict.mean_bound is not None else "")
+        + ": the engine is not serving the trained policy"
+    )
 
 
 def step_metrics(

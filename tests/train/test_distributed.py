@@ -1,0 +1,300 @@
+"""Data-parallel GRPO (train/distributed.py): N ranks as processes (gloo on CPU), each with an
+in-memory engine that replays fixed generations, so sampling never enters a comparison.
+
+- DDP and FSDP2: 2 ranks with half the batch each end with the adapter of 1 rank with the
+  whole batch after 3 steps (float32, within 1e-5), and report the same global metrics;
+- FSDP2: the factors rank 0 sends are the unsharded model's, exactly, and only the trainable
+  tensors are gathered for them;
+- a rank that dies makes the other fail with a clear error within the timeout.
+
+The tests that spawn ranks (about 10-20 s each on 2 cores) run in the heavy tier (marked
+`vllm`, though no vLLM engine is built) under the shared lock, each with a timeout; the pure
+functions (names, shards, settings) are checked in the fast tier.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorasync.commands.demo import demo_config
+from lorasync.sync.base import Record
+from lorasync.train import distributed
+from lorasync.train.config import ConfigError, ParallelConfig, config_from_dict
+from tests.helpers import MemoryReceiver, ReplayEngine, policy, run_ranks
+
+heavy = pytest.mark.vllm  # spawns ranks: the heavy tier
+
+
+def test_wrapper_prefixes_are_stripped_from_names():
+    """What the sync and checkpoints see (TRL #7131); checked to fail with the
+    `_checkpoint_wrapped_module` alternative left out of the pattern."""
+    assert distributed.clean_name("module.base_model.model.layers.0.q_proj.lora_A.default.weight") == (
+        "base_model.model.layers.0.q_proj.lora_A.default.weight"
+    )
+    assert distributed.clean_name(
+        "base_model._fsdp_wrapped_module.layers.0._checkpoint_wrapped_module.mlp.lora_B.default.weight"
+    ) == "base_model.layers.0.mlp.lora_B.default.weight"
+    assert distributed.clean_name("model.modules_to_save.default.weight") == "model.modules_to_save.default.weight"
+
+
+def test_each_rank_gets_whole_prompts_and_together_the_batch():
+    """No GRPO group is split, and the shards are the global batch in order; checked to fail
+    with a strided shard (rows[rank::world]: a different order than one rank's batch)."""
+    rows = list(range(8))
+    shards = [distributed.shard(rows, distributed.Dist(r, 4)) for r in range(4)]
+    assert shards == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert distributed.shard(rows, distributed.Dist()) == rows
+
+
+def test_settings_that_cannot_run_on_n_ranks_are_refused_with_the_fix():
+    """Known only at start (the number of ranks): a batch that does not split into whole
+    prompts per rank, and async mode; and the section's own rules. Checked to fail with the
+    divisibility check of `distributed.check` removed."""
+    raw = {"model": {"base": "m"}, "data": {"prompts": ["a"]}, "rewards": [{"function": "m:f"}],
+           "rollout": {"prompts_per_step": 3}, "optim": {"grad_accum": 1}}
+    config = config_from_dict(raw)
+    with pytest.raises(ConfigError, match=r"rollout.prompts_per_step = 3: must be a multiple of the 2 ranks"):
+        distributed.check(config, distributed.Dist(0, 2))
+    distributed.check(config, distributed.Dist())  # one process: anything goes
+    raw["rollout"] = {"prompts_per_step": 2, "mode": "async", "max_staleness": 1}
+    with pytest.raises(ConfigError, match="rollout.mode = 'async'"):
+        distributed.check(config_from_dict(raw), distributed.Dist(0, 2))
+    with pytest.raises(ConfigError, match="parallel.mode = 'zero3': use one of ddp, fsdp2"):
+        config_from_dict(raw | {"parallel": {"mode": "zero3"}})
+    with pytest.raises(ConfigError, match="parallel.timeout_seconds = 0.0: must be > 0"):
+        config_from_dict(raw | {"parallel": {"timeout_seconds": 0}})
+
+
+def replay_config(model_dir: str, out, steps: int = 3, mode: str = "ddp", grad_accum: int = 1):
+    config = demo_config(Path(out), steps=steps)
+    config.model.base = model_dir
+    config.parallel.mode = mode
+    config.optim.grad_accum = grad_accum
+    config.optim.lr = 2e-3  # larger steps amplify float32 rounding through Adam past 1e-5
+    return config
+
+
+def _train(rank: int, model_dir: str, out: str, mode: str, grad_accum: int) -> None:
+    from lorasync.train.trainer import GRPOTrainer
+
+    config = replay_config(model_dir, out, mode=mode, grad_accum=grad_accum)
+    GRPOTrainer(config, ReplayEngine(model_dir)).train(progress=False)
+    distributed.close(distributed.init(ParallelConfig()))
+
+
+def final_adapter(out) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / "step-000003" / "adapter" / "adapter_model.safetensors")
+
+
+@heavy
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_with_half_the_batch_end_where_one_rank_with_all_of_it_does(tiny_model, tmp_path, mode):
+    """The equivalence of the issue: the same fixed generations (`ReplayEngine`), 4 prompts a
+    step on 1 rank (1 micro-batch) or 2 on each of 2 ranks (2 micro-batches each), 3 steps:
+    the adapters agree within 1e-5 and rank 0 writes the global batch's metrics. The
+    completions have different lengths, so the token mean over the global batch differs from
+    a mean of the ranks' (or micro-batches') means. Checked to fail (DDP) with the gradient
+    scaled by 1 / local tokens instead of ranks / global tokens (the adapters then differ by
+    6e-4), and with `shard` giving every rank the first share (1e-2)."""
+    model = tiny_model("qwen2")
+    one = tmp_path / "one"
+    _train(0, model, str(one), mode, grad_accum=1)
+    two = tmp_path / "two"
+    assert run_ranks(_train, 2, model, str(two), mode, 2, timeout=300) == [0, 0]
+
+    a, b = final_adapter(one), final_adapter(two)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3  # B started at 0
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-5, diff
+    rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    for r1, r2 in zip(*rows):
+        assert r1["reward_mean"] == pytest.approx(r2["reward_mean"], abs=1e-6)
+        assert r1["reward_std"] == pytest.approx(r2["reward_std"], abs=1e-6)
+        assert r1["completion_tokens"] == r2["completion_tokens"]
+        assert r1["logprob_diff_max"] == pytest.approx(r2["logprob_diff_max"], abs=1e-5)
+
+
+class RecordingReceiver(MemoryReceiver):
+    """A `RecordReceiver`: keeps the records of each factor sync, as a server would get them."""
+
+    def __init__(self, model_dir) -> None:
+        super().__init__(model_dir)
+        self.records: list[list[Record]] = []
+
+    def load_records(self, records) -> int:
+        self.records.append([Record(r.name, tuple(t.clone() for t in r.tensors), r.scale) for r in records])
+        self.weight_version += 1
+        return self.weight_version
+
+
+def _factors(rank: int, model_dir: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from lorasync.sync.weight_sync import WeightSync
+
+    d = distributed.init(ParallelConfig(mode="fsdp2", timeout_seconds=60))
+    model = policy(model_dir, targets=["all-linear"], rank=4, seed=3)  # random B: factors that matter
+    unsharded = copy.deepcopy(model)
+    distributed.wrap(model, d)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    gathered, full_tensor = [], DTensor.full_tensor
+    DTensor.full_tensor = lambda self: gathered.append(self.requires_grad) or full_tensor(self)
+    engine = RecordingReceiver(model_dir)
+    report = distributed.sync_policy(WeightSync(model, engine, "factors"), model, d, shared=True, strategy="factors")
+    DTensor.full_tensor = full_tensor
+    reference = RecordingReceiver(model_dir)
+    WeightSync(unsharded, reference, "factors")()
+    if rank == 0:
+        torch.save({"sent": engine.records, "reference": reference.records, "gathered": gathered,
+                    "version": report.version}, f"{out}/factors.pt")
+    else:
+        assert engine.records == [] and report.version == 1  # rank 0 alone sends; all learn the version
+    distributed.close(d)
+
+
+@heavy
+def test_fsdp2_sends_the_unsharded_factors_exactly_and_gathers_no_base_weight(tiny_model, tmp_path):
+    """Under FSDP2 every parameter is a shard; the factor sync gathers the LoRA factors with
+    `full_tensor()` on both ranks, then rank 0 sends. What it sends equals, bit for bit, what
+    the same policy unsharded sends, and no frozen base tensor was gathered for it. Checked
+    to fail: sending each rank's local shards (`to_local()` instead of `full_tensor()`: wrong
+    shapes), gathering `everything` (base weights gathered), and gathering on rank 0 only
+    (the test's timeout: 2 ranks never hang)."""
+    model = tiny_model("llama")
+    assert run_ranks(_factors, 2, model, str(tmp_path), timeout=240) == [0, 0]
+    saved = torch.load(tmp_path / "factors.pt", weights_only=False)
+    assert saved["version"] == 1
+    (sent,), (reference,) = saved["sent"], saved["reference"]
+    assert [r.name for r in sent] == [r.name for r in reference] and len(sent) > 0
+    for s, r in zip(sent, reference):
+        assert s.scale == r.scale
+        assert all(torch.equal(x, y) for x, y in zip(s.tensors, r.tensors, strict=True)), s.name
+    assert saved["gathered"] and all(saved["gathered"])  # trainable (LoRA) tensors only
+
+
+class CountingReceiver(MemoryReceiver):
+    """A `MemoryReceiver` that notes, as it takes each tensor of a stream, how many gathers
+    (`counter()`) had run by then."""
+
+    def __init__(self, model_dir, counter) -> None:
+        super().__init__(model_dir)
+        self.counter, self.gathers_at = counter, []
+
+    def load_weights(self, weights) -> int:
+        def counted():
+            for item in weights:
+                self.gathers_at.append(self.counter())
+                yield item
+
+        return super().load_weights(counted())
+
+
+def _streaming(rank: int, model_dir: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from lorasync.sync.weight_sync import WeightSync
+
+    d = distributed.init(ParallelConfig(mode="fsdp2", timeout_seconds=60))
+    model = policy(model_dir, targets=["all-linear"], rank=4, seed=3)
+    unsharded = copy.deepcopy(model)
+    distributed.wrap(model, d)
+    gathered, full_tensor = [], DTensor.full_tensor
+    DTensor.full_tensor = lambda self: gathered.append(1) or full_tensor(self)
+    engine = CountingReceiver(model_dir, lambda: len(gathered))
+    sync = WeightSync(model, distributed.sync_target(engine, d, "streaming", shared=False), "streaming")
+    distributed.sync_policy(sync, model, d, shared=False, strategy="streaming")
+    DTensor.full_tensor = full_tensor
+    reference = MemoryReceiver(model_dir)
+    WeightSync(unsharded, reference, "streaming")()
+    if rank == 0:
+        torch.save({"sent": engine.tensors, "reference": reference.tensors, "gathers_at": engine.gathers_at},
+                   f"{out}/streaming.pt")
+    distributed.close(d)
+
+
+@heavy
+def test_fsdp2_streams_the_unsharded_merged_weights_gathering_one_tensor_at_a_time(tiny_model, tmp_path):
+    """A colocated `streaming` sync under FSDP2: every rank streams into its own engine, each
+    tensor gathered as the engine takes it (its base weight and factors, for a merged one).
+    What arrives equals, bit for bit, what the unsharded policy sends, and the gathers are
+    spread over the stream (at most 3 before each tensor: W, B and A), not all done first.
+    Checked to fail with the whole model gathered before the sync (`gathered(everything=True)`
+    in place of the stream: 100+ gathers before the first tensor)."""
+    model = tiny_model("llama")
+    assert run_ranks(_streaming, 2, model, str(tmp_path), timeout=240) == [0, 0]
+    saved = torch.load(tmp_path / "streaming.pt", weights_only=False)
+    sent, reference = saved["sent"], saved["reference"]
+    assert sent.keys() == reference.keys() and len(sent) > 10
+    for name in sent:
+        assert torch.equal(sent[name], reference[name]), name
+    steps = [b - a for a, b in zip([0] + saved["gathers_at"], saved["gathers_at"])]
+    assert max(steps) <= 3 and saved["gathers_at"][-1] >= len(sent), steps
+
+
+def _die(rank: int, model_dir: str, out: str, how: str) -> None:
+    from lorasync.train.trainer import GRPOTrainer
+
+    config = replay_config(model_dir, out, steps=3)
+    config.parallel.timeout_seconds = 20
+    trainer = GRPOTrainer(config, ReplayEngine(model_dir))
+    error = Path(out) / "error.json"
+
+    def stop() -> None:  # rank 1 in its second step: dies, or freezes until rank 0 gave up
+        if how == "freezes":
+            deadline = time.monotonic() + 120
+            while not error.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        os._exit(7)
+
+    if rank == 1:
+        step = trainer.train_step
+        trainer.train_step = lambda producer=None: step(producer) if trainer.step < 1 else stop()
+    start = time.monotonic()
+    try:
+        trainer.train(progress=False)
+    except distributed.RankFailure as err:
+        error.write_text(json.dumps({"message": str(err), "seconds": time.monotonic() - start}))
+        os._exit(3)
+
+
+@heavy
+@pytest.mark.parametrize("how", ["dies", "freezes"])
+def test_a_dead_or_frozen_rank_makes_the_others_fail_with_a_clear_error_in_bounded_time(tiny_model, tmp_path, how):
+    """Rank 1 dies (or freezes) in its second step; rank 0, blocked in a collective, fails
+    with `RankFailure` naming the cause and the setting: at once when the peer is dead (its
+    connection closes), within `parallel.timeout_seconds = 20` when it is frozen (gloo's
+    timeout). Checked to fail without the trainer's `failures` around a step (gloo's bare
+    RuntimeError: exit code 1, not 3)."""
+    codes = run_ranks(_die, 2, tiny_model("qwen2"), str(tmp_path), how, timeout=180)
+    assert codes == [3, 7], codes
+    error = json.loads((tmp_path / "error.json").read_text())
+    assert "another rank died or did not answer" in error["message"]
+    assert "parallel.timeout_seconds = 20" in error["message"]
+    assert error["seconds"] < (15 if how == "dies" else 60), error
+
+
+def test_a_process_group_made_by_someone_else_first_is_refused(tmp_path, monkeypatch):
+    """A colocated vLLM engine built before the trainer creates a default process group of
+    world size 1; a trainer that took it would train alone on each rank, silently. Checked to
+    fail with the world-size comparison removed (init returns rank 0 of 1)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(RuntimeError, match="torchrun started 2 ranks, but this process's default process group has 1"):
+            distributed.init(ParallelConfig())
+    finally:
+        dist.destroy_process_group()
