@@ -37,10 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorasync.commands.rollout_report import (
-    ASYNC_RUNS, LAST_STEPS, TINY, format_table, plot_reward_vs_time, ratios,
+    ASYNC_RUNS, LAST_STEPS, TINY, format_table, heading, plot_reward_vs_time, ratios,
 )
 from lorasync.server import IN_FLIGHT
-from lorasync.train.config import ROLLOUT_MODES
+from lorasync.train.config import ROLLOUT_MODES, require
 
 ENGINES = ("colocated", "server")
 DTYPES_COMPARED = ("float32", "bfloat16")
@@ -69,10 +69,6 @@ class RolloutBenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def require(ok: bool, flag: str, value, fix: str) -> None:
-            if not ok:
-                raise ValueError(f"{flag} = {value!r}: {fix}")
-
         self.modes = tuple(self.modes)
         flag = ",".join(self.modes)
         for mode in self.modes:
@@ -349,6 +345,6 @@ def run_rollout_bench(config: RolloutBenchConfig) -> dict:
     if "async-keep" in modes:
         result["keep_over_sync"] = ratios(modes, "async-keep")
     plot = Path(config.out) / "reward_vs_time.png"
-    plot_reward_vs_time(modes, plot, format_table(result | {"plot": None}).splitlines()[0])
+    plot_reward_vs_time(modes, plot, heading(result))
     result["plot"] = str(plot)
     return result

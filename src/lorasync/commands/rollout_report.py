@@ -29,15 +29,22 @@ def mode_label(mode: str, side: dict) -> str:
     return f"keep (K={k})" if side["rollout"].get("in_flight") == "keep" else f"async (K={k})"
 
 
-def format_table(result: dict) -> str:
-    """The human table: a row per run (means per step), then the ratios to sync."""
+def heading(result: dict) -> str:
+    """What ran, in one line: the table's first and the plot's title."""
     c = result["config"]
     model = "tiny demo model" if c["model"] == TINY else c["model"]
-    last = min(LAST_STEPS, c["steps"])
-    lines = [
+    return (
         f"bench train --rollout: {model}, {c['task']}, {result['engine']['kind']} engine, "
         f"{c['steps']} steps x {c['prompts_per_step']} prompts x {c['num_generations']} completions "
-        f"(max {c['max_tokens']} tokens), {c['dtype']}, seed {c['seed']}, on {result['machine']['cpu_model']}",
+        f"(max {c['max_tokens']} tokens), {c['dtype']}, seed {c['seed']}, on {result['machine']['cpu_model']}"
+    )
+
+
+def format_table(result: dict) -> str:
+    """The human table: a row per run (means per step), then the ratios to sync."""
+    last = min(LAST_STEPS, result["config"]["steps"])
+    lines = [
+        heading(result),
         f"{'':13}{'s/step':>8}{'wait s/step':>13}{'gen s/step':>12}{'tokens/s':>10}"
         f"{f'reward last {last}':>16}{'reward all':>12}{'staleness max':>15}",
     ]

@@ -32,6 +32,8 @@ from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorasync.train.config import require
+
 TASK_REWARDS = {"arith": (("correct", 1.0), ("number_only", 0.0))}  # as configs/smollm2_arith.yaml
 MAX_MODEL_LEN = 512  # the colocated engine's (EngineConfig.max_model_len), given to TRL's too
 DTYPES_COMPARED = ("float32", "bfloat16")  # TRL: bf16 autocast or none
@@ -54,10 +56,6 @@ class TrainBenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def require(ok: bool, flag: str, value, fix: str) -> None:
-            if not ok:
-                raise ValueError(f"{flag} = {value!r}: {fix}")
-
         require((Path(self.model) / "config.json").is_file(), "--model", self.model,
                 "no config.json there: pass a model folder or a hub name")
         require(self.task in TASK_REWARDS, "--task", self.task, f"use one of {', '.join(TASK_REWARDS)}")

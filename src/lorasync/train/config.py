@@ -24,7 +24,9 @@ class ConfigError(ValueError):
     """A training configuration that cannot run; the message names the field and the fix."""
 
 
-def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+def require(ok: bool, name: str, value: Any, rule: str) -> None:
+    """ConfigError naming the setting, its value and the rule, unless `ok` (also the benches'
+    flags: `--flag = value: fix`)."""
     if not ok:
         raise ConfigError(f"{name} = {value!r}: {rule}")
 
@@ -35,8 +37,8 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _require(bool(self.base), "model.base", self.base, "set it to a model folder")
-        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        require(bool(self.base), "model.base", self.base, "set it to a model folder")
+        require(self.dtype in DTYPES, "model.dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -47,9 +49,9 @@ class LoraSettings:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
-        _require(bool(self.targets), "lora.targets", self.targets, "name modules or all-linear")
-        _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        require(bool(self.targets), "lora.targets", self.targets, "name modules or all-linear")
+        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DataConfig:
     levels: list[str] = field(default_factory=list)  # the task's levels; empty: its default mix
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             sum(map(bool, (self.path, self.prompts, self.task))) == 1,
             "data.path / data.prompts / data.task",
             (self.path, len(self.prompts), self.task),
@@ -75,10 +77,10 @@ class DataConfig:
         if self.task:
             from lorasync.tasks import TASKS
 
-            _require(self.task in TASKS, "data.task", self.task, f"must be one of {', '.join(TASKS)}")
+            require(self.task in TASKS, "data.task", self.task, f"must be one of {', '.join(TASKS)}")
             splits = TASKS[self.task].SPLITS
-            _require(self.split in splits, "data.split", self.split, f"must be one of {', '.join(splits)}")
-            _require(self.size >= 1, "data.size", self.size, "must be >= 1")
+            require(self.split in splits, "data.split", self.split, f"must be one of {', '.join(splits)}")
+            require(self.size >= 1, "data.size", self.size, "must be >= 1")
             if self.levels:
                 TASKS[self.task].check_levels(self.levels)
 
@@ -89,7 +91,7 @@ class RewardSpec:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             ":" in self.function,
             "rewards[].function",
             self.function,
@@ -118,26 +120,26 @@ class RolloutConfig:
     in_flight: str = "wait"
 
     def __post_init__(self) -> None:
-        _require(self.mode in ROLLOUT_MODES, "rollout.mode", self.mode, f"use one of {', '.join(ROLLOUT_MODES)}")
-        _require(self.in_flight in IN_FLIGHT, "rollout.in_flight", self.in_flight, f"use one of {', '.join(IN_FLIGHT)}")
-        _require(
+        require(self.mode in ROLLOUT_MODES, "rollout.mode", self.mode, f"use one of {', '.join(ROLLOUT_MODES)}")
+        require(self.in_flight in IN_FLIGHT, "rollout.in_flight", self.in_flight, f"use one of {', '.join(IN_FLIGHT)}")
+        require(
             self.mode == "async" or self.in_flight == "wait", "rollout.in_flight", self.in_flight,
             "only rollout.mode: async syncs while generating; set rollout.mode=async or drop it",
         )
-        _require(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness, "must be >= 0")
-        _require(
+        require(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness, "must be >= 0")
+        require(
             self.mode == "async" or self.max_staleness == 0, "rollout.max_staleness", self.max_staleness,
             "only rollout.mode: async runs ahead of the policy; set rollout.mode=async or drop it",
         )
-        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "must be >= 1")
-        _require(
+        require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "must be >= 1")
+        require(
             self.num_generations >= 2,
             "rollout.num_generations",
             self.num_generations,
             "GRPO compares completions within a group: use >= 2",
         )
-        _require(self.max_tokens >= 1, "rollout.max_tokens", self.max_tokens, "must be >= 1")
-        _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
+        require(self.max_tokens >= 1, "rollout.max_tokens", self.max_tokens, "must be >= 1")
+        require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
 
 
 @dataclass
@@ -156,13 +158,13 @@ class OptimConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "optim.steps", self.steps, "must be >= 1")
-        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "must be >= 1")
-        _require(self.num_iterations >= 1, "optim.num_iterations", self.num_iterations, "must be >= 1")
-        _require(self.clip_eps > 0, "optim.clip_eps", self.clip_eps, "must be > 0")
-        _require(self.beta >= 0, "optim.beta", self.beta, "must be >= 0")
-        _require(self.is_cap >= 1, "optim.is_cap", self.is_cap, "must be >= 1")
+        require(self.steps >= 1, "optim.steps", self.steps, "must be >= 1")
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "must be >= 1")
+        require(self.num_iterations >= 1, "optim.num_iterations", self.num_iterations, "must be >= 1")
+        require(self.clip_eps > 0, "optim.clip_eps", self.clip_eps, "must be > 0")
+        require(self.beta >= 0, "optim.beta", self.beta, "must be >= 0")
+        require(self.is_cap >= 1, "optim.is_cap", self.is_cap, "must be >= 1")
 
 
 @dataclass
@@ -174,29 +176,29 @@ class EngineSection:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.kind in ENGINE_KINDS, "engine.kind", self.kind, f"use one of {', '.join(ENGINE_KINDS)}")
+        require(self.kind in ENGINE_KINDS, "engine.kind", self.kind, f"use one of {', '.join(ENGINE_KINDS)}")
         if self.kind == "server":
-            _require(
+            require(
                 bool(self.servers), "engine.servers", self.servers,
                 "engine.kind: server needs the URLs of running `lorasync serve` servers, e.g. "
                 "[http://127.0.0.1:8000] (their token: LORASYNC_TOKEN)",
             )
             for url in self.servers:
-                _require(
+                require(
                     isinstance(url, str) and url.startswith(("http://", "https://")),
                     "engine.servers[]", url, "write each server as a URL, http://HOST:PORT",
                 )
         else:
-            _require(
+            require(
                 not self.servers, "engine.servers", self.servers,
                 "servers are for engine.kind: server; drop them or set engine.kind=server",
             )
         if self.max_model_len is not None:
-            _require(
+            require(
                 self.kind == "colocated", "engine.max_model_len", self.max_model_len,
                 "servers set theirs at start (lorasync serve --max-model-len N); drop it here",
             )
-            _require(self.max_model_len >= 2, "engine.max_model_len", self.max_model_len, "must be >= 2")
+            require(self.max_model_len >= 2, "engine.max_model_len", self.max_model_len, "must be >= 2")
 
 
 @dataclass
@@ -227,8 +229,8 @@ class ParallelConfig:
     timeout_seconds: float = 600.0
 
     def __post_init__(self) -> None:
-        _require(self.mode in PARALLEL_MODES, "parallel.mode", self.mode, f"use one of {', '.join(PARALLEL_MODES)}")
-        _require(self.timeout_seconds > 0, "parallel.timeout_seconds", self.timeout_seconds, "must be > 0")
+        require(self.mode in PARALLEL_MODES, "parallel.mode", self.mode, f"use one of {', '.join(PARALLEL_MODES)}")
+        require(self.timeout_seconds > 0, "parallel.timeout_seconds", self.timeout_seconds, "must be > 0")
 
 
 @dataclass
@@ -247,8 +249,8 @@ class TrainConfig:
     logprob_tolerance: float | None = None  # engine/trainer health check; default per dtype
 
     def __post_init__(self) -> None:
-        _require(bool(self.rewards), "rewards", self.rewards, "list at least one reward function")
-        _require(
+        require(bool(self.rewards), "rewards", self.rewards, "list at least one reward function")
+        require(
             self.rollout.prompts_per_step * self.rollout.num_generations % self.optim.grad_accum == 0,
             "optim.grad_accum",
             self.optim.grad_accum,
@@ -261,8 +263,8 @@ class TrainConfig:
             check_pair(self.engine.kind, self.sync.strategy)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        _require(self.save_every >= 0, "save_every", self.save_every, "must be >= 0")
-        _require(
+        require(self.save_every >= 0, "save_every", self.save_every, "must be >= 0")
+        require(
             self.rollout.in_flight == "wait" or self.engine.kind == "server", "rollout.in_flight",
             self.rollout.in_flight,
             "keep freezes requests on running servers: set engine.kind=server, or in_flight=wait",

@@ -319,7 +319,7 @@ def step_metrics(
 
     tokens = int(batch.mask.sum())
     versions = batch.versions[batch.mask]
-    staleness = (current - versions).float()
+    staleness = batch.staleness(current).float()
     return {
         "step": step,
         "reward_mean": batch.rewards.mean().item(),
