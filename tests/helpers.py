@@ -105,6 +105,27 @@ class Server:
             self.process.wait(timeout=60)
 
 
+def lora_module_scores(base: str | Path, adapter: str | Path, probes: Sequence[Sequence[int]]) -> list[list[float]]:
+    """`openai_scores` of a saved adapter as vLLM's own OpenAI server serves it, started with
+    `--enable-lora --lora-modules policy=ADAPTER` (not lorasync's: a plain PEFT adapter)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+         "--dtype", "float32", "--enable-lora", "--lora-modules", f"policy={adapter}",
+         "--max-lora-rank", "16", "--max-model-len", "512", "--enforce-eager",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_healthy(url, server, timeout=240)
+        return openai_scores(url, probes, token="unused", model="policy")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def openai_scores(
     url: str, probes: Sequence[Sequence[int]], token: str = TOKEN, model: str | None = None
 ) -> list[list[float]]:

@@ -82,16 +82,48 @@ def test_train_on_two_ranks_from_the_shell_and_resume_exactly(tiny_model, tmp_pa
 
 
 @heavy
-def test_two_ranks_train_against_two_servers(tiny_model, tmp_path):
+@pytest.mark.parametrize("strategy", ["merge-unmerge", "auto"])
+def test_fsdp2_merged_syncs_from_the_shell_gather_a_fraction_of_the_model(tiny_model, tmp_path, strategy):
+    """FSDP2 with the other merged strategies into each rank's own engine: `merge-unmerge`
+    (PEFT's merge on the shards, each merged tensor gathered as the engine takes it) and
+    `auto` (which measures `streaming` against `adapter`). Parity within 1e-4 at every step
+    on every rank, and no rank ever held more than a fraction of the model gathered
+    (`sync_gathered_mb`, the max over ranks). The whole adapter rank 0 writes is served by
+    vLLM's own OpenAI server (`--lora-modules`) with the trainer's logprobs. Checked to fail
+    with the whole model gathered before the sync (the peak is then the whole model)."""
+    from lorasync.sync.verify import probe_sequences, trainer_scores
+    from tests.helpers import lora_module_scores, max_diff
+
+    base = tiny_model("qwen2")
+    out = tmp_path / "run"
+    train(base, out, "fsdp2", 2, f"sync.strategy={strategy}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert max(row["logprob_diff_max"] for row in rows) <= 1e-4, rows
+    model_mb = sum(p.stat().st_size for p in Path(base).glob("*.safetensors")) / 2**20
+    assert all(0 < row["sync_gathered_mb"] < model_mb / 2 for row in rows[:1]), (model_mb, rows)
+    if strategy == "merge-unmerge":
+        assert all(0 < row["sync_gathered_mb"] < model_mb / 2 for row in rows), (model_mb, rows)
+        folder = out / "checkpoints" / "step-000002" / "adapter"
+        probes = probe_sequences(500, n=2, length=16)
+        expected = trainer_scores(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder), probes)
+        assert max_diff(lora_module_scores(base, folder, probes), expected) <= 1e-4
+
+
+@heavy
+@pytest.mark.parametrize(("mode", "strategy"), [("ddp", "factors"), ("fsdp2", "streaming")])
+def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strategy):
     """2 ranks against 2 real `lorasync serve` servers on the demo task: each rank's prompts
     spread over both servers, rank 0 alone syncs the factors into both after every step, and
     no rank generates before it is done. Every step's health check (the engine/trainer
     logprob difference on that step's batch, which each rank drew from both servers, reduced
     to the max over the ranks) stays within 1e-4, so every sync reached both servers; at the
     end both serve the last version, and the final adapter's logprobs agree with each
-    server's within 1e-4; every rank's batches carry the version the servers served. Checked
-    to fail with every rank syncing, and with the other ranks not told the version of rank
-    0's sync (their batches carry version 0)."""
+    server's within 1e-4; every rank's batches carry the version the servers served (each
+    rank checks the servers report it: `ServerEngine.follow`). DDP with `factors`, and FSDP2
+    with `streaming`: both ranks gather each merged tensor, rank 0 sends. Checked to fail with
+    every rank syncing, and with the other ranks not told the version of rank 0's sync (their
+    batches carry version 0)."""
     from lorasync.sync.verify import probe_sequences, trainer_scores
     from tests.helpers import TOKEN, Server, max_diff, openai_scores
 
@@ -105,7 +137,8 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path):
         r = run_lorasync(
             "train", "--nproc", "2", "--config", "configs/digits.yaml", f"model.base={base}",
             "optim.steps=3", f"output_dir={out}", "save_every=0", "engine.kind=server",
-            f"engine.servers=[{urls}]", env={"LORASYNC_TOKEN": TOKEN}, cwd=ROOT, timeout=400,
+            f"engine.servers=[{urls}]", f"parallel.mode={mode}", f"sync.strategy={strategy}",
+            env={"LORASYNC_TOKEN": TOKEN}, cwd=ROOT, timeout=400,
         )
         assert r.returncode == 0, r.stderr[-4000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +146,7 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path):
         assert [row["weight_version"] for row in rows] == [1, 2, 3]
         assert [row["policy_versions"] for row in rows] == [[0], [1], [2]]  # on every rank
         assert max(row["logprob_diff_max"] for row in rows) <= 1e-4, rows
-        assert all(row["sync_strategy"] == "factors" for row in rows)
+        assert all(row["sync_strategy"] == strategy for row in rows)
 
         folder = out / "checkpoints" / "step-000003" / "adapter"
         policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)

@@ -77,6 +77,14 @@ def test_factor_sync_gives_parity_through_the_openai_client(servers, trainer):
     for s in servers:
         assert max_diff(openai_scores(s.url, probes), expected) <= TOL
     assert engine.served_versions() == [str(report.version)] * 2
+    # A second client of the same servers (a data-parallel run's rank > 0) takes the version
+    # rank 0's sync made them serve, checked against what they report
+    other = ServerEngine([s.url for s in servers], TOKEN)
+    other.follow(report.version)
+    assert other.weight_version == report.version
+    with pytest.raises(ServerSyncError, match=f"expected weight version {report.version + 1}, but .* serves '{report.version}'"):
+        other.follow(report.version + 1)
+    other.close()
     # Factors and the lm_head copy, against the merged changed-only tensors.
     merged = sum(
         torch.Size(engine.checkpoint_layout()[e.checkpoint]).numel() * 4 for e in sync.plan.changed

@@ -199,46 +199,68 @@ class CountingReceiver(MemoryReceiver):
         return super().load_weights(counted())
 
 
-def _streaming(rank: int, model_dir: str, out: str) -> None:
+def _merged(rank: int, model_dir: str, out: str, strategy: str, shared: bool) -> None:
     from torch.distributed.tensor import DTensor
 
     from lorasync.sync.weight_sync import WeightSync
 
     d = distributed.init(ParallelConfig(mode="fsdp2", timeout_seconds=60))
+    torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: the same on both ranks
     model = policy(model_dir, targets=["all-linear"], rank=4, seed=3)
     unsharded = copy.deepcopy(model)
     distributed.wrap(model, d)
+    shards = {n: p.to_local().clone() for n, p in model.named_parameters()}
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(1) or full_tensor(self)
     engine = CountingReceiver(model_dir, lambda: len(gathered))
-    sync = WeightSync(model, distributed.sync_target(engine, d, "streaming", shared=False), "streaming")
-    distributed.sync_policy(sync, model, d, shared=False, strategy="streaming")
+    target = distributed.sync_target(engine, d, shared=shared)
+    sync = WeightSync(model, target, strategy)
+    reports = [distributed.sync_policy(sync, model, d, shared=shared, strategy=strategy) for _ in range(2)]
     DTensor.full_tensor = full_tensor
     reference = MemoryReceiver(model_dir)
-    WeightSync(unsharded, reference, "streaming")()
-    if rank == 0:
-        torch.save({"sent": engine.tensors, "reference": reference.tensors, "gathers_at": engine.gathers_at},
-                   f"{out}/streaming.pt")
+    WeightSync(unsharded, reference, strategy)()
+    torch.save({"sent": engine.tensors, "reference": reference.tensors, "gathers_at": engine.gathers_at,
+                "gathers": len(gathered), "versions": [r.version for r in reports],
+                "peak": distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20,
+                "largest": max(t.numel() * t.element_size() for t in reference.tensors.values()),
+                "model": sum(t.numel() * t.element_size() for t in reference.tensors.values()),
+                "restored": max((p.to_local() - shards[n]).abs().max().item() for n, p in model.named_parameters())},
+               f"{out}/merged-{rank}.pt")
     distributed.close(d)
 
 
 @heavy
-def test_fsdp2_streams_the_unsharded_merged_weights_gathering_one_tensor_at_a_time(tiny_model, tmp_path):
-    """A colocated `streaming` sync under FSDP2: every rank streams into its own engine, each
-    tensor gathered as the engine takes it (its base weight and factors, for a merged one).
-    What arrives equals, bit for bit, what the unsharded policy sends, and the gathers are
-    spread over the stream (at most 3 before each tensor: W, B and A), not all done first.
-    Checked to fail with the whole model gathered before the sync (`gathered(everything=True)`
-    in place of the stream: 100+ gathers before the first tensor)."""
+@pytest.mark.parametrize("strategy", ["streaming", "merge-unmerge"])
+@pytest.mark.parametrize("shared", [False, True], ids=["colocated", "shared"])
+def test_fsdp2_merged_syncs_gather_one_tensor_at_a_time(tiny_model, tmp_path, strategy, shared):
+    """A merged sync under FSDP2 (`streaming`, or `merge-unmerge`: PEFT's merge on the
+    shards), two syncs. Each tensor is gathered as the engine takes it (its base weight and
+    factors, for a streamed one): the gathers are spread over the stream (at most 3 before each
+    tensor: W, B and A), and the gathered tensors alive at once never exceed two of the
+    largest (the one the engine copies and the next), a fraction of the model. What arrives
+    equals, bit for bit, what the unsharded policy sends, and the shards are back after the
+    unmerge. Colocated, both ranks send into their own engines; into shared servers both
+    gather, rank 0 alone sends, and both learn its version. Checked to fail with the whole
+    model gathered before the sync (100+ gathers before the first tensor, and a peak of the
+    whole model), with rank 1 skipping the sync into shared servers (the test's timeout:
+    rank 0's gathers wait for it), and with rank 1 sending too."""
     model = tiny_model("llama")
-    assert run_ranks(_streaming, 2, model, str(tmp_path), timeout=240) == [0, 0]
-    saved = torch.load(tmp_path / "streaming.pt", weights_only=False)
-    sent, reference = saved["sent"], saved["reference"]
-    assert sent.keys() == reference.keys() and len(sent) > 10
-    for name in sent:
-        assert torch.equal(sent[name], reference[name]), name
-    steps = [b - a for a, b in zip([0] + saved["gathers_at"], saved["gathers_at"])]
-    assert max(steps) <= 3 and saved["gathers_at"][-1] >= len(sent), steps
+    assert run_ranks(_merged, 2, model, str(tmp_path), strategy, shared, timeout=240) == [0, 0]
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"merged-{rank}.pt", weights_only=False)
+        sent, reference = saved["sent"], saved["reference"]
+        assert saved["versions"] == [1, 2]
+        assert saved["restored"] <= (1e-6 if strategy == "merge-unmerge" else 0.0), saved["restored"]
+        assert saved["gathers"] > len(reference)  # every rank gathers, sending or not
+        assert 0 < saved["peak"] <= 2 * saved["largest"] < saved["model"] / 2, (saved["peak"], saved["largest"])
+        if shared and rank == 1:
+            assert sent == {} and saved["gathers_at"] == []
+            continue
+        assert sent.keys() == reference.keys() and len(sent) > 10
+        for name in sent:
+            assert torch.equal(sent[name], reference[name]), name
+        steps = [b - a for a, b in zip([0] + saved["gathers_at"], saved["gathers_at"])]
+        assert max(steps) <= 3 and saved["gathers_at"][-1] >= len(sent), steps
 
 
 def _die(rank: int, model_dir: str, out: str, how: str) -> None:

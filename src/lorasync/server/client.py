@@ -203,6 +203,15 @@ class ServerEngine:
                 "KV blocks of the old weights"[:400]
             )
 
+    def follow(self, version: int) -> None:
+        """Take `version` as served, after another client (rank 0 of a data-parallel run)
+        synced these servers: ServerSyncError unless every server reports serving it."""
+        wrong = [f"{s.url} serves {v!r}" for s, v in zip(self._servers, self.served_versions()) if v != str(version)]
+        if wrong:
+            raise ServerSyncError(f"expected weight version {version}, but {', '.join(wrong)}: another "
+                                  "client synced them since (one trainer per server)")
+        self.weight_version = version
+
     def served_versions(self) -> list[str]:
         """The weight version each server reports serving (GET /weight_info)."""
         versions = []
@@ -214,14 +223,8 @@ class ServerEngine:
             versions.append(version)
         return versions
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_tokens: int,
-        temperature: float = 1.0,
-        n: int = 1,
-        seed: int | None = None,
-    ) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float = 1.0,
+                 n: int = 1, seed: int | None = None) -> list[list[Completion]]:
         """Sample `n` completions per prompt, prompts spread round-robin over the servers.
 
         With in_flight="keep" a sync may land while they run, so each completion comes with

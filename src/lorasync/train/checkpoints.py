@@ -34,7 +34,7 @@ def gather_state(model: PeftModel, optimizer, d: Dist) -> dict:
     ranks = [None] * d.world
     with failures(d, "gathering the checkpoint"):
         torch.distributed.all_gather_object(ranks, rng)
-        with gathered(model, d, everything=False):
+        with gathered(model, d):
             adapter = {clean_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if d.mode == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

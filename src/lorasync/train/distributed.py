@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -212,15 +213,18 @@ def total(value: float, d: Dist) -> float:
 
 # --- the sync ------------------------------------------------------------------------------------
 
+# the strategies that merge on the trainer: under FSDP2 they read the frozen base weights too,
+# gathered one tensor at a time as the engine takes them (`Gathering`)
+MERGED = ("streaming", "merge-unmerge")
+
 
 @contextlib.contextmanager
-def gathered(model: torch.nn.Module, d: Dist, everything: bool) -> Iterator[None]:
-    """Under FSDP2: inside, the model's sharded parameters are whole tensors, gathered by
-    `full_tensor()` on every rank, all before the block runs (so rank 0's send never
-    interleaves with another rank's gather: TRL #7103). `everything=False` gathers the
-    trainable parameters only (LoRA factors, `modules_to_save`): what a factor sync or a
-    checkpoint reads; the frozen base is never gathered for them. `everything=True` (merged
-    strategies) gathers the base too. Outside FSDP2, nothing to do."""
+def gathered(model: torch.nn.Module, d: Dist) -> Iterator[None]:
+    """Under FSDP2: inside, the model's trainable parameters (LoRA factors, `modules_to_save`)
+    are whole tensors, gathered by `full_tensor()` on every rank, all before the block runs
+    (so rank 0's send never interleaves with another rank's gather: TRL #7103). What a factor
+    or adapter sync or a checkpoint reads; the frozen base stays sharded. Outside FSDP2,
+    nothing to do."""
     if not (d.active and d.mode == "fsdp2"):
         yield
         return
@@ -230,11 +234,11 @@ def gathered(model: torch.nn.Module, d: Dist, everything: bool) -> Iterator[None
     with failures(d, "gathering the sharded parameters"):
         for module in model.modules():
             for name, param in list(module._parameters.items()):
-                if isinstance(param, DTensor) and (everything or param.requires_grad):
+                if isinstance(param, DTensor) and param.requires_grad:
                     # hand-written: FSDP2's own unshard() gathers whole units, base included.
-                    # A tied parameter (embeddings and lm_head) is gathered once, and stays tied.
+                    # A tied parameter is gathered once, and stays tied.
                     if id(param) not in whole:
-                        whole[id(param)] = torch.nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                        whole[id(param)] = torch.nn.Parameter(param.full_tensor(), requires_grad=True)
                     module._parameters[name] = whole[id(param)]
                     swapped.append((module, name, param))
     try:
@@ -244,74 +248,89 @@ def gathered(model: torch.nn.Module, d: Dist, everything: bool) -> Iterator[None
             module._parameters[name] = param
 
 
-def _streams(d: Dist, strategy: str, shared: bool) -> bool:
-    """Whether a sync gathers FSDP2's shards tensor by tensor as it streams (`Gathering`)."""
-    return d.active and d.mode == "fsdp2" and strategy == "streaming" and not shared
-
-
 class Gathering:
-    """The engine a colocated `streaming` sync sends to under FSDP2: each tensor of the
-    stream, or each part of a lazy `MergedWeight` (base weight and factors), is gathered with
-    `full_tensor()` as the engine asks for it, so a rank holds one whole tensor at a time
-    instead of the whole model. Every rank streams the same plan into its own engine, so the
-    gathers run in the same order on all of them. The rest is the engine's."""
+    """The engine a sync sends to under FSDP2. Each tensor the engine takes (or each part of a
+    lazy `MergedWeight`: base weight and factors) is gathered with `full_tensor()` as the
+    engine asks for it, so a rank holds the whole of one tensor at a time, never the whole
+    model: the merged strategies' base weights, merged (`merge-unmerge`: PEFT's merge, on the
+    shards) or not. Every rank runs the same sync, so the gathers run in the same order on
+    all; on ranks that do not send (`sends=False`: ranks > 0 into shared servers) the gathered
+    tensors are dropped. `peak_bytes`: the most bytes of gathered tensors alive at once since
+    `gathering_metrics` last read it. The rest is the engine's."""
 
-    def __init__(self, engine, d: Dist) -> None:
-        self.engine, self.d = engine, d
+    def __init__(self, engine, d: Dist, sends: bool = True) -> None:
+        self.engine, self.d, self.sends = engine, d, sends
+        self.live = self.peak_bytes = 0
 
-    dtype = property(lambda self: self.engine.dtype)
-    vocab_size = property(lambda self: self.engine.vocab_size)
-    weight_version = property(lambda self: self.engine.weight_version)
-
-    def checkpoint_layout(self):
-        return self.engine.checkpoint_layout()
-
-    def weight_groups(self):
-        return self.engine.weight_groups()
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
 
     def load_weights(self, weights) -> int:
         with failures(self.d, "gathering a tensor for the sync"):
-            return self.engine.load_weights((name, _whole(tensor)) for name, tensor in weights)
+            stream = ((name, self._whole(tensor)) for name, tensor in weights)
+            if self.sends:
+                return self.engine.load_weights(stream)
+            for _ in stream:
+                pass
+            return self.engine.weight_version
+
+    def _whole(self, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        from lorasync.sync.merged_weight import MergedWeight
+
+        if isinstance(tensor, MergedWeight):
+            w, left, right = (self._whole(t) for t in (tensor.weight, tensor.left, tensor.right))
+            return MergedWeight(w, left, right, tensor.scale, tensor.kernel)
+        if not isinstance(tensor, DTensor):
+            return tensor
+        whole = tensor.full_tensor()
+        size = whole.numel() * whole.element_size()
+        self.live += size
+        self.peak_bytes = max(self.peak_bytes, self.live)
+        weakref.finalize(whole, self._freed, size)  # when the engine is done with it
+        return whole
+
+    def _freed(self, size: int) -> None:
+        self.live -= size
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    from lorasync.sync.merged_weight import MergedWeight
-
-    if isinstance(tensor, MergedWeight):
-        w, left, right = (_whole(t) for t in (tensor.weight, tensor.left, tensor.right))
-        return MergedWeight(w, left, right, tensor.scale, tensor.kernel)
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def sync_target(engine, d: Dist, strategy: str, shared: bool):
-    """What `WeightSync` sends to: the engine, or under FSDP2 for a colocated streaming sync
-    the engine behind `Gathering`."""
-    return Gathering(engine, d) if _streams(d, strategy, shared) else engine
+def sync_target(engine, d: Dist, shared: bool):
+    """What `WeightSync` sends to: the engine, or under FSDP2 the engine behind `Gathering`
+    (which sends from rank 0 alone into shared servers)."""
+    if d.active and d.mode == "fsdp2":
+        return Gathering(engine, d, sends=d.main or not shared)
+    return engine
 
 
 def sync_policy(sync: Callable, model: torch.nn.Module, d: Dist, shared: bool, strategy: str):
     """One sync of the policy on every rank: returns the `SyncReport` (rank 0's when shared).
 
     Colocated (`shared=False`), each rank syncs its own engine: the policy is the same on all
-    ranks after the gradient all-reduce. Into shared servers, rank 0 alone syncs; the others
-    wait at a barrier and receive its report, so no rank generates before the new version is
-    served. Under FSDP2, what the sync reads is gathered first (`gathered`): the factors for
-    `factors` and `adapter`; nothing for a colocated `streaming` sync (`Gathering` does it
-    tensor by tensor); the whole model for the others."""
-    if _streams(d, strategy, shared):
-        context = contextlib.nullcontext()
-    else:
-        context = gathered(model, d, everything=strategy not in ("factors", "adapter"))
-    with context:
-        report = sync() if d.main or not shared else None
+    ranks after the gradient all-reduce. Into shared servers rank 0 sends; the others wait at
+    a barrier and receive its report, so no rank generates before the new version is served.
+    Under FSDP2 a factor or adapter sync (or `auto`'s choice) reads the trainable parameters,
+    gathered first (`gathered`); a merged sync runs on every rank, its engine behind
+    `Gathering` (`sync_target`), each base weight gathered as it is sent."""
+    merged = strategy in MERGED
+    runs = d.main or not shared or (merged and d.mode == "fsdp2")
+    with contextlib.nullcontext() if merged else gathered(model, d):
+        report = sync() if runs else None
     if shared and d.active:
         box = [report]
         with failures(d, "waiting for rank 0's sync into the servers"):
             dist.broadcast_object_list(box, src=0)
         report = box[0]
     return report
+
+
+def gathering_metrics(target) -> dict:
+    """`sync_gathered_mb`: the most megabytes of gathered (whole) tensors this rank held at
+    once in the syncs since the last call, under FSDP2 (`Gathering`); nothing otherwise."""
+    if not isinstance(target, Gathering):
+        return {}
+    peak, target.peak_bytes = target.peak_bytes, target.live
+    return {"sync_gathered_mb": peak / 2**20}
 
 
 def broadcast_object(value, d: Dist):
@@ -333,7 +352,7 @@ def barrier(d: Dist, what: str) -> None:
 # --- metrics -------------------------------------------------------------------------------------
 
 _MAX = ("logprob_diff_max", "is_weight_max", "staleness_max", "step_seconds", "generation_seconds",
-        "wait_seconds", "sync_seconds")
+        "wait_seconds", "sync_seconds", "sync_gathered_mb")
 _MIN = ("is_weight_min",)
 _SUM = ("completion_tokens", "tokens_per_second")
 
@@ -358,13 +377,13 @@ def reduce_metrics(metrics: dict, rewards: torch.Tensor, d: Dist) -> dict:
         t = torch.tensor([float(metrics[k]) for k in mean], dtype=torch.float64)
         dist.all_reduce(t)
         out |= {k: v / d.world for k, v in zip(mean, t.tolist())}
-    for k in numbers:  # whole numbers stay whole
-        if isinstance(metrics[k], int):
-            out[k] = int(round(out[k]))
         if "policy_versions" in metrics:  # the versions any rank's batch was sampled under
             versions = [None] * d.world
             dist.all_gather_object(versions, metrics["policy_versions"])
             out["policy_versions"] = sorted(set().union(*versions))
+    for k in numbers:  # whole numbers stay whole
+        if isinstance(metrics[k], int):
+            out[k] = int(round(out[k]))
     all_rewards = torch.cat(everything)
     out["reward_mean"] = all_rewards.mean().item()
     out["reward_std"] = all_rewards.std().item()

@@ -83,7 +83,7 @@ class GRPOTrainer:
         )
         rollout = config.rollout
         tokens_per_step = rollout.prompts_per_step * rollout.num_generations * rollout.max_tokens
-        target = distributed.sync_target(engine, self.dist, config.sync.strategy.value, config.engine.kind == "server")
+        target = distributed.sync_target(engine, self.dist, config.engine.kind == "server")
         self.sync = WeightSync(
             self.model, target, config.sync.strategy,
             tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
@@ -117,8 +117,8 @@ class GRPOTrainer:
         shared = self.config.engine.kind == "server"
         with self.engine_lock:
             report = distributed.sync_policy(self.sync, self.model, self.dist, shared, self.config.sync.strategy.value)
-            if shared and not self.dist.main:  # these ranks' engines never sync: the version
-                self.engine.weight_version = report.version  # rank 0's sync made the servers serve
+            if shared and not self.dist.main:  # rank 0 synced the servers: checked, this version
+                self.engine.follow(report.version)
         return report
 
     # -- one step ----------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class GRPOTrainer:
         metrics = step_metrics(
             self.step, batch, parts, norms, report, self.scheduler.get_last_lr()[0],
             time.perf_counter() - start, wait, current, health,
-        )
+        ) | distributed.gathering_metrics(self.sync.engine)
         return distributed.reduce_metrics(metrics, batch.rewards, self.dist)
 
     def _stale_health(self, batch: Rollout) -> dict[str, float]:
