@@ -150,8 +150,11 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(self.requires_grad) or full_tensor(self)
     engine = RecordingReceiver(model_dir)
-    report = distributed.sync_policy(WeightSync(model, engine, "factors"), model, d, shared=True, strategy="factors")
+    target = distributed.sync_target(engine, d, shared=True)
+    report = distributed.sync_policy(WeightSync(model, target, "factors"), model, d, shared=True, strategy="factors")
     DTensor.full_tensor = full_tensor
+    held = distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20
+    assert held == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > 0
     reference = RecordingReceiver(model_dir)
     WeightSync(unsharded, reference, "factors")()
     if rank == 0:
@@ -166,7 +169,8 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
 def test_fsdp2_sends_the_unsharded_factors_exactly_and_gathers_no_base_weight(tiny_model, tmp_path):
     """Under FSDP2 every parameter is a shard; the factor sync gathers the LoRA factors with
     `full_tensor()` on both ranks, then rank 0 sends. What it sends equals, bit for bit, what
-    the same policy unsharded sends, and no frozen base tensor was gathered for it. Checked
+    the same policy unsharded sends, no frozen base tensor was gathered for it, and
+    `sync_gathered_mb` counts the gathered factors (rank 0 holds them while it sends). Checked
     to fail: sending each rank's local shards (`to_local()` instead of `full_tensor()`: wrong
     shapes), gathering `everything` (base weights gathered), and gathering on rank 0 only
     (the test's timeout: 2 ranks never hang)."""

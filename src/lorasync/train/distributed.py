@@ -12,11 +12,11 @@ What changes on N ranks (docs/distributed.md):
   (`fully_shard`: parameters sharded, gradients reduce-scattered). Both average over ranks;
   the trainer turns that average into the token mean over the global batch (`total`);
 - the sync: under FSDP2 the parameters a sync reads are gathered with `full_tensor()` on all
-  ranks together before anyone sends (`gathered`: the factors for a factor sync), or tensor by
-  tensor as every rank streams into its own engine (`Gathering`: a colocated `streaming`
-  sync); a rank interleaving its gathers with rank 0's send is the hang of TRL #7103. Into
-  shared servers only rank 0 syncs, and no rank goes on before it is done (a barrier on the
-  version, `sync_policy`);
+  ranks together: the trainable ones before anyone sends (`gathered`: a factor or adapter
+  sync), or, for a merged sync, tensor by tensor as the engine takes them, every rank running
+  the same stream (`Gathering`); a rank interleaving its gathers with rank 0's send is the
+  hang of TRL #7103. Into shared servers only rank 0 sends, and no rank goes on before it is
+  done (a barrier on the version, `sync_policy`);
 - the metrics: reduced over ranks (`reduce_metrics`): rewards over the global batch, the
   worst logprob difference of any rank.
 
@@ -219,12 +219,12 @@ MERGED = ("streaming", "merge-unmerge")
 
 
 @contextlib.contextmanager
-def gathered(model: torch.nn.Module, d: Dist) -> Iterator[None]:
+def gathered(model: torch.nn.Module, d: Dist, tally: Gathering | None = None) -> Iterator[None]:
     """Under FSDP2: inside, the model's trainable parameters (LoRA factors, `modules_to_save`)
     are whole tensors, gathered by `full_tensor()` on every rank, all before the block runs
     (so rank 0's send never interleaves with another rank's gather: TRL #7103). What a factor
-    or adapter sync or a checkpoint reads; the frozen base stays sharded. Outside FSDP2,
-    nothing to do."""
+    or adapter sync or a checkpoint reads; the frozen base stays sharded. `tally` counts their
+    bytes as held for the block. Outside FSDP2, nothing to do."""
     if not (d.active and d.mode == "fsdp2"):
         yield
         return
@@ -241,11 +241,16 @@ def gathered(model: torch.nn.Module, d: Dist) -> Iterator[None]:
                         whole[id(param)] = torch.nn.Parameter(param.full_tensor(), requires_grad=True)
                     module._parameters[name] = whole[id(param)]
                     swapped.append((module, name, param))
+    size = sum(t.numel() * t.element_size() for t in whole.values())
+    if tally is not None:
+        tally.held(size)
     try:
         yield
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+        if tally is not None:
+            tally.freed(size)
 
 
 class Gathering:
@@ -286,12 +291,15 @@ class Gathering:
             return tensor
         whole = tensor.full_tensor()
         size = whole.numel() * whole.element_size()
-        self.live += size
-        self.peak_bytes = max(self.peak_bytes, self.live)
-        weakref.finalize(whole, self._freed, size)  # when the engine is done with it
+        self.held(size)
+        weakref.finalize(whole, self.freed, size)  # when the engine is done with it
         return whole
 
-    def _freed(self, size: int) -> None:
+    def held(self, size: int) -> None:
+        self.live += size
+        self.peak_bytes = max(self.peak_bytes, self.live)
+
+    def freed(self, size: int) -> None:
         self.live -= size
 
 
@@ -314,7 +322,8 @@ def sync_policy(sync: Callable, model: torch.nn.Module, d: Dist, shared: bool, s
     `Gathering` (`sync_target`), each base weight gathered as it is sent."""
     merged = strategy in MERGED
     runs = d.main or not shared or (merged and d.mode == "fsdp2")
-    with contextlib.nullcontext() if merged else gathered(model, d):
+    tally = getattr(sync, "engine", None)  # a WeightSync's target: a `Gathering` under FSDP2
+    with contextlib.nullcontext() if merged else gathered(model, d, tally if isinstance(tally, Gathering) else None):
         report = sync() if runs else None
     if shared and d.active:
         box = [report]
