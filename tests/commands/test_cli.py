@@ -187,6 +187,7 @@ def served(monkeypatch):
     """What `lorasync serve` would exec: (argv, env); nothing starts."""
     calls = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # bounded: no warning (see below)
     return calls
 
 
@@ -198,6 +199,21 @@ def test_serve_takes_the_token_from_the_file_over_the_environment_never_the_comm
     assert env[TOKEN_ENV] == "from-file" and not any("from-file" in a for a in argv)
     assert argv[-2:] == ["--dtype", "float32"]  # vLLM's arguments still pass through
     assert capsys.readouterr().err == ""  # a private file: no warning
+
+
+def test_serve_warns_on_cpu_when_nothing_bounds_the_kv_cache(tmp_path, token_file, served, capsys, monkeypatch):
+    """vLLM on CPU otherwise sizes its KV cache from the free memory (a server measured at 22
+    of 24 GB, OOM-killed beside a trainer). Checked to fail with the warning removed, and
+    with it printed whatever the settings."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no VLLM_CPU_KVCACHE_SPACE (GiB) or --kv-cache-memory-bytes" in err
+    assert cli.main(["serve", "--model", str(tmp_path), "--kv-cache-memory-bytes", "2G"]) == 0
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert len(served) == 3
 
 
 def test_serve_takes_the_environment_without_a_flag(tmp_path, token_file, served):

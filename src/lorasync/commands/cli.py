@@ -108,7 +108,7 @@ def _add_token_file(p: argparse.ArgumentParser, deprecated_flag: bool, who: str)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lorasync.server.launch import serve_command, serve_env
+    from lorasync.server.launch import KV_CACHE_WARNING, serve_command, serve_env, unbounded_kv_cache
 
     env = serve_env(_token(args, args.token), allow_dev_routes=args.allow_dev_routes)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -117,6 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
             "unencrypted over HTTP and TCP, so expose this only on a trusted network",
             file=sys.stderr,
         )
+    if unbounded_kv_cache(env, args.vllm_args):
+        print(f"lorasync serve: warning: {KV_CACHE_WARNING}", file=sys.stderr)
     command = serve_command(resolve_model(args.model), args.host, args.port, args.vllm_args)
     os.execve(command[0], command, env)  # the server replaces this process: signals go to it
     return 0  # not reached

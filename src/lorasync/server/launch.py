@@ -117,6 +117,22 @@ def serve_env(token: str, allow_dev_routes: bool = False) -> dict[str, str]:
     return env | ({DEV_ROUTES_ENV: "1"} if allow_dev_routes else {})
 
 
+KV_CACHE_WARNING = (
+    "no VLLM_CPU_KVCACHE_SPACE (GiB) or --kv-cache-memory-bytes: vLLM on CPU sizes its KV cache "
+    "from the memory free at start, and a trainer on this machine may then run out "
+    "(docs/server.md); set VLLM_CPU_KVCACHE_SPACE=4, say"
+)
+
+
+def unbounded_kv_cache(env: Mapping[str, str], vllm_args: Sequence[str]) -> bool:
+    """Whether a server would start on CPU with vLLM's KV cache sized from the free memory."""
+    if env.get("VLLM_CPU_KVCACHE_SPACE") or any(a.startswith("--kv-cache-memory-bytes") for a in vllm_args):
+        return False
+    import torch
+
+    return not torch.cuda.is_available()  # on GPUs vLLM sizes it from GPU memory
+
+
 def start_server(
     model: str, token: str, port: int, extra: Sequence[str] = (), host: str = "127.0.0.1",
     env_extra: Mapping[str, str] | None = None,
