@@ -267,7 +267,9 @@ class Gathering:
         self.engine, self.d, self.sends = engine, d, sends
         self.live = self.peak_bytes = 0
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # only what this class lacks; never `engine` (a copy)
+        if name == "engine" or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self.engine, name)
 
     def load_weights(self, weights) -> int:
@@ -290,8 +292,7 @@ class Gathering:
         if not isinstance(tensor, DTensor):
             return tensor
         whole = tensor.full_tensor()
-        size = whole.numel() * whole.element_size()
-        self.held(size)
+        self.held(size := whole.numel() * whole.element_size())
         weakref.finalize(whole, self.freed, size)  # when the engine is done with it
         return whole
 
