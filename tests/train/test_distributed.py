@@ -151,7 +151,7 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
     DTensor.full_tensor = lambda self: gathered.append(self.requires_grad) or full_tensor(self)
     engine = RecordingReceiver(model_dir)
     target = distributed.sync_target(engine, d, shared=True)
-    report = distributed.sync_policy(WeightSync(model, target, "factors"), model, d, shared=True, strategy="factors")
+    report = distributed.sync_policy(WeightSync(model, target, "factors"), d, shared=True)
     DTensor.full_tensor = full_tensor
     held = distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20
     assert held == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > 0
@@ -219,7 +219,7 @@ def _merged(rank: int, model_dir: str, out: str, strategy: str, shared: bool) ->
     engine = CountingReceiver(model_dir, lambda: len(gathered))
     target = distributed.sync_target(engine, d, shared=shared)
     sync = WeightSync(model, target, strategy)
-    reports = [distributed.sync_policy(sync, model, d, shared=shared, strategy=strategy) for _ in range(2)]
+    reports = [distributed.sync_policy(sync, d, shared=shared) for _ in range(2)]
     DTensor.full_tensor = full_tensor
     reference = MemoryReceiver(model_dir)
     WeightSync(unsharded, reference, strategy)()

@@ -31,12 +31,14 @@ import datetime
 import os
 import re
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from lorasync.sync.base import Strategy
+from lorasync.sync.weight_sync import WeightSync
 from lorasync.train.config import ConfigError, ParallelConfig, TrainConfig
 
 # Prefixes that wrappers put into parameter names: DDP's `module.`, FSDP1's and activation
@@ -215,7 +217,7 @@ def total(value: float, d: Dist) -> float:
 
 # the strategies that merge on the trainer: under FSDP2 they read the frozen base weights too,
 # gathered one tensor at a time as the engine takes them (`Gathering`)
-MERGED = ("streaming", "merge-unmerge")
+MERGED = (Strategy.STREAMING, Strategy.MERGE_UNMERGE)
 
 
 @contextlib.contextmanager
@@ -312,7 +314,7 @@ def sync_target(engine, d: Dist, shared: bool):
     return engine
 
 
-def sync_policy(sync: Callable, model: torch.nn.Module, d: Dist, shared: bool, strategy: str):
+def sync_policy(sync: WeightSync, d: Dist, shared: bool):
     """One sync of the policy on every rank: returns the `SyncReport` (rank 0's when shared).
 
     Colocated (`shared=False`), each rank syncs its own engine: the policy is the same on all
@@ -321,17 +323,12 @@ def sync_policy(sync: Callable, model: torch.nn.Module, d: Dist, shared: bool, s
     Under FSDP2 a factor or adapter sync (or `auto`'s choice) reads the trainable parameters,
     gathered first (`gathered`); a merged sync runs on every rank, its engine behind
     `Gathering` (`sync_target`), each base weight gathered as it is sent."""
-    merged = strategy in MERGED
+    merged = sync.strategy in MERGED
     runs = d.main or not shared or (merged and d.mode == "fsdp2")
-    tally = getattr(sync, "engine", None)  # a WeightSync's target: a `Gathering` under FSDP2
-    with contextlib.nullcontext() if merged else gathered(model, d, tally if isinstance(tally, Gathering) else None):
+    tally = sync.engine if isinstance(sync.engine, Gathering) else None
+    with contextlib.nullcontext() if merged else gathered(sync.model, d, tally):
         report = sync() if runs else None
-    if shared and d.active:
-        box = [report]
-        with failures(d, "waiting for rank 0's sync into the servers"):
-            dist.broadcast_object_list(box, src=0)
-        report = box[0]
-    return report
+    return broadcast_object(report, d, "waiting for rank 0's sync into the servers") if shared else report
 
 
 def gathering_metrics(target) -> dict:
@@ -343,12 +340,12 @@ def gathering_metrics(target) -> dict:
     return {"sync_gathered_mb": peak / 2**20}
 
 
-def broadcast_object(value, d: Dist):
-    """Rank 0's `value` on every rank."""
+def broadcast_object(value, d: Dist, what: str = "receiving from rank 0"):
+    """Rank 0's `value` on every rank (`what`: what a failure says was going on)."""
     if not d.active:
         return value
     box = [value]
-    with failures(d, "receiving from rank 0"):
+    with failures(d, what):
         dist.broadcast_object_list(box, src=0)
     return box[0]
 

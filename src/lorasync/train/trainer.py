@@ -116,7 +116,7 @@ class GRPOTrainer:
         """One sync of the policy (on N ranks: `distributed.sync_policy`)."""
         shared = self.config.engine.kind == "server"
         with self.engine_lock:
-            report = distributed.sync_policy(self.sync, self.model, self.dist, shared, self.config.sync.strategy.value)
+            report = distributed.sync_policy(self.sync, self.dist, shared)
             if shared and not self.dist.main:  # rank 0 synced the servers: checked, this version
                 self.engine.follow(report.version)
         return report
