@@ -121,7 +121,9 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strateg
     end both serve the last version, and the final adapter's logprobs agree with each
     server's within 1e-4; every rank's batches carry the version the servers served (each
     rank checks the servers report it: `ServerEngine.follow`). DDP with `factors`, and FSDP2
-    with `streaming`: both ranks gather each merged tensor, rank 0 sends. Checked to fail with
+    with `streaming`: both ranks gather each merged tensor, rank 0 sends each to both servers
+    as it is gathered, holding under half the model (before the fan-out, rank 0 held the
+    whole payload: 1.67 MiB of a 1.63 MiB model, with the initial sync). Checked to fail with
     every rank syncing, and with the other ranks not told the version of rank 0's sync (their
     batches carry version 0)."""
     from lorasync.sync.verify import probe_sequences, trainer_scores
@@ -147,6 +149,9 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strateg
         assert [row["policy_versions"] for row in rows] == [[0], [1], [2]]  # on every rank
         assert max(row["logprob_diff_max"] for row in rows) <= 1e-4, rows
         assert all(row["sync_strategy"] == strategy for row in rows)
+        if mode == "fsdp2":  # rank 0 streams into both servers at once: a tensor at a time
+            model_mb = sum(p.stat().st_size for p in Path(base).glob("*.safetensors")) / 2**20
+            assert all(0 < row["sync_gathered_mb"] < model_mb / 2 for row in rows), (model_mb, rows)
 
         folder = out / "checkpoints" / "step-000003" / "adapter"
         policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)

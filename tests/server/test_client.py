@@ -8,19 +8,20 @@ earlier test left dead), and a sync of its own before it checks; so tests pass i
 import json
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
 import torch
 
-from lorasync.server import transport_tcp
+from lorasync.server import transport_tcp, update
 from lorasync.server.client import ServerEngine
 from lorasync.server.control import Control, ServerSyncError
 from lorasync.sync.factors import lora_records
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes
+from tests.helpers import TOKEN, Server, Tap, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 servers
@@ -145,7 +146,7 @@ def test_bad_payload_is_refused_and_the_previous_version_keeps_serving(
     before = engine.score(probes)
     version = engine.served_versions()
 
-    def bad_send(sock, records, compress=False):
+    def bad_send(sock, records, compress=False, declared=None):
         raw = transfer_bytes(records)
         sock.sendall(corrupt(raw))
         return len(raw)
@@ -162,10 +163,23 @@ def test_bad_payload_is_refused_and_the_previous_version_keeps_serving(
     engine.close()
 
 
+class Truncating:
+    """A server's stream that passes on only its first `keep` bytes, then drops the rest."""
+
+    def __init__(self, sock, keep: int) -> None:
+        self.sock, self.keep = sock, keep
+
+    def sendall(self, data) -> None:
+        data = memoryview(data).cast("B")[: max(self.keep, 0)]
+        self.keep -= len(data)
+        if len(data):
+            self.sock.sendall(data)
+
+
 def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatch):
-    """The second server refuses its transfer: the first, which received the payload whole,
-    drops it, and both keep serving the previous version (before two-phase syncs the first
-    served the new one)."""
+    """The second server gets half the transfer (the one fan-out stream to both writes each
+    byte to the first and a cut-short copy to the second) and refuses it: the first, which
+    received the payload whole, drops it, and both keep serving the previous version."""
     engine = ServerEngine([s.url for s in servers], TOKEN, timeout=30)
     sync = factor_sync(trainer, engine)
     probes = probe_sequences(engine.vocab_size)
@@ -173,19 +187,16 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
     before = [engine.score_on(i, probes) for i in range(len(servers))]
     real_send, sends = transport_tcp.send_payload, []
 
-    def second_truncated(sock, records, compress=False):
+    def second_truncated(sock, records, compress=False, declared=None):
         sends.append(sock)
-        if len(sends) == 1:
-            return real_send(sock, records, compress)
-        raw = transfer_bytes(records)
-        sock.sendall(raw[: len(raw) // 2])
-        return len(raw)
+        sock.socks[1] = Truncating(sock.socks[1], len(transfer_bytes(records, compress)) // 2)
+        return real_send(sock, records, compress, declared)
 
     monkeypatch.setattr(transport_tcp, "send_payload", second_truncated)
     train_step(trainer)
     with pytest.raises(ServerSyncError, match=servers[1].url):
         sync()
-    assert len(sends) == 2
+    assert len(sends) == 1  # one stream, written to both servers
     assert engine.served_versions() == [str(report.version)] * 2
     for i in range(len(servers)):
         assert max_diff(engine.score_on(i, probes), before[i]) == 0.0
@@ -197,6 +208,35 @@ def test_a_sync_over_several_servers_is_all_or_none(servers, trainer, monkeypatc
     engine.close()
 
 
+def test_a_merged_sync_into_several_servers_holds_one_tensor_at_a_time(servers, trainer):
+    """A `WeightStream` (a merged sync's tensors, computed as read) reaches two servers as it
+    is read: every tensor is read once, written to both, and dropped before the one after the
+    next is computed (at most 2 alive at once, where reading the stream whole first held all
+    of them); both servers then serve the policy at parity, at one version. Checked able to
+    fail: with `load_weights` reading a stream whole first, the peak is every tensor."""
+    engine = ServerEngine([s.url for s in servers], TOKEN, timeout=30)
+    live, peak, reads = [0], [0], []
+
+    def tracked(tensor):
+        reads.append(tensor.shape)
+        whole = tensor.detach().clone()  # a fresh tensor, as a gather makes under FSDP2
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(whole, lambda: live.__setitem__(0, live[0] - 1))
+        return whole
+
+    train_step(trainer)
+    sync = WeightSync(trainer, Tap(engine, lambda stream: stream.map(tracked)), strategy="streaming")
+    report = sync()
+    assert report.tensors_sent == len(reads) == len(sync.plan.full) > 4
+    assert peak[0] <= 2, f"{peak[0]} tensors alive at once"
+    assert engine.served_versions() == [str(report.version)] * 2
+    want = trainer_scores(trainer, probe_sequences(engine.vocab_size))
+    for i in range(len(servers)):
+        assert max_diff(engine.score_on(i, probe_sequences(engine.vocab_size)), want) <= TOL
+    engine.close()
+
+
 def test_a_trainer_that_died_between_the_phases_leaves_nothing_behind(servers, trainer):
     """A client received its payload into a server and died before loading it: the server
     keeps serving, paused requests aside, and the next client drops the stale payload and syncs."""
@@ -205,7 +245,7 @@ def test_a_trainer_that_died_between_the_phases_leaves_nothing_behind(servers, t
     report = sync()
     train_step(trainer)
     stale = list(lora_records(sync.merger, sync.plan, dead.dtype))
-    dead._receive(dead._servers[0], stale)  # phase 1 only, then "dies": no load, no resume
+    update.receive(dead.control, dead.transport, dead._servers, stale, stale)  # phase 1 only, then "dies": no load, no resume
     dead.close()
 
     engine = ServerEngine(servers[0].url, TOKEN)
@@ -225,7 +265,7 @@ def test_server_killed_mid_transfer_raises_in_bounded_time_and_a_restart_resyncs
     sync = factor_sync(trainer, engine)
     real_send = transport_tcp.send_payload
 
-    def send_then_die(sock, records, compress=False):
+    def send_then_die(sock, records, compress=False, declared=None):
         sock.sendall(b"LSYNC1\n")  # the transfer has begun...
         victim.kill()  # ...when the server dies
         return real_send(sock, records)

@@ -161,7 +161,7 @@ class Recorder(bytearray):
         self.extend(bytes(chunk))
 
 send = transport_tcp.send_payload
-def half_then_stop(sock, records, compress=False):
+def half_then_stop(sock, records, compress=False, declared=None):
     whole = Recorder()
     send(whole, records, compress)
     sock.sendall(bytes(whole[: len(whole) // 2]))
@@ -181,7 +181,7 @@ def test_a_trainer_killed_during_a_sync_leaves_the_server_to_the_next(server, tr
     sent then waits) with its previous version; the next client's sync succeeds (an update
     session left open is dropped), parity holds, and the waiting request runs, on the new
     weights. Checked able to fail (pytest plugins patching the client; the source unchanged):
-    without the client's recovery of an open session (`_receive` not handling "already
+    without the client's recovery of an open session (`update.open_session` not handling "already
     active"), session-open and received fail (mid-transfer passes: vLLM's worker closes the
     session when the receiver raises); with the client never resuming, paused fails."""
     engine = ServerEngine(server.url, TOKEN)
@@ -278,7 +278,7 @@ def test_a_server_frozen_or_killed_mid_transfer_raises_naming_it_in_bounded_time
     train_step(trainer)
     real_send, slow, at_stop = transport_tcp.send_payload, [], []
 
-    def send_slowly(sock, records, compress=False):
+    def send_slowly(sock, records, compress=False, declared=None):
         slow.append(SlowSocket(sock))
         return real_send(slow[-1], records, compress)
 

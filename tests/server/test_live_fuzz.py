@@ -25,6 +25,7 @@ import torch
 
 from lorasync.server.client import ServerEngine
 from lorasync.server.control import ServerSyncError
+from lorasync.server import update
 from lorasync.server.transport_tcp import TcpTransport
 from lorasync.server.wire import MAGIC, MAX_MANIFEST_BYTES
 from lorasync.sync.base import Record
@@ -237,7 +238,7 @@ def send(engine: ServerEngine, tcp: TcpTransport, talk=None, update_info=None) -
         refusal = None
     except ServerSyncError as err:
         refusal = str(err)
-    engine._discard(engine._servers[0])
+    update.discard(engine.control, engine._servers[0])
     return refusal
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from lorasync.server.control import MAX_RESPONSE_BYTES, Control, ServerSyncError
-from lorasync.server.transport_tcp import TcpTransport
-from lorasync.server.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload
-from lorasync.sync.base import Record
+from lorasync.server import transport_tcp
+from lorasync.server.transport_tcp import BrokenStream, Fanout, TcpTransport
+from lorasync.server.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload, send_payload
+from lorasync.sync.base import Record, WeightStream
 from tests import helpers
 from tests.helpers import DEADLINE_FIX, bits, transfer_bytes
 
@@ -298,3 +299,96 @@ def expect_handshake_error(server: ThreadingHTTPServer, message: str) -> None:
         control.close()
         server.shutdown()
         server.server_close()
+
+
+# --- streams: records computed as they are read, declared first -------------------------------
+
+
+def declared_as_meta(records):
+    return [Record(r.name, tuple(t.to("meta") for t in r.tensors), r.scale) for r in records]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_stream_declared_first_is_written_as_it_is_read(compress):
+    """The bytes are those of the list, and each record is written before the next is read
+    (what lets a merged sync hold one tensor at a time). Checked able to fail: with
+    `send_payload` reading the stream whole first, no record finds its predecessor's bytes
+    already written."""
+    records = good_records()
+    sock = helpers._Recorder()
+    written_before = []
+
+    def stream():
+        for record in records:
+            written_before.append(len(sock.data))
+            yield record
+
+    send_payload(sock, stream(), compress, declared=declared_as_meta(records))
+    assert bytes(sock.data) == transfer_bytes(records, compress)
+    assert written_before[0] < written_before[1] < len(sock.data)
+
+
+@pytest.mark.parametrize(
+    "stray, message",
+    [
+        (lambda rs: [rs[1], rs[0]], "declared .'w'"),  # out of order
+        (lambda rs: [rs[0], Record("v", (torch.randn(4),))], r"\(4,\)"),  # another shape
+        (lambda rs: [rs[0], Record("v", (torch.randn(3, dtype=torch.float64),))], "float64"),
+        (lambda rs: rs[:1], "ended after 1"),  # short
+        (lambda rs: rs + rs[1:], "no more records"),  # long
+    ],
+    ids=["order", "shape", "dtype", "short", "long"],
+)
+def test_a_stream_that_strays_from_its_declaration_is_refused_and_what_went_is_cut_short(stray, message):
+    """The client raises, naming the record, before writing any of its bytes. What went is
+    cut short, which the receiver refuses, except when every declared record went (long):
+    the transport then resets the streams (next test)."""
+    records = good_records()
+    sock = helpers._Recorder()
+    with pytest.raises(ValueError, match=message):
+        send_payload(sock, iter(stray(records)), declared=declared_as_meta(records))
+    if len(stray(records)) > len(records):
+        assert bytes(sock.data) == transfer_bytes(records)
+    else:
+        with pytest.raises(PayloadError, match="truncated"):
+            roundtrip(bytes(sock.data))
+
+
+def test_an_abandoned_transfer_is_reset_not_ended():
+    """What a transfer broken off on the client's side leaves the receiver: a reset, where a
+    plain close reads as the end of a complete payload. Checked able to fail: without the
+    zero linger the peer reads b"" (the end of the stream)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours = listener.accept()[0]
+    ours.sendall(b"all of it")
+    transport_tcp._abandon([ours], [])
+    assert theirs.recv(9) == b"all of it"
+    with pytest.raises(ConnectionResetError):
+        theirs.recv(1)
+    theirs.close()
+
+
+class _Broken:
+    def sendall(self, data) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_fanout_writes_every_stream_and_names_the_one_that_broke():
+    first, second = helpers._Recorder(), helpers._Recorder()
+    Fanout([first, second]).sendall(b"abc")
+    assert first.data == second.data == b"abc"
+    with pytest.raises(BrokenStream) as broken:
+        Fanout([first, _Broken(), second]).sendall(b"d")
+    assert broken.value.index == 1 and isinstance(broken.value.error, BrokenPipeError)
+
+
+def test_a_weight_stream_yields_what_it_named_in_order_and_refuses_anything_else():
+    pairs = [("a", torch.ones(1)), ("b", torch.zeros(2))]
+    doubled = WeightStream(["a", "b"], iter(pairs)).map(lambda t: t * 2)
+    assert doubled.names == ["a", "b"]
+    assert [(n, t.tolist()) for n, t in doubled] == [("a", [2.0]), ("b", [0.0, 0.0])]
+    for names, message in [(["b", "a"], "tensor 0 is 'a', but it named 'b'"), (["a"], "named 'nothing more'"),
+                           (["a", "b", "c"], "named 3 tensors, gave 2")]:
+        with pytest.raises(ValueError, match=message):
+            list(WeightStream(names, iter(pairs)))

@@ -12,7 +12,8 @@ A sync is atomic from outside and all or none over the servers: every server is 
 (in-flight requests finish first, or with in_flight="keep" are frozen and labelled per token)
 and receives the payload, and only then does each load it, take the new weight version, reset
 its prefix cache and resume; a transfer that fails anywhere leaves every server serving the
-previous version (`load_records`).
+previous version (`update.py`). The payload is read once and written to every server as it
+is read, so a merged sync's tensors are held one at a time (`load_weights`).
 """
 
 from __future__ import annotations
@@ -20,29 +21,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import torch
 
 from lorasync.checkpoint import DTYPES
 from lorasync.server import IN_FLIGHT, TOKEN_ENV
 from lorasync.server.completions import CompletionsClient
-from lorasync.server.control import Control, ServerInfo, ServerSyncError
+from lorasync.server.control import Control, ServerSyncError
 from lorasync.server.tokens import TokenGenerator
 from lorasync.server.transport_nccl import NcclTransport
 from lorasync.server.transport_tcp import TcpTransport
-from lorasync.sync.base import Completion, Record
+from lorasync.server.update import PartlyLoaded, Transport, update
+from lorasync.sync.base import Completion, Record, WeightStream
 
 TRANSPORTS = ("tcp", "nccl")
 T = TypeVar("T")
-
-
-class Transport(Protocol):
-    """How the bytes of a transfer reach a server whose update session is open."""
-
-    def send(self, server: ServerInfo, records: list[Record]) -> int: ...
-
-    def close(self) -> None: ...
 
 
 class ServerEngine:
@@ -132,76 +126,37 @@ class ServerEngine:
         """Load merged checkpoint-format tensors into every server; return the new version.
 
         Whole tensors: what the `streaming` and `merge-unmerge` strategies send; `factors`
-        sends LoRA factors through `load_records` instead, at a fraction of the bytes.
+        sends LoRA factors through `load_records` instead, at a fraction of the bytes. A
+        `WeightStream` (names known before the tensors are computed) goes to the servers as
+        it is read, one tensor held at a time; other iterables are read whole first.
         """
-        return self.load_records([Record(name, (t,)) for name, t in weights])
+        if not isinstance(weights, WeightStream):
+            return self.load_records([Record(name, (t,)) for name, t in weights])
+        layout = self.checkpoint_layout()
+        unknown = [n for n in weights.names if n not in layout]
+        if unknown:
+            raise ValueError(f"not tensors of the servers' checkpoint: {unknown[:5]}; plan the sync "
+                             "against this engine's checkpoint_layout()")
+        declared = [Record(n, (torch.empty(layout[n], dtype=self.dtype, device="meta"),)) for n in weights.names]
+        return self._load((Record(name, (t,)) for name, t in weights), declared)
 
     def load_records(self, records: Sequence[Record]) -> int:
-        """Send one transfer to every server, all or none; return the new weight version.
+        """Send one transfer to every server, all or none (`update.py`: two phases; a failed
+        transfer leaves every server serving the previous version, and ServerSyncError says
+        which server failed and why); return the new weight version."""
+        records = list(records)
+        return self._load(records, records)
 
-        Two phases. Every server is paused (requests in flight finish first, or with
-        in_flight="keep" are frozen) and receives
-        and checks the whole payload, loading nothing; only when all have it does each load
-        it. If a transfer fails, the servers that received theirs discard it, the rest are
-        not touched, and all keep serving the previous version: ServerSyncError says which
-        server failed and why. The one window left is a server dying while loading, after
-        every transfer succeeded: the others then serve the new version (the error names it).
-        """
+    def _load(self, records: Iterable[Record], declared: Sequence[Record]) -> int:
         version = self.weight_version + 1
-        paused: list[ServerInfo] = []
-        failed = True
         try:
-            wire, received = 0, []
-            try:
-                for server in self._servers:
-                    self.control.call(server.url, "POST", "/pause", True, params={"mode": self.in_flight, "clear_cache": "true"})
-                    paused.append(server)
-                    wire = self._receive(server, list(records))
-                    received.append(server)
-            except ServerSyncError:
-                for other in received:
-                    self._discard(other)
-                raise
-            errors = []
-            for server in self._servers:
-                try:
-                    self.control.call(server.url, "POST", "/finish_weight_update", json={"weight_version": str(version)})
-                    self._reset_prefix_cache(server.url)
-                except ServerSyncError as err:
-                    errors.append(f"{err} (loading failed after every server received the payload)")
-            if errors:
-                # the others serve this version now: the next sync must not reuse its number
-                self.weight_version = version
-                raise ServerSyncError("; ".join(errors))
-            failed = False
-        finally:
-            for server in paused:
-                try:
-                    self.control.call(server.url, "POST", "/resume", retry=True)
-                except ServerSyncError:
-                    if not failed:
-                        raise
-                    # else a dead server: the error that matters is already on its way
+            self.last_wire_bytes = update(self.control, self.transport, self._servers, records,
+                                          declared, version, self.in_flight)
+        except PartlyLoaded:
+            self.weight_version = version  # some serve it now: the next sync must not reuse it
+            raise
         self.weight_version = version
-        self.last_wire_bytes = wire
         return version
-
-    def _reset_prefix_cache(self, url: str) -> None:
-        """Drop the KV blocks the old weights computed, so no request reuses them. With
-        in_flight="keep" the frozen requests must not keep theirs either: they are preempted,
-        and on resume recompute their prompt and tokens so far with the new weights, then go
-        on, so each token is sampled by exactly the version it is labelled with. vLLM 0.32's
-        pause (clear_cache, deprecated there) already preempts them; `reset_running_requests`
-        makes sure. vLLM refuses a reset while blocks are held: an error here, never ignored
-        (tests/server/test_in_flight.py shows the stale KV a kept block leaves: 0.46 in a
-        token's logprob)."""
-        keep = self.in_flight == "keep"
-        answer = self.control.json(url, "POST", "/reset_prefix_cache", params={"reset_running_requests": str(keep).lower()})
-        if not (isinstance(answer, dict) and answer.get("success") is True):
-            raise ServerSyncError(
-                f"{url}/reset_prefix_cache did not reset ({answer!r}): new requests could reuse "
-                "KV blocks of the old weights"[:400]
-            )
 
     def follow(self, version: int) -> None:
         """Take `version` as served, after another client (rank 0 of a data-parallel run)
@@ -261,36 +216,3 @@ class ServerEngine:
         for (i, _), result in zip(batches, results):
             out[i::k] = result
         return out
-
-    def _receive(self, server: ServerInfo, records: list[Record]) -> int:
-        """Open an update session on a paused server and transfer `records` (checked there,
-        not loaded); return the bytes on the wire. On failure the session is closed."""
-        url = server.url
-        try:
-            self.control.call(url, "POST", "/start_weight_update")
-        except ServerSyncError as err:
-            if "already active" not in str(err):
-                raise
-            # A client died between the two phases of a sync and left its session open (and
-            # its payload unloaded): drop that payload and start afresh.
-            self._discard(server)
-            self.control.call(url, "POST", "/start_weight_update")
-        try:
-            return self.transport.send(server, records)
-        except ServerSyncError:
-            # The worker closes its update session when the transfer fails on its side. When
-            # the failure was on this side (a timeout, say) the session may still be open and
-            # hold the whole payload, which a bare finish would load: drop it first.
-            self._discard(server)
-            raise
-
-    def _discard(self, server: ServerInfo) -> None:
-        """Drop the payload a server received, and close its session: nothing loads."""
-        try:
-            # retry: after an error answer the server drops the connection (see `_call`)
-            self.control.call(server.url, "POST", "/update_weights", retry=True, json={"update_info": {"discard": True}})
-            self.control.call(server.url, "POST", "/finish_weight_update", retry=True, json={})
-        except ServerSyncError:
-            pass  # it is failing too; the error that matters is already on its way
-
-

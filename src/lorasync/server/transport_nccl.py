@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -104,7 +105,15 @@ class NcclTransport:
         server.group = open_group(self.control, server.url, server.workers, torch.cuda.current_device())
         self._servers.append(server)
 
-    def send(self, server: ServerInfo, records: list[Record]) -> int:
+    def send(self, servers: Sequence[ServerInfo], records: Iterable[Record], declared: Sequence[Record]) -> int:
+        """Transfer `records` to each server in turn (so, unlike TCP's fan-out, they are held
+        whole on the GPU meanwhile); return the bytes moved to each."""
+        records = list(records)
+        if [r.name for r in records] != [r.name for r in declared]:
+            raise ValueError("the records to send are not the ones declared")
+        return max((self._send(server, records) for server in servers), default=0)
+
+    def _send(self, server: ServerInfo, records: list[Record]) -> int:
         """The manifest inline in `/update_weights`, the tensors by NCCL broadcast beside it
         (the request returns once the server has them all); return the bytes moved."""
         if server.group is None:

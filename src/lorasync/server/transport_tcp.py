@@ -13,7 +13,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from lorasync.server.control import Control, Pending, ServerInfo, ServerSyncError
@@ -57,51 +57,74 @@ class TcpTransport:
             raise ServerSyncError(f"{url}/v1/models: no model id in {models!r}"[:300]) from None
         return ServerInfo.from_report(url, info, model)
 
-    def send(self, server: ServerInfo, records: list[Record]) -> int:
-        """Transfer `records` to a server with an open update session; return wire bytes."""
+    def send(self, servers: Sequence[ServerInfo], records: Iterable[Record], declared: Sequence[Record]) -> int:
+        """Transfer `records` (as `declared`) to servers with open update sessions, all at
+        once: each record is read and encoded once and written to every server's stream
+        (`Fanout`), so the client holds one record at a time however many servers take it.
+        Return the bytes on each server's wire."""
         return self.with_callback(
-            server.url, "/update_weights", "update_info",
-            lambda sock, deadline: send_payload(sock, records, self.compress),
+            [s.url for s in servers], "/update_weights", "update_info",
+            lambda sock, deadline: send_payload(sock, records, self.compress, declared),
         )
 
     def close(self) -> None:
         pass  # one connection per transfer: nothing stays open
 
     def with_callback(
-        self, url: str, path: str, field: str, talk: Callable[[socket.socket, Deadline], T]
+        self, urls: str | Sequence[str], path: str, field: str, talk: Callable[[socket.socket, Deadline], T]
     ) -> T:
-        """POST `path` naming a one-shot listener; run `talk(sock, deadline)` on the server's
-        connection, whose reads share one deadline (the control timeout).
+        """POST `path` to each server in `urls`, naming a one-shot listener each; run
+        `talk(sock, deadline)` once on their connections: the one socket, or for several a
+        `Fanout` writing to all. Reads share one deadline (the control timeout).
 
-        The request blocks until the server is done with the stream, so it runs on a thread
-        while this one serves the connection. The server must open it and prove the nonce.
+        The requests block until their server is done with its stream, so they run on threads
+        while this one serves the connections. Each server must open its own and prove its
+        nonce. A failure names the server it happened on (its own refusal, if it answered
+        one); then every stream is closed unfinished, so no server takes the transfer.
         """
+        urls = [urls] if isinstance(urls, str) else list(urls)
         timeout = self.control.timeout
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        listener = socket.create_server((self.callback_host, 0))
-        listener.settimeout(0.2)
-        endpoint = {"host": self.callback_host, "port": listener.getsockname()[1], "nonce": nonce.hex()}
-        request = self.control.start(url, path, json={field: endpoint})
+        calls: list[tuple[str, bytes, socket.socket, Pending]] = []
+        socks: list[socket.socket] = []
+        at: int | None = None  # the server a failure is about (None: none yet, a local one)
         try:
-            with listener:
-                sock = _accept(listener, request, timeout)
-            if sock is None:
-                request.wait()  # raises the server's refusal, if that is what happened
-                raise ServerSyncError(
-                    f"{url}{path}: the server did not connect back to "
-                    f"{self.callback_host} within {timeout:.0f} s"
-                )
-            with sock:
+            for url in urls:  # every request first: the servers connect back concurrently
+                nonce = secrets.token_bytes(NONCE_BYTES)
+                listener = socket.create_server((self.callback_host, 0))
+                listener.settimeout(0.2)
+                endpoint = {"host": self.callback_host, "port": listener.getsockname()[1], "nonce": nonce.hex()}
+                calls.append((url, nonce, listener, self.control.start(url, path, json={field: endpoint})))
+            for at, (url, nonce, listener, request) in enumerate(calls):
+                with listener:
+                    sock = _accept(listener, request, timeout)
+                if sock is None:
+                    request.wait()  # raises the server's refusal, if that is what happened
+                    raise ServerSyncError(
+                        f"{url}{path}: the server did not connect back to "
+                        f"{self.callback_host} within {timeout:.0f} s"
+                    )
+                socks.append(sock)
                 sock.settimeout(timeout)
                 deadline = Deadline(timeout, "raise ServerEngine(timeout=...) on the trainer")
                 hello = recv_exact(sock, len(MAGIC) + NONCE_BYTES, "hello", deadline)
                 if not secrets.compare_digest(bytes(hello), MAGIC + nonce):
                     raise ServerSyncError(f"{url}: a connection without the transfer's nonce")
-                result = talk(sock, deadline)
+            deadline = Deadline(timeout, "raise ServerEngine(timeout=...) on the trainer")
+            try:
+                result = talk(socks[0] if len(socks) == 1 else Fanout(socks), deadline)
+            except BrokenStream as broken:
+                at = broken.index
+                raise broken.error from None
+            for at, sock in enumerate(socks):
                 sock.shutdown(socket.SHUT_WR)
         except (OSError, PayloadError) as err:  # PayloadError: the stream ended early
             # The server may have refused the payload and closed the stream: wait for its
             # answer (bounded), which says why, and so that nothing else overlaps the request.
+            if at is None:  # no listener to be had here
+                _abandon(socks, calls)
+                raise
+            url, request = calls[at][0], calls[at][3]
+            _abandon(socks, calls, but=at)
             try:
                 request.wait()
             except ServerSyncError as refused:
@@ -110,8 +133,66 @@ class TcpTransport:
                 f"{url}{path}: transfer broke ({type(err).__name__}: {err}); the server keeps "
                 "its previous weights. Is it still running? Restart it and sync again"
             ) from None
-        request.wait(extra=5)
+        except BaseException:
+            _abandon(socks, calls)
+            raise
+        finally:
+            for sock in socks:
+                sock.close()
+            for _, _, listener, _ in calls:
+                listener.close()
+        errors = []
+        for _, _, _, request in calls:
+            try:
+                request.wait(extra=5)
+            except ServerSyncError as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
         return result
+
+
+class BrokenStream(Exception):
+    """A write to the `index`th stream of a `Fanout` failed with `error`."""
+
+    def __init__(self, index: int, error: OSError) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+class Fanout:
+    """The streams to several servers, written as one: each write goes to every stream in
+    turn, so a transfer is read, encoded (and, for a merged sync, computed) once however many
+    servers take it. A failed write raises `BrokenStream`, naming the stream."""
+
+    def __init__(self, socks: Sequence[socket.socket]) -> None:
+        self.socks = list(socks)
+
+    def sendall(self, data) -> None:
+        for index, sock in enumerate(self.socks):
+            try:
+                sock.sendall(data)
+            except OSError as err:
+                raise BrokenStream(index, err) from None
+
+
+def _abandon(socks: Sequence[socket.socket], calls: Sequence[tuple], but: int | None = None) -> None:
+    """Reset every stream (each server refuses a transfer broken off, even one whose declared
+    bytes had all gone, which a plain close would end as complete) and wait, bounded, for the
+    requests' answers, except the one at `but`, whose answer the caller reads: so that no
+    request of this transfer overlaps what comes next."""
+    for sock in socks:
+        try:  # linger 0: close sends a reset, not the end of the stream
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already closed
+        sock.close()
+    for index, (_, _, _, request) in enumerate(calls):
+        if index != but:
+            try:
+                request.wait()
+            except ServerSyncError:
+                pass  # the refusal of a transfer cut short: the failure that matters is raised
 
 
 def read_info(sock: socket.socket, url: str, deadline: Deadline) -> dict:

@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -95,12 +95,34 @@ def manifest(records: list[Record], encoding: str = "raw") -> dict:
     }
 
 
-def send_payload(sock: socket.socket, records: list[Record], compress: bool = False) -> int:
-    """Write one transfer to `sock`; return the bytes written."""
-    head = json.dumps(manifest(records, ENCODINGS[compress])).encode()
+def send_payload(
+    sock: socket.socket, records: Iterable[Record], compress: bool = False,
+    declared: Sequence[Record] | None = None,
+) -> int:
+    """Write one transfer to `sock`; return the bytes written.
+
+    The manifest declares `declared`, by default `records` themselves: of those only names,
+    kinds, scales, shapes and dtype are read, so their tensors may be on the meta device.
+    `records` are then read once, in that order, and each is written as it comes: a stream
+    computed as it is read (a merged sync; under FSDP2, gathered tensor by tensor) is never
+    held whole. A record that differs from its declaration is a ValueError, raised before
+    any of its bytes go (the receiver, short of them, refuses the transfer).
+    """
+    if declared is None:
+        declared = records = list(records)
+    head = json.dumps(manifest(list(declared), ENCODINGS[compress])).encode()
     sock.sendall(MAGIC + struct.pack("<Q", len(head)) + head)
     sent = len(MAGIC) + 8 + len(head)
+    count = 0
     for record in records:
+        want = declared[count] if count < len(declared) else None
+        if want is None or _declaration(record) != _declaration(want):
+            raise ValueError(
+                f"record {count} of the transfer is {_declaration(record)}, but the manifest "
+                f"declared {_declaration(want) if want else 'no more records'}: a stream must "
+                "send what it named, in order"
+            )
+        count += 1
         for tensor in record.tensors:
             # flat first: a 0-d tensor cannot be viewed as bytes
             planes = tensor.detach().contiguous().reshape(-1).view(torch.uint8).reshape(tensor.numel(), -1)
@@ -112,7 +134,15 @@ def send_payload(sock: socket.socket, records: list[Record], compress: bool = Fa
             data = planes.contiguous().reshape(-1).numpy()
             sock.sendall(memoryview(data))
             sent += data.nbytes
+    if count != len(declared):
+        raise ValueError(f"the transfer declared {len(declared)} records but its stream ended after {count}")
     return sent
+
+
+def _declaration(record: Record) -> tuple:
+    """What a manifest says of a record."""
+    return (record.name, record.kind, record.scale, [tuple(t.shape) for t in record.tensors],
+            sorted({str(t.dtype) for t in record.tensors}))
 
 
 def _deflate(plane) -> bytes:

@@ -15,7 +15,7 @@ nothing of each other. An engine implements:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
@@ -72,6 +72,32 @@ class Record:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+class WeightStream:
+    """What a merged sync hands `load_weights`: (name, tensor) pairs computed as they are read,
+    their names known before. Iterating yields them once, in `names` order (ValueError if
+    `pairs` strays from it). An engine that must declare a transfer before sending it (a
+    server's manifest) reads `names` and the tensors' shapes from its checkpoint layout, and
+    so never holds more than one tensor; any other engine just iterates."""
+
+    def __init__(self, names: Sequence[str], pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.names, self._pairs = list(names), pairs
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        count = 0
+        for name, tensor in self._pairs:
+            if count >= len(self.names) or name != self.names[count]:
+                want = self.names[count] if count < len(self.names) else "nothing more"
+                raise ValueError(f"weight stream: tensor {count} is {name!r}, but it named {want!r}")
+            count += 1
+            yield name, tensor
+        if count != len(self.names):
+            raise ValueError(f"weight stream: named {len(self.names)} tensors, gave {count}")
+
+    def map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> WeightStream:
+        """The same names, each tensor passed through `change` as it is read."""
+        return WeightStream(self.names, ((name, change(t)) for name, t in self))
 
 
 @dataclass(frozen=True)

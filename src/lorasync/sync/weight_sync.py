@@ -25,11 +25,19 @@ from peft import PeftModel
 
 from lorasync.sync.adapter import adapter_payload, check_servable
 from lorasync.sync.auto import Decision, measure_and_choose
-from lorasync.sync.base import AdapterReceiver, Record, RecordReceiver, Strategy, SyncReport, WeightReceiver
+from lorasync.sync.base import (
+    AdapterReceiver,
+    Record,
+    RecordReceiver,
+    Strategy,
+    SyncReport,
+    WeightReceiver,
+    WeightStream,
+)
 from lorasync.sync.factors import lora_records
 from lorasync.sync.merge import Merger, merged
 from lorasync.sync.merge_kernel import Kernel, choose
-from lorasync.sync.plan import SyncPlan, plan_sync
+from lorasync.sync.plan import Entry, SyncPlan, plan_sync
 from lorasync.sync.policy import adapter_rank
 
 
@@ -39,7 +47,12 @@ class _Sent:
     def __init__(self) -> None:
         self.tensors = self.bytes = 0
 
-    def __call__(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def __call__(self, entries: Iterable[Entry], value: Callable[[Entry], torch.Tensor]) -> WeightStream:
+        """`value` of each planned entry, named by its checkpoint tensor, counted as read."""
+        entries = list(entries)
+        return WeightStream([e.checkpoint for e in entries], self.counted((e.checkpoint, value(e)) for e in entries))
+
+    def counted(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
             self.tensors += 1
             self.bytes += tensor.numel() * tensor.element_size()
@@ -122,8 +135,7 @@ class WeightSync:
         again (how `auto` hands the engine back to the adapter it chose)."""
         with torch.no_grad():
             self.engine.load_weights(
-                (e.checkpoint, self.model.get_parameter(e.param).to(self.engine.dtype))
-                for e in self.plan.changed
+                _Sent()(self.plan.changed, lambda e: self.model.get_parameter(e.param).to(self.engine.dtype))
             )
 
 
@@ -133,21 +145,19 @@ def _streaming(sync: WeightSync, sent: _Sent) -> int:
     # Merged one at a time, as the engine asks for them; a `MergedWeight` is merged straight
     # into the parameter it is loaded into. (Merging the next one on a helper thread was
     # measured slower: the sync is memory-bound here.)
-    return sync.engine.load_weights(sent((e.checkpoint, _as(sync.merger(e), dtype)) for e in entries))
+    return sync.engine.load_weights(sent(entries, lambda e: _as(sync.merger(e), dtype)))
 
 
 def _merge_unmerge(sync: WeightSync, sent: _Sent) -> int:
     dtype, model = sync.engine.dtype, sync.model
     with merged(model):
-        return sync.engine.load_weights(
-            sent((e.checkpoint, model.get_parameter(e.param).to(dtype)) for e in sync.plan.full)
-        )
+        return sync.engine.load_weights(sent(sync.plan.full, lambda e: model.get_parameter(e.param).to(dtype)))
 
 
 def _adapter(sync: WeightSync, sent: _Sent) -> int:
     tensors, config = adapter_payload(sync.model)
     dtype = sync.engine.dtype
-    payload = dict(sent((k, t.to(dtype)) for k, t in tensors.items()))
+    payload = dict(sent.counted((k, t.to(dtype)) for k, t in tensors.items()))
     return sync.engine.load_adapter(payload, config, name=sync.plan.adapter_name)
 
 

@@ -276,7 +276,7 @@ class Gathering:
 
     def load_weights(self, weights) -> int:
         with failures(self.d, "gathering a tensor for the sync"):
-            stream = ((name, self._whole(tensor)) for name, tensor in weights)
+            stream = weights.map(self._whole)  # a WeightStream: a server's manifest reads its names
             if self.sends:
                 return self.engine.load_weights(stream)
             for _ in stream:
