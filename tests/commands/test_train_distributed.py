@@ -122,8 +122,9 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strateg
     server's within 1e-4; every rank's batches carry the version the servers served (each
     rank checks the servers report it: `ServerEngine.follow`). DDP with `factors`, and FSDP2
     with `streaming`: both ranks gather each merged tensor, rank 0 sends each to both servers
-    as it is gathered, holding under half the model (before the fan-out, rank 0 held the
-    whole payload: 1.67 MiB of a 1.63 MiB model, with the initial sync). Checked to fail with
+    as it is gathered, holding under half the model (checked to fail with `load_weights`
+    reading the stream whole first, as before the fan-out: over half of the 1.63 MiB model
+    held). Checked to fail with
     every rank syncing, and with the other ranks not told the version of rank 0's sync (their
     batches carry version 0)."""
     from lorasync.sync.verify import probe_sequences, trainer_scores

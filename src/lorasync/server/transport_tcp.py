@@ -80,7 +80,7 @@ class TcpTransport:
         The requests block until their server is done with its stream, so they run on threads
         while this one serves the connections. Each server must open its own and prove its
         nonce. A failure names the server it happened on (its own refusal, if it answered
-        one); then every stream is closed unfinished, so no server takes the transfer.
+        one); then every stream is reset (`_abandon`), so no server takes the transfer.
         """
         urls = [urls] if isinstance(urls, str) else list(urls)
         timeout = self.control.timeout
@@ -110,6 +110,7 @@ class TcpTransport:
                 if not secrets.compare_digest(bytes(hello), MAGIC + nonce):
                     raise ServerSyncError(f"{url}: a connection without the transfer's nonce")
             deadline = Deadline(timeout, "raise ServerEngine(timeout=...) on the trainer")
+            at = 0 if len(socks) == 1 else None  # a Fanout names the stream that broke
             try:
                 result = talk(socks[0] if len(socks) == 1 else Fanout(socks), deadline)
             except BrokenStream as broken:
@@ -120,7 +121,7 @@ class TcpTransport:
         except (OSError, PayloadError) as err:  # PayloadError: the stream ended early
             # The server may have refused the payload and closed the stream: wait for its
             # answer (bounded), which says why, and so that nothing else overlaps the request.
-            if at is None:  # no listener to be had here
+            if at is None:  # not one server's: no listener to be had here, say
                 _abandon(socks, calls)
                 raise
             url, request = calls[at][0], calls[at][3]
