@@ -143,46 +143,58 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
     from lorasync.sync.weight_sync import WeightSync
 
     d = distributed.init(ParallelConfig(mode="fsdp2", timeout_seconds=60))
-    model = policy(model_dir, targets=["all-linear"], rank=4, seed=3)  # random B: factors that matter
+    # random B: factors that matter; a trained lm_head copy: a modules_to_save tensor goes whole
+    model = policy(model_dir, targets=["all-linear"], rank=4, seed=3, modules_to_save=["lm_head"])
     unsharded = copy.deepcopy(model)
     distributed.wrap(model, d)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(self.requires_grad) or full_tensor(self)
-    engine = RecordingReceiver(model_dir)
+    engine, reference = RecordingReceiver(model_dir), RecordingReceiver(model_dir)
     target = distributed.sync_target(engine, d, shared=True)
-    report = distributed.sync_policy(WeightSync(model, target, "factors"), d, shared=True)
+    sync, unsharded_sync = WeightSync(model, target, "factors"), WeightSync(unsharded, reference, "factors")
+    for step in range(2):  # a step between: the second sync must send the updated values
+        if step:
+            with torch.no_grad():
+                for one in (model, unsharded):  # the same update, on shards and on whole tensors
+                    for p in one.parameters():
+                        if p.requires_grad:
+                            p.add_(0.01 * (step + 1))
+        report = distributed.sync_policy(sync, d, shared=True)
+        unsharded_sync()
+        held = distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20
+        assert held == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > 0
     DTensor.full_tensor = full_tensor
-    held = distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20
-    assert held == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > 0
-    reference = RecordingReceiver(model_dir)
-    WeightSync(unsharded, reference, "factors")()
     if rank == 0:
         torch.save({"sent": engine.records, "reference": reference.records, "gathered": gathered,
                     "version": report.version}, f"{out}/factors.pt")
     else:
-        assert engine.records == [] and report.version == 1  # rank 0 alone sends; all learn the version
+        assert engine.records == [] and report.version == 2  # rank 0 alone sends; all learn the version
     distributed.close(d)
 
 
 @heavy
 def test_fsdp2_sends_the_unsharded_factors_exactly_and_gathers_no_base_weight(tiny_model, tmp_path):
-    """Under FSDP2 every parameter is a shard; the factor sync gathers the LoRA factors with
-    `full_tensor()` on both ranks, then rank 0 sends. What it sends equals, bit for bit, what
-    the same policy unsharded sends, no frozen base tensor was gathered for it, and
+    """Under FSDP2 every parameter is a shard; the factor sync gathers the LoRA factors and
+    `modules_to_save` (a trained lm_head copy) with `full_tensor()` on both ranks, then rank 0
+    sends. What it sends equals, bit for bit, what the same policy unsharded sends, at a first
+    sync and after an update (checked to fail with the `Merger` keeping the first sync's
+    gathered lm_head: the second sync sent it stale), no frozen base tensor was gathered, and
     `sync_gathered_mb` counts the gathered factors (rank 0 holds them while it sends). Checked
     to fail: sending each rank's local shards (`to_local()` instead of `full_tensor()`: wrong
     shapes), gathering `everything` (base weights gathered), and gathering on rank 0 only
     (the test's timeout: 2 ranks never hang)."""
-    model = tiny_model("llama")
+    model = tiny_model("qwen2")
     assert run_ranks(_factors, 2, model, str(tmp_path), timeout=240) == [0, 0]
     saved = torch.load(tmp_path / "factors.pt", weights_only=False)
-    assert saved["version"] == 1
-    (sent,), (reference,) = saved["sent"], saved["reference"]
-    assert [r.name for r in sent] == [r.name for r in reference] and len(sent) > 0
-    for s, r in zip(sent, reference):
-        assert s.scale == r.scale
-        assert all(torch.equal(x, y) for x, y in zip(s.tensors, r.tensors, strict=True)), s.name
+    assert saved["version"] == 2
+    assert len(saved["sent"]) == len(saved["reference"]) == 2
+    for sent, reference in zip(saved["sent"], saved["reference"]):
+        assert [r.name for r in sent] == [r.name for r in reference] and len(sent) > 0
+        assert "lm_head.weight" in [r.name for r in sent if r.scale is None]  # modules_to_save, whole
+        for s, r in zip(sent, reference):
+            assert s.scale == r.scale
+            assert all(torch.equal(x, y) for x, y in zip(s.tensors, r.tensors, strict=True)), s.name
     assert saved["gathered"] and all(saved["gathered"])  # trainable (LoRA) tensors only
 
 

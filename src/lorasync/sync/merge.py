@@ -51,14 +51,22 @@ class Merger:
         self.model = model
         self.adapter_name = adapter_name
         self.kernel = kernel
-        self._found: dict[str, torch.nn.Module | torch.Tensor] = {}
+        self._found: dict[str, torch.nn.Module] = {}
 
     def find(self, entry: Entry):
-        """The parameter (`Source.PARAM`) or module an entry is made from."""
-        found = self._found.get(entry.path)
+        """The parameter (`Source.PARAM`) or module an entry is made from. A parameter is read
+        from its (cached) module each time, never cached itself: a module's parameters can be
+        swapped (FSDP2's gathered whole tensors for a sync, `distributed.gathered`), and a
+        cached one would send a stale value (tests/train/test_distributed.py, the factors test)."""
+        if entry.source is Source.PARAM:
+            owner, _, name = entry.path.rpartition(".")
+            return getattr(self._module(owner), name)
+        return self._module(entry.path)
+
+    def _module(self, path: str) -> torch.nn.Module:
+        found = self._found.get(path)
         if found is None:
-            get = self.model.get_parameter if entry.source is Source.PARAM else self.model.get_submodule
-            found = self._found[entry.path] = get(entry.path)
+            found = self._found[path] = self.model.get_submodule(path)
         return found
 
     def factors(self, entry: Entry) -> tuple[torch.Tensor, torch.Tensor, float] | None:
