@@ -29,6 +29,7 @@ from lorasync.server.wire import (
 from lorasync.sync.base import Record
 
 T = TypeVar("T")
+_SLICE = 1 << 20  # bytes a Fanout writes to one stream before the next
 
 
 class TcpTransport:
@@ -170,11 +171,14 @@ class Fanout:
         self.socks = list(socks)
 
     def sendall(self, data) -> None:
-        for index, sock in enumerate(self.socks):
-            try:
-                sock.sendall(data)
-            except OSError as err:
-                raise BrokenStream(index, err) from None
+        data = memoryview(data).cast("B")
+        # in slices: each server reads one while the next slice goes to the others
+        for start in range(0, len(data), _SLICE):
+            for index, sock in enumerate(self.socks):
+                try:
+                    sock.sendall(data[start : start + _SLICE])
+                except OSError as err:
+                    raise BrokenStream(index, err) from None
 
 
 def _abandon(socks: Sequence[socket.socket], calls: Sequence[tuple], but: int | None = None) -> None:
