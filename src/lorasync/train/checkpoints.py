@@ -5,13 +5,15 @@ into vLLM with `--lora-modules`), the optimizer and scheduler state and the rand
 generators' states (`trainer.pt`), and the step with the run's config (`trainer_state.json`).
 Resuming from one continues exactly as the uninterrupted run would have. A data-parallel run's
 checkpoint is written once, by rank 0, whole (gathered from the shards under FSDP2), with every
-rank's random number generators; it resumes on the same number of ranks.
+rank's random number generators; it resumes on any number of ranks, in either parallel mode
+(exactly on as many ranks as wrote it; see `load`).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -56,7 +58,7 @@ def save(out: Path, step: int, model: PeftModel, scheduler, config: dict, state:
             "optimizer": state["optimizer"],
             "scheduler": scheduler.state_dict(),
             "rng": state["rng"][0],
-            "rng_ranks": state["rng"],  # one per rank; a resumed run needs as many
+            "rng_ranks": state["rng"],  # one per rank
             "mode": state.get("mode"),  # parallel.mode; None: one process
         },
         path / "trainer.pt",
@@ -78,31 +80,57 @@ def latest(out: Path) -> Path | None:
 
 def load(path: Path, model: PeftModel, optimizer, scheduler, d: Dist | None = None) -> int:
     """Restore a checkpoint into the live objects and the RNGs (this rank's); return its step.
-    A data-parallel checkpoint resumes on as many ranks as wrote it."""
+
+    On any number of ranks and in any `parallel.mode`, whatever wrote it: the adapter and the
+    optimizer state are saved whole, and each rank takes its part. On as many ranks as wrote
+    it, each takes back its own RNG states and the run continues exactly as it would have;
+    on another number, rank r takes those of rank r mod M (a warning says so: each rank's
+    generations are seeded by the step, the rank and the number of ranks, so they differ
+    from what the first run would have sampled, while the adapter, the optimizer, the
+    schedule and the global batch of prompts continue exactly)."""
     d = d or Dist()
     state = json.loads((path / "trainer_state.json").read_text())
     saved = torch.load(path / "trainer.pt", weights_only=False)  # python's RNG state is a tuple
     ranks = saved.get("rng_ranks", [saved["rng"]])
-    if len(ranks) != d.world:
-        raise ValueError(
-            f"{path} was written by {len(ranks)} rank(s); this run has {d.world}: resume with "
-            f"--nproc {len(ranks)}, or start a new output_dir"
-        )
-    if d.active and saved.get("mode") != d.mode:  # the optimizer states are keyed differently
-        raise ValueError(
-            f"{path} was written with parallel.mode={saved.get('mode')}; this run has "
-            f"parallel.mode={d.mode}: resume with the same mode, or start a new output_dir"
+    if len(ranks) != d.world and d.main:
+        print(
+            f"lorasync: resuming a checkpoint of {len(ranks)} rank(s) on {d.world}: the adapter, "
+            "optimizer, schedule and prompts continue exactly; the generations differ from the "
+            "first run's (sampling is seeded per rank)", file=sys.stderr,
         )
     adapter = load_file(path / "adapter" / "adapter_model.safetensors")
     if d.active and d.mode == "fsdp2":
-        _load_sharded(model, optimizer, adapter, saved["optimizer"], d)
+        _load_sharded(model, optimizer, adapter, keyed(saved["optimizer"], model), d)
     else:
         set_peft_model_state_dict(model, adapter)
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(ranks[d.rank]["torch"])
-    random.setstate(ranks[d.rank]["python"])
+    torch.set_rng_state(ranks[d.rank % len(ranks)]["torch"])
+    random.setstate(ranks[d.rank % len(ranks)]["python"])
     return state["step"]
+
+
+def keyed(optim_state: dict, model: PeftModel) -> dict:
+    """An optimizer state dict keyed by parameter name, as FSDP2's full state dict is
+    (`torch.distributed.checkpoint.state_dict`), from one keyed by index (`Optimizer.state_dict`:
+    one process or DDP wrote it). The trainer's optimizer holds the trainable parameters in
+    `named_parameters` order, which maps one to the other. Hand-written: torch's loader under
+    FSDP2 takes names only. (The other way needs nothing: `Optimizer.load_state_dict` matches
+    parameters by their position in the groups, whatever they are keyed by.)"""
+    groups = optim_state["param_groups"]
+    if all(isinstance(p, str) for g in groups for p in g["params"]):
+        return optim_state
+    names = [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
+    if sum(len(g["params"]) for g in groups) != len(names):
+        raise ValueError(
+            f"the checkpoint's optimizer state holds {sum(len(g['params']) for g in groups)} "
+            f"parameters, this model trains {len(names)}: resume with the run's own lora "
+            "settings, or start a new output_dir"
+        )
+    return {
+        "state": {names[k]: v for k, v in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in groups],
+    }
 
 
 def _load_sharded(model: PeftModel, optimizer, adapter: dict, optim_state: dict, d: Dist) -> None:
