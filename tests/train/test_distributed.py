@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from lorasync.commands.demo import demo_config
 from lorasync.sync.base import Record
-from lorasync.train import distributed
+from lorasync.train import distributed, rank_sync
 from lorasync.train.config import ConfigError, ParallelConfig, config_from_dict
 from tests.helpers import MemoryReceiver, ReplayEngine, policy, run_ranks
 
@@ -56,7 +56,8 @@ def test_each_rank_gets_whole_prompts_and_together_the_batch():
 
 def test_settings_that_cannot_run_on_n_ranks_are_refused_with_the_fix():
     """Known only at start (the number of ranks): a batch that does not split into whole
-    prompts per rank, and async mode; and the section's own rules. Checked to fail with the
+    prompts per rank, and async mode but with DDP and colocated engines; and the section's
+    own rules. Checked to fail with the
     divisibility check of `distributed.check` removed."""
     raw = {"model": {"base": "m"}, "data": {"prompts": ["a"]}, "rewards": [{"function": "m:f"}],
            "rollout": {"prompts_per_step": 3}, "optim": {"grad_accum": 1}}
@@ -65,28 +66,32 @@ def test_settings_that_cannot_run_on_n_ranks_are_refused_with_the_fix():
         distributed.check(config, distributed.Dist(0, 2))
     distributed.check(config, distributed.Dist())  # one process: anything goes
     raw["rollout"] = {"prompts_per_step": 2, "mode": "async", "max_staleness": 1}
-    with pytest.raises(ConfigError, match="rollout.mode = 'async'"):
-        distributed.check(config_from_dict(raw), distributed.Dist(0, 2))
+    distributed.check(config_from_dict(raw), distributed.Dist(0, 2))  # DDP, colocated engines
+    for other in ({"parallel": {"mode": "fsdp2"}}, {"engine": {"kind": "server", "servers": ["http://h:1"]}}):
+        with pytest.raises(ConfigError, match="rollout.mode = 'async' on 2 ranks runs with parallel.mode=ddp"):
+            distributed.check(config_from_dict(raw | other), distributed.Dist(0, 2))
     with pytest.raises(ConfigError, match="parallel.mode = 'zero3': use one of ddp, fsdp2"):
         config_from_dict(raw | {"parallel": {"mode": "zero3"}})
     with pytest.raises(ConfigError, match="parallel.timeout_seconds = 0.0: must be > 0"):
         config_from_dict(raw | {"parallel": {"timeout_seconds": 0}})
 
 
-def replay_config(model_dir: str, out, steps: int = 3, mode: str = "ddp", grad_accum: int = 1):
+def replay_config(model_dir: str, out, steps: int = 3, mode: str = "ddp", grad_accum: int = 1,
+                  rollout: str = "sync"):
     config = demo_config(Path(out), steps=steps)
     config.model.base = model_dir
     config.parallel.mode = mode
     config.optim.grad_accum = grad_accum
+    config.rollout.mode, config.rollout.max_staleness = rollout, int(rollout == "async")
     config.optim.lr = 2e-3  # larger steps amplify float32 rounding through Adam past 1e-5
     return config
 
 
 def _train(rank: int, model_dir: str, out: str, mode: str, grad_accum: int, steps: int = 3,
-           resume: bool = False) -> None:
+           resume: bool = False, rollout: str = "sync") -> None:
     from lorasync.train.trainer import GRPOTrainer
 
-    config = replay_config(model_dir, out, steps=steps, mode=mode, grad_accum=grad_accum)
+    config = replay_config(model_dir, out, steps=steps, mode=mode, grad_accum=grad_accum, rollout=rollout)
     GRPOTrainer(config, ReplayEngine(model_dir)).train(resume=resume, progress=False)
     distributed.close(distributed.init(ParallelConfig()))
 
@@ -96,20 +101,23 @@ def final_adapter(out) -> dict[str, torch.Tensor]:
 
 
 @heavy
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_ranks_with_half_the_batch_end_where_one_rank_with_all_of_it_does(tiny_model, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "rollout"), [("ddp", "sync"), ("fsdp2", "sync"), ("ddp", "async")])
+def test_two_ranks_with_half_the_batch_end_where_one_rank_with_all_of_it_does(tiny_model, tmp_path, mode, rollout):
     """The equivalence of the issue: the same fixed generations (`ReplayEngine`), 4 prompts a
     step on 1 rank (1 micro-batch) or 2 on each of 2 ranks (2 micro-batches each), 3 steps:
     the adapters agree within 1e-5 and rank 0 writes the global batch's metrics. The
     completions have different lengths, so the token mean over the global batch differs from
     a mean of the ranks' (or micro-batches') means. Checked to fail (DDP) with the gradient
     scaled by 1 / local tokens instead of ranks / global tokens (the adapters then differ by
-    6e-4), and with `shard` giving every rank the first share (1e-2)."""
+    6e-4), and with `shard` giving every rank the first share (1e-2). Async (DDP): each rank's
+    producer samples a step ahead from its own engine (max_staleness 1); the same holds, since
+    the loss's importance weights come from the engine's sampling logprobs, whatever version
+    sampled them."""
     model = tiny_model("qwen2")
     one = tmp_path / "one"
-    _train(0, model, str(one), mode, grad_accum=1)
+    _train(0, model, str(one), mode, 1, rollout=rollout)
     two = tmp_path / "two"
-    assert run_ranks(_train, 2, model, str(two), mode, 2, timeout=300) == [0, 0]
+    assert run_ranks(_train, 2, model, str(two), mode, 2, 3, False, rollout, timeout=300) == [0, 0]
 
     a, b = final_adapter(one), final_adapter(two)
     assert a.keys() == b.keys() and len(a) > 0
@@ -118,6 +126,9 @@ def test_two_ranks_with_half_the_batch_end_where_one_rank_with_all_of_it_does(ti
     assert diff <= 1e-5, diff
     rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
     assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    if rollout == "async":  # instant generation runs a step ahead, on every rank
+        assert [r["staleness_max"] for r in rows[1]] == [0, 1, 1]
+        assert [r["policy_versions"] for r in rows[1]] == [[0], [0], [1]]
     for r1, r2 in zip(*rows):
         assert r1["reward_mean"] == pytest.approx(r2["reward_mean"], abs=1e-6)
         assert r1["reward_std"] == pytest.approx(r2["reward_std"], abs=1e-6)
@@ -180,7 +191,7 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(self.requires_grad) or full_tensor(self)
     engine, reference = RecordingReceiver(model_dir), RecordingReceiver(model_dir)
-    target = distributed.sync_target(engine, d, shared=True)
+    target = rank_sync.sync_target(engine, d, shared=True)
     sync, unsharded_sync = WeightSync(model, target, "factors"), WeightSync(unsharded, reference, "factors")
     for step in range(2):  # a step between: the second sync must send the updated values
         if step:
@@ -189,9 +200,9 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
                     for p in one.parameters():
                         if p.requires_grad:
                             p.add_(0.01 * (step + 1))
-        report = distributed.sync_policy(sync, d, shared=True)
+        report = rank_sync.sync_policy(sync, d, shared=True)
         unsharded_sync()
-        held = distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20
+        held = rank_sync.gathering_metrics(target)["sync_gathered_mb"] * 2**20
         assert held == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > 0
     DTensor.full_tensor = full_tensor
     if rank == 0:
@@ -258,15 +269,15 @@ def _merged(rank: int, model_dir: str, out: str, strategy: str, shared: bool) ->
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(1) or full_tensor(self)
     engine = CountingReceiver(model_dir, lambda: len(gathered))
-    target = distributed.sync_target(engine, d, shared=shared)
+    target = rank_sync.sync_target(engine, d, shared=shared)
     sync = WeightSync(model, target, strategy)
-    reports = [distributed.sync_policy(sync, d, shared=shared) for _ in range(2)]
+    reports = [rank_sync.sync_policy(sync, d, shared=shared) for _ in range(2)]
     DTensor.full_tensor = full_tensor
     reference = MemoryReceiver(model_dir)
     WeightSync(unsharded, reference, strategy)()
     torch.save({"sent": engine.tensors, "reference": reference.tensors, "gathers_at": engine.gathers_at,
                 "gathers": len(gathered), "versions": [r.version for r in reports],
-                "peak": distributed.gathering_metrics(target)["sync_gathered_mb"] * 2**20,
+                "peak": rank_sync.gathering_metrics(target)["sync_gathered_mb"] * 2**20,
                 "largest": max(t.numel() * t.element_size() for t in reference.tensors.values()),
                 "model": sum(t.numel() * t.element_size() for t in reference.tensors.values()),
                 "restored": max((p.to_local() - shards[n]).abs().max().item() for n, p in model.named_parameters())},

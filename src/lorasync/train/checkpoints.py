@@ -20,7 +20,8 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from lorasync.train.distributed import Dist, clean_name, failures, gathered
+from lorasync.train.distributed import Dist, clean_name, failures
+from lorasync.train.rank_sync import gathered
 
 CHECKPOINTS = "checkpoints"
 

@@ -34,7 +34,7 @@ from lorasync.sync.verify import (
     Verification, default_tolerance, judge, judged_against_floor, measure_floor, probe_sequences,
 )
 from lorasync.sync.weight_sync import WeightSync
-from lorasync.train import checkpoints, distributed
+from lorasync.train import checkpoints, distributed, rank_sync
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
 from lorasync.train.data import batch_at, encode_prompt, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
@@ -83,7 +83,7 @@ class GRPOTrainer:
         )
         rollout = config.rollout
         tokens_per_step = rollout.prompts_per_step * rollout.num_generations * rollout.max_tokens
-        target = distributed.sync_target(engine, self.dist, config.engine.kind == "server")
+        target = rank_sync.sync_target(engine, self.dist, config.engine.kind == "server")
         self.sync = WeightSync(
             self.model, target, config.sync.strategy,
             tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
@@ -113,10 +113,10 @@ class GRPOTrainer:
         return path
 
     def _sync(self):
-        """One sync of the policy (on N ranks: `distributed.sync_policy`)."""
+        """One sync of the policy (on N ranks: `rank_sync.sync_policy`)."""
         shared = self.config.engine.kind == "server"
         with self.engine_lock:
-            report = distributed.sync_policy(self.sync, self.dist, shared)
+            report = rank_sync.sync_policy(self.sync, self.dist, shared)
             if shared and not self.dist.main:  # rank 0 synced the servers: checked, this version
                 self.engine.follow(report.version)
         return report
@@ -217,7 +217,7 @@ class GRPOTrainer:
         metrics = step_metrics(
             self.step, batch, parts, norms, report, self.scheduler.get_last_lr()[0],
             time.perf_counter() - start, wait, current, health,
-        ) | distributed.gathering_metrics(self.sync.engine)
+        ) | rank_sync.gathering_metrics(self.sync.engine)
         return distributed.reduce_metrics(metrics, batch.rewards, self.dist)
 
     def _stale_health(self, batch: Rollout) -> dict[str, float]:
