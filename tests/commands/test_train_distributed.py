@@ -128,9 +128,14 @@ def test_fsdp2_merged_syncs_from_the_shell_gather_a_fraction_of_the_model(tiny_m
         assert max_diff(lora_module_scores(base, folder, probes), expected) <= 1e-4
 
 
+ASYNC = ("rollout.mode=async", "rollout.max_staleness=1", "rollout.in_flight=keep")
+
+
 @heavy
-@pytest.mark.parametrize(("mode", "strategy"), [("ddp", "factors"), ("fsdp2", "streaming")])
-def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strategy):
+@pytest.mark.parametrize(("mode", "strategy", "extra"), [("ddp", "factors", ()), ("fsdp2", "streaming", ()),
+                                                        ("ddp", "factors", ASYNC)],
+                         ids=["ddp-factors", "fsdp2-streaming", "ddp-factors-async"])
+def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strategy, extra):
     """2 ranks against 2 real `lorasync serve` servers on the demo task: each rank's prompts
     spread over both servers, rank 0 alone syncs the factors into both after every step, and
     no rank generates before it is done. Every step's health check (the engine/trainer
@@ -144,7 +149,10 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strateg
     reading the stream whole first, as before the fan-out: over half of the 1.63 MiB model
     held). Checked to fail with
     every rank syncing, and with the other ranks not told the version of rank 0's sync (their
-    batches carry version 0)."""
+    batches carry version 0). Async (DDP, `in_flight: keep`): each rank's producer samples
+    while rank 0 syncs the servers, which label each token with the version that sampled it;
+    parity holds on those labels (a stale token scored by its own policy's snapshot; checked to
+    fail with stale tokens scored by the current policy: 0.17)."""
     from lorasync.sync.verify import probe_sequences, trainer_scores
     from tests.helpers import TOKEN, Server, max_diff, openai_scores
 
@@ -158,14 +166,18 @@ def test_two_ranks_train_against_two_servers(tiny_model, tmp_path, mode, strateg
         r = run_lorasync(
             "train", "--nproc", "2", "--config", "configs/digits.yaml", f"model.base={base}",
             "optim.steps=3", f"output_dir={out}", "save_every=0", "engine.kind=server",
-            f"engine.servers=[{urls}]", f"parallel.mode={mode}", f"sync.strategy={strategy}",
+            f"engine.servers=[{urls}]", f"parallel.mode={mode}", f"sync.strategy={strategy}", *extra,
             env={"LORASYNC_TOKEN": TOKEN}, cwd=ROOT, timeout=400,
         )
         assert r.returncode == 0, r.stderr[-4000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == [1, 2, 3]
         assert [row["weight_version"] for row in rows] == [1, 2, 3]
-        assert [row["policy_versions"] for row in rows] == [[0], [1], [2]]  # on every rank
+        if extra:  # async: a batch's tokens from the last version or the one before
+            assert all(row["staleness_max"] <= 1 for row in rows), rows
+            assert all(set(row["policy_versions"]) <= {max(row["step"] - 2, 0), row["step"] - 1} for row in rows), rows
+        else:
+            assert [row["policy_versions"] for row in rows] == [[0], [1], [2]]  # on every rank
         assert max(row["logprob_diff_max"] for row in rows) <= 1e-4, rows
         assert all(row["sync_strategy"] == strategy for row in rows)
         if mode == "fsdp2":  # rank 0 streams into both servers at once: a tensor at a time

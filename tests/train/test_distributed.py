@@ -56,8 +56,8 @@ def test_each_rank_gets_whole_prompts_and_together_the_batch():
 
 def test_settings_that_cannot_run_on_n_ranks_are_refused_with_the_fix():
     """Known only at start (the number of ranks): a batch that does not split into whole
-    prompts per rank, and async mode but with DDP and colocated engines; and the section's
-    own rules. Checked to fail with the
+    prompts per rank, and async mode but with DDP (and, against servers, each token's version
+    from them); and the section's own rules. Checked to fail with the
     divisibility check of `distributed.check` removed."""
     raw = {"model": {"base": "m"}, "data": {"prompts": ["a"]}, "rewards": [{"function": "m:f"}],
            "rollout": {"prompts_per_step": 3}, "optim": {"grad_accum": 1}}
@@ -67,9 +67,13 @@ def test_settings_that_cannot_run_on_n_ranks_are_refused_with_the_fix():
     distributed.check(config, distributed.Dist())  # one process: anything goes
     raw["rollout"] = {"prompts_per_step": 2, "mode": "async", "max_staleness": 1}
     distributed.check(config_from_dict(raw), distributed.Dist(0, 2))  # DDP, colocated engines
-    for other in ({"parallel": {"mode": "fsdp2"}}, {"engine": {"kind": "server", "servers": ["http://h:1"]}}):
-        with pytest.raises(ConfigError, match="rollout.mode = 'async' on 2 ranks runs with parallel.mode=ddp"):
-            distributed.check(config_from_dict(raw | other), distributed.Dist(0, 2))
+    with pytest.raises(ConfigError, match="rollout.mode = 'async' on 2 ranks runs with parallel.mode=ddp"):
+        distributed.check(config_from_dict(raw | {"parallel": {"mode": "fsdp2"}}), distributed.Dist(0, 2))
+    servers = raw | {"engine": {"kind": "server", "servers": ["http://h:1"]}}
+    with pytest.raises(ConfigError, match="rollout.in_flight = 'wait': .* set rollout.in_flight=keep"):
+        distributed.check(config_from_dict(servers), distributed.Dist(0, 2))
+    servers["rollout"] = raw["rollout"] | {"in_flight": "keep"}
+    distributed.check(config_from_dict(servers), distributed.Dist(0, 2))
     with pytest.raises(ConfigError, match="parallel.mode = 'zero3': use one of ddp, fsdp2"):
         config_from_dict(raw | {"parallel": {"mode": "zero3"}})
     with pytest.raises(ConfigError, match="parallel.timeout_seconds = 0.0: must be > 0"):

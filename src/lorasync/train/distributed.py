@@ -119,14 +119,20 @@ def check(config: TrainConfig, d: Dist) -> None:
             f"rollout.prompts_per_step = {per}: must be a multiple of the {d.world} ranks "
             f"(each rank trains on whole prompt groups); use {per - per % d.world or d.world}"
         )
-    # async: each rank's producer samples from the rank's own engine, and the health check of
-    # a stale batch is a forward pass on some ranks only, which FSDP2 cannot run (its gathers
-    # are collectives); shared servers would interleave one rank's sync with another's batch
-    if config.rollout.mode == "async" and (config.parallel.mode, config.engine.kind) != ("ddp", "colocated"):
+    # async: the health check of a stale batch is a forward pass on some ranks only, which
+    # FSDP2 cannot run (its gathers are collectives). Into shared servers rank 0's sync lands
+    # while the other ranks generate, so only the servers can say which version sampled each
+    # token (in_flight: keep); a rank's own lock keeps out only its own syncs
+    rollout = config.rollout
+    if rollout.mode == "async" and config.parallel.mode != "ddp":
         raise ConfigError(
-            f"rollout.mode = 'async' on {d.world} ranks runs with parallel.mode=ddp and "
-            f"engine.kind=colocated so far (got {config.parallel.mode}, {config.engine.kind}); "
-            "set those, or rollout.mode=sync"
+            f"rollout.mode = 'async' on {d.world} ranks runs with parallel.mode=ddp so far, got "
+            f"{config.parallel.mode!r}; set parallel.mode=ddp, or rollout.mode=sync"
+        )
+    if rollout.mode == "async" and config.engine.kind == "server" and rollout.in_flight != "keep":
+        raise ConfigError(
+            f"rollout.in_flight = {rollout.in_flight!r}: async on {d.world} ranks against shared "
+            "servers needs each token's version from the servers; set rollout.in_flight=keep"
         )
     local = per // d.world * config.rollout.num_generations
     if local % config.optim.grad_accum:
