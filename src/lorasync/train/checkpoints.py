@@ -46,7 +46,7 @@ def gather_state(model: PeftModel, optimizer, d: Dist) -> dict:
             opt = get_optimizer_state_dict(model, optimizer, options=options)
         else:
             opt = optimizer.state_dict()  # the same on every rank
-    return {"adapter": adapter, "optimizer": opt, "rng": ranks, "mode": d.mode}
+    return {"adapter": adapter, "optimizer": opt, "rng": ranks}
 
 
 def save(out: Path, step: int, model: PeftModel, scheduler, config: dict, state: dict) -> Path:
@@ -60,7 +60,6 @@ def save(out: Path, step: int, model: PeftModel, scheduler, config: dict, state:
             "scheduler": scheduler.state_dict(),
             "rng": state["rng"][0],
             "rng_ranks": state["rng"],  # one per rank
-            "mode": state.get("mode"),  # parallel.mode; None: one process
         },
         path / "trainer.pt",
     )
