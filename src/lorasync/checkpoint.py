@@ -17,6 +17,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Checkpoint module names of embeddings and output heads: never LoRA targets in vLLM here.
 EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe"})
 
+# The name a tied LM head's weight is read back under (`engines/readback.py`): this prefix and
+# the input embedding's checkpoint name, whose value it must hold.
+TIED_HEAD = "lm_head<-"
+
 Layout = Mapping[str, tuple[int, ...]]
 
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,7 +90,7 @@ class EngineConfig:
 
 class ColocatedEngine:
     """vLLM's `LLM` in this process, as a sync target (`WeightReceiver`, `AdapterReceiver`),
-    a `Generator` and a `Scorer`."""
+    a `Generator`, a `Scorer` and a `WeightReader`."""
 
     _live = 0  # engines built (not wrapped) and not yet closed in this process (see `close`)
 
@@ -150,6 +150,10 @@ class ColocatedEngine:
     def weight_groups(self) -> list[list[str]]:
         """Checkpoint names that load into one vLLM parameter set and must be sent together."""
         return self._groups
+
+    def read_back(self, visit: Callable[[str, torch.Tensor], None]) -> None:
+        """Show what the engine holds, tensor by tensor, under checkpoint names (`WeightReader`)."""
+        self.llm.collective_rpc(worker.read_back, args=(self._layout, visit))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format tensors in place; return the new weight version.

@@ -178,3 +178,40 @@ def linear_weights_repacked(model: torch.nn.Module) -> bool:
 
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     return any(not hasattr(m.weight, "weight_loader") for m in linears)
+
+
+# Rows of the identity a repacked weight is read back with, per GEMM: bounds the scratch
+# memory to rows x out_features (a 152k-vocabulary head at 256 rows: 156 MB in float32).
+READBACK_ROWS = 256
+
+
+@torch.no_grad()
+def linear_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The (out, in) weight a vLLM linear layer (or LM head) computes with, as its kernel holds it.
+
+    Where the plain weight is still there (the fallback `F.linear` path, an AVX2 CPU in bf16,
+    GPUs) it is returned as is. Where vLLM's CPU backend repacked it into a kernel-specific
+    layout and left `layer.weight` empty (`linear_weights_repacked`), it is read back through
+    the kernel itself: the layer applied to rows of the identity matrix (no bias) gives the
+    weight's columns, I @ W^T = W^T. Every product is w * 1 or w * 0 and every sum adds exact
+    zeros, so any kernel that accumulates in at least the weight's precision returns the bytes
+    it holds, exactly; a stale or half-loaded packed copy shows up as it is. Pinned by
+    tests/engines/test_readback.py (the checkpoint read back bit for bit from a fresh engine, in
+    float32 and bf16, on whichever path this CPU takes, and a stale packed copy detected).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    weight = layer.weight
+    # An LM head keeps its weight readable and, on CPU, a packed copy for the logits GEMM
+    # beside it (`dispatch_cpu_unquantized_gemm(remove_weight=False)`): read what the GEMM uses.
+    if weight.numel() and not isinstance(layer, ParallelLMHead):
+        return weight.detach()
+    cols, dtype = layer.input_size_per_partition, weight.dtype
+    columns = []
+    for start in range(0, cols, READBACK_ROWS):
+        rows = min(READBACK_ROWS, cols - start)
+        eye = torch.zeros(rows, cols, dtype=dtype)
+        eye[:, start : start + rows] = torch.eye(rows, dtype=dtype)
+        columns.append(layer.quant_method.apply(layer, eye, bias=None).T)
+    return torch.cat(columns, dim=1)
+

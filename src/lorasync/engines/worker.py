@@ -55,3 +55,14 @@ def reload_tensors(
 def linear_weights_repacked(worker) -> bool:
     """`vllm_compat.linear_weights_repacked` for the worker's model."""
     return vllm_compat.linear_weights_repacked(worker.model_runner.get_model())
+
+
+def read_back(worker, layout, visit: Callable[[str, torch.Tensor], None]) -> None:
+    """Call `visit(name, tensor)` for each tensor of the worker's model, read back under its
+    checkpoint name (`readback.read_back`): one tensor alive at a time."""
+    from lorasync.engines.readback import read_back as tensors
+
+    model = worker.model_runner.get_model()
+    model_type = worker.model_config.hf_config.get_text_config().model_type
+    for name, tensor in tensors(model, layout, vllm_compat.packed_modules(model), model_type):
+        visit(name, tensor)

@@ -10,6 +10,7 @@ nothing of each other. An engine implements:
 - `RecordReceiver`: also takes LoRA factors and merges them on its side (`factors`);
 - `Generator`: samples completions (the trainer's rollouts);
 - `Scorer`: logprobs of given tokens (verification and the trainer's health check);
+- `WeightReader`: reads back what it holds, under checkpoint names (the weight-level verdict);
 - `Engine`: a `Generator` and a `WeightReceiver`, what the trainer drives.
 """
 
@@ -155,6 +156,19 @@ class Scorer(Protocol):
     """Logprob of each token given its prefix (tokens 1..n-1), for each sequence."""
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]: ...
+
+
+@runtime_checkable
+class WeightReader(Protocol):
+    """An engine that can show what it holds: `read_back(visit)` calls `visit(name, tensor)`
+    for each tensor it can read, under its checkpoint name (a tied LM head under
+    `checkpoint.TIED_HEAD` + the embedding's), as its kernels compute with it. The tensor may
+    be a view of the live weight: compare it, never keep it."""
+
+    weight_version: int
+    dtype: torch.dtype
+
+    def read_back(self, visit: Callable[[str, torch.Tensor], None]) -> None: ...
 
 
 class Engine(Generator, WeightReceiver, Protocol):

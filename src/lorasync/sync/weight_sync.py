@@ -98,6 +98,7 @@ class WeightSync:
         self.syncs = 0
         self.merged_synced = False  # a merged sync since the engine was built: changed-only is enough
         self.decision: Decision | None = None
+        self.last_strategy: Strategy | None = None  # what the engine's weights come from
 
     def __call__(self) -> SyncReport:
         """Send the current policy; return what was sent and the engine's new version."""
@@ -116,6 +117,7 @@ class WeightSync:
         with torch.no_grad():
             version = SENDERS[strategy](self, sent)
         self.syncs += 1
+        self.last_strategy = strategy
         # Unchanged tensors hold the checkpoint's (= trainer's frozen base) values after any
         # full merged sync; an adapter sync leaves the engine's weights alone, and a factor
         # sync reloads on the server every group that differs from the checkpoint.

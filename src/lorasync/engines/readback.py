@@ -1,0 +1,95 @@
+"""What a vLLM model holds, read back under the checkpoint's tensor names.
+
+The inverse of loading, for the weight-level verdict (`sync/weight_check.py`). Each tensor is
+read as the engine computes with it, and named by these rules, in order:
+
+1. a linear layer or LM head is read through its kernel (`vllm_compat.linear_weight`), every
+   other parameter (embeddings, norms, biases) as it is;
+2. a parameter whose name is a checkpoint tensor's is that tensor: as it is where the shapes
+   agree, transposed where the checkpoint holds the transpose (GPT-2's Conv1D weights,
+   `TRANSPOSED`); a tensor fused in the checkpoint itself (phi3's `qkv_proj`) is whole here;
+3. a fused module (`packed_modules_mapping`: `qkv_proj` from q/k/v) is split along its rows
+   into its parts, in the mapping's order, each part as many rows as the checkpoint's;
+4. rows vLLM pads (a vocabulary padded to a multiple of 64) are cut to the checkpoint's;
+5. a tied LM head, which the checkpoint does not hold, is read through the head's GEMM under
+   `TIED_HEAD` + the input embedding's name: on CPU the head keeps a packed copy of the
+   embedding for the logits, so the engine's two copies are checked against the same value.
+
+What no rule names is not read, and is returned by `unread` so a verdict can say how much
+it did not see. Nothing here knows of training or of the sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from lorasync.checkpoint import TIED_HEAD, Layout
+from lorasync.engines import vllm_compat
+
+# Checkpoint modules stored as (in, out), loaded transposed by vLLM (GPT-2's Conv1D).
+TRANSPOSED = {"gpt2": frozenset({"c_attn", "c_proj", "c_fc"})}
+
+
+def read_back(
+    model: torch.nn.Module,
+    layout: Layout,
+    packed: Mapping[str, Sequence[str]],
+    model_type: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) for every tensor of `model` the rules above name."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    transposed = TRANSPOSED.get(model_type, frozenset())
+    embedding = None
+    for path, module in model.named_modules():
+        kernel = isinstance(module, (LinearBase, ParallelLMHead))
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+            embedding = f"{path}.weight"
+        for leaf, param in module.named_parameters(recurse=False):
+            tensor = vllm_compat.linear_weight(module) if kernel and leaf == "weight" else param.detach()
+            name = f"{path}.{leaf}"
+            if isinstance(module, ParallelLMHead) and name not in layout and embedding in layout:
+                yield TIED_HEAD + embedding, tensor[: layout[embedding][0]]
+                continue
+            yield from _named(name, tensor, layout, packed, transposed)
+
+
+def _named(
+    name: str,
+    tensor: torch.Tensor,
+    layout: Layout,
+    packed: Mapping[str, Sequence[str]],
+    transposed: frozenset[str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rules 2-4 for one vLLM parameter."""
+    module, _, leaf = name.rpartition(".")
+    parent, _, short = module.rpartition(".")
+    if name in layout:
+        shape = layout[name]
+        if short in transposed and tensor.dim() == 2:
+            tensor = tensor.T
+        yield name, _cut(tensor, shape)
+        return
+    parts = [f"{parent}.{part}.{leaf}" for part in packed.get(short, ())]
+    if not parts or any(p not in layout for p in parts):
+        return
+    rows = [layout[p][0] for p in parts]
+    if sum(rows) > tensor.shape[0]:
+        return
+    for part, piece in zip(parts, torch.split(tensor[: sum(rows)], rows)):
+        yield part, piece
+
+
+def _cut(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Rule 4: the checkpoint's rows of a padded tensor."""
+    if tuple(tensor.shape) != tuple(shape) and tensor.dim() == len(shape) and tensor.shape[0] >= shape[0]:
+        return tensor[: shape[0]]
+    return tensor
+
+
+def unread(layout: Layout, read: set[str]) -> list[str]:
+    """The checkpoint tensors no rule named."""
+    return [name for name in layout if name not in read]
