@@ -28,14 +28,29 @@ MODELS = {
     "qwen3": ("qwen3", False),
     "qwen2": ("qwen2", False),
     "gpt2": ("gpt2", True),
+    "gemma3": ("gemma3", True),
+    "phi3": ("phi3", False),
 }
 # Fixtures that start vLLM: a test using one must be marked `vllm`.
-VLLM_FIXTURES = {"engine_for", "servers", "server", "lora_engine", "build_trainer"}
+VLLM_FIXTURES = {"engine_for", "servers", "server", "lora_engine", "build_trainer", "arch_engine", "arch_servers"}
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _merge_kernel_cache(tmp_path_factory):
+    """The merge kernel chosen per machine (`sync/merge_kernel.py`) is kept in this session's
+    temporary folder, not ~/.cache/lorasync: no run reads another run's choice. (Subprocesses,
+    the CLI and servers, use $LORASYNC_CACHE as a user's would.)"""
+    from lorasync.sync import merge_kernel
+
+    path = tmp_path_factory.mktemp("merge-kernel") / merge_kernel.CACHE_FILE
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(merge_kernel, "cache_file", lambda: path)
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest deselects by marker (-m "not vllm")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorasync.commands.tiny import ARCHITECTURES, TinyShape, make_tiny_model
+from lorasync.commands.tiny import ARCHITECTURES, GEMMA3_SLIDING_WINDOW, TinyShape, make_tiny_model
+from lorasync.sync.verify import probe_sequences
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -14,7 +15,8 @@ from lorasync.commands.tiny import ARCHITECTURES, TinyShape, make_tiny_model
 def test_builds_loadable_model(tmp_path, arch, tied):
     out = make_tiny_model(tmp_path, arch=arch, tie_word_embeddings=tied)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == arch and config["tie_word_embeddings"] == tied
+    # Text-only Gemma 3 is `gemma3_text` (`gemma3` is the multimodal one)
+    assert config["model_type"] in (arch, f"{arch}_text") and config["tie_word_embeddings"] == tied
     assert (out / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -38,3 +40,29 @@ def test_head_dim_below_32_is_refused():
 def test_unknown_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'gpt9'"):
         make_tiny_model(tmp_path, arch="gpt9")
+
+
+def test_gemma3_is_text_only_with_sliding_and_full_layers(tmp_path):
+    """What vLLM serves as its text-only Gemma 3 (architecture Gemma3ForCausalLM), with both
+    kinds of attention layer, q/k norms, and a window shorter than verification's probes:
+    the window changes the logprobs, so an engine that ignored it would fail parity."""
+    out = make_tiny_model(tmp_path, arch="gemma3", tie_word_embeddings=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"]
+    assert set(config["layer_types"]) == {"sliding_attention", "full_attention"}
+    assert config["head_dim"] >= 32
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert any(name.endswith("self_attn.q_norm.weight") for name, _ in model.named_parameters())
+    probe = probe_sequences(len(AutoTokenizer.from_pretrained(out)), n=1)[0]
+    assert len(probe) > GEMMA3_SLIDING_WINDOW
+    ids = torch.tensor([probe])
+    unwindowed = AutoModelForCausalLM.from_pretrained(out, sliding_window=len(probe)).eval()
+    with torch.no_grad():
+        assert (model(ids).logits - unwindowed(ids).logits).abs().max() > 1e-2
+
+
+def test_phi3_checkpoint_holds_fused_projections(tmp_path):
+    names = set(AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path, arch="phi3")).state_dict())
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names
+    modules = {name.rsplit(".", 2)[-2] for name in names}
+    assert not modules & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}

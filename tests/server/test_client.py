@@ -395,3 +395,49 @@ def test_a_sync_resets_the_prefix_cache_of_a_prompt_longer_than_a_kv_block(serve
     new_sync()
     assert greedy_diff(new) <= TOL
     engine.close()
+
+
+# --- gemma3 and phi3 ------------------------------------------------------------------------
+# gemma3: sliding-window and full-attention layers, q/k norms, a scaled embedding tied to the
+# lm_head; phi3: q/k/v and gate/up fused in the checkpoint itself. Each gets a trained
+# embedding or head copy besides all-linear LoRA, so factors and whole tensors both travel.
+ARCH_TIED = {"gemma3": True, "phi3": False}
+ARCH_SAVED = {"gemma3": "embed_tokens", "phi3": "lm_head"}
+
+
+@pytest.fixture(scope="module")
+def arch_servers(tmp_path_factory):
+    """{arch: (server, model folder)}: one server per architecture of ARCH_TIED, started
+    together once for the module (80-95 s for both on 2 cores)."""
+    from lorasync.commands.tiny import make_tiny_model
+
+    started = {}
+    for arch, tied in ARCH_TIED.items():
+        model_dir = str(make_tiny_model(tmp_path_factory.mktemp(arch), arch=arch, tie_word_embeddings=tied))
+        started[arch] = Server(model_dir).start(), model_dir
+    try:
+        yield {arch: (server.wait(), model_dir) for arch, (server, model_dir) in started.items()}
+    finally:
+        for server, _ in started.values():
+            server.kill()
+
+
+@pytest.mark.parametrize("arch", ARCH_TIED)
+def test_factor_sync_parity_on_gemma3_and_phi3(arch_servers, arch):
+    """Factors, which only a server merges, for the fused phi3 and the tied gemma3 (the merged
+    strategies reach a server through the same receiver; test_parity.py runs them colocated)."""
+    server, model_dir = arch_servers[arch]
+    engine = ServerEngine(server.url, TOKEN)
+    trainer = policy(model_dir, targets=["all-linear"], modules_to_save=[ARCH_SAVED[arch]])
+    probes = probe_sequences(engine.vocab_size)
+    sync = factor_sync(trainer, engine)
+    sync()
+    assert verify(trainer, engine, probes).max_abs_diff <= TOL
+    # the LoRA layers travel as factors, the trained copy whole
+    assert {r.kind for r in lora_records(sync.merger, sync.plan, engine.dtype)} == {"lora", "full"}
+    train_step(trainer)
+    sync()
+    assert max_diff(openai_scores(server.url, probes), trainer_scores(trainer, probes)) <= TOL
+    with trainer.disable_adapter():  # parity is not trivially true
+        assert verify(trainer, engine, probes).max_abs_diff > 1e-2
+    engine.close()

@@ -15,15 +15,20 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
 
-ARCHITECTURES = ("qwen2", "llama", "qwen3", "gpt2")
+ARCHITECTURES = ("qwen2", "llama", "qwen3", "gpt2", "gemma3", "phi3")
+# The tiny gemma3's attention: the first layers slide over this many tokens, the last attends
+# to all. Shorter than verification's probes (32 tokens), so a wrong window shows.
+GEMMA3_SLIDING_WINDOW = 8
 TOKENIZER_VOCAB = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 _WORDS = (
@@ -139,8 +144,21 @@ def tiny_config(arch: str, shape: TinyShape, tie_word_embeddings: bool) -> Pretr
         return Qwen2Config(**common)
     if arch == "llama":
         return LlamaConfig(**common)
+    head_dim = shape.hidden_size // shape.num_heads
     if arch == "qwen3":
-        return Qwen3Config(head_dim=shape.hidden_size // shape.num_heads, **common)
+        return Qwen3Config(head_dim=head_dim, **common)
+    if arch == "gemma3":  # text-only Gemma 3 (model_type gemma3_text, Gemma3ForCausalLM)
+        # Sliding-window layers and one full-attention layer last; q/k norms; the embedding
+        # is scaled by sqrt(hidden_size) in the forward pass, not in the checkpoint.
+        return Gemma3TextConfig(
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=GEMMA3_SLIDING_WINDOW,
+            layer_types=["sliding_attention"] * (shape.num_layers - 1) + ["full_attention"],
+            **common,
+        )
+    if arch == "phi3":  # q/k/v and gate/up fused in the checkpoint itself (qkv_proj, gate_up_proj)
+        return Phi3Config(**common)
     raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 
@@ -176,7 +194,9 @@ def make_tiny_model(
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, init_std)
-            elif name.endswith("bias"):
+            elif name.endswith("bias") or (arch == "gemma3" and name.endswith("norm.weight")):
+                # Gemma's norms scale by (1 + weight), with weight 0 at init: random weights
+                # make a norm that is lost or applied without the offset show in the logprobs.
                 param.normal_(0.0, 0.02)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

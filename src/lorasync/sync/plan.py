@@ -102,6 +102,9 @@ def _served_params(model: PeftModel, adapter_name: str, layout: Layout) -> dict[
 def _merge_sources(model: PeftModel, adapter_name: str, served: dict[str, str]) -> dict[str, Entry]:
     """Entries for tensors the adapter changes through a merge, keyed by checkpoint name."""
     param_names = {id(p): n for n, p in model.named_parameters()}
+    shared_by: dict[int, int] = {}  # how many modules hold each parameter (2: a tied embedding)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared_by[id(p)] = shared_by.get(id(p), 0) + 1
     by_param = {param: ckpt for ckpt, param in served.items()}
     merges: dict[str, Entry] = {}
 
@@ -113,6 +116,8 @@ def _merge_sources(model: PeftModel, adapter_name: str, served: dict[str, str]) 
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.scaling:
             base = module.get_base_layer()
+            if shared_by[id(base.weight)] > 1:
+                _refuse_lora_on_tied(model, adapter_name, path)
             add(base.weight, Source.LORA_WEIGHT, path)
             if module.lora_bias.get(adapter_name, False):
                 add(base.bias, Source.LORA_BIAS, path)
@@ -121,13 +126,35 @@ def _merge_sources(model: PeftModel, adapter_name: str, served: dict[str, str]) 
     return merges
 
 
+def _refuse_lora_on_tied(model: PeftModel, adapter_name: str, path: str) -> None:
+    """ValueError: LoRA on a weight the base model ties (embedding and lm_head) cannot be served.
+
+    The trainer adds the LoRA branch where the module is called, on one side of the tie only
+    (or, with ensure_weight_tying, a separate branch on each side), while the tied engine holds
+    one matrix for both: a merged sync changes the lm_head's logits too, and PEFT's own merge
+    adds both branches into the one tensor. No strategy serves that policy; the tied model's
+    embedding trains fine as modules_to_save or trainable tokens, which stay tied.
+    """
+    arch = type(model.get_base_model()).__name__
+    module = path.removeprefix("base_model.model.")
+    raise ValueError(
+        f"{arch} ties its lm_head to its input embedding (tie_word_embeddings), and adapter "
+        f"{adapter_name!r} puts LoRA on the tied weight ({module}): the trainer applies LoRA "
+        "per module, but vLLM serves one matrix as both the embedding and the lm_head, so no "
+        "sync can serve this policy. Fix: train the embedding with modules_to_save=['embed_tokens'] "
+        "(LoraConfig(ensure_weight_tying=True)) or trainable_token_indices, or start from a "
+        "base model with tie_word_embeddings=False"
+    )
+
+
 def plan_sync(model: PeftModel, layout: Layout, groups: Sequence[Sequence[str]]) -> SyncPlan:
     """Plan full and changed-only syncs of `model` into an engine with this layout and groups.
 
     `groups` lists the checkpoint names the engine loads into one fused parameter; every
     layout name must be in exactly one group. Raises TypeError for a non-LoRA adapter and
     ValueError when the engine's model is not the trainer's base model, or when a tied
-    embedding engine cannot represent the adapter.
+    embedding engine cannot represent the adapter (a trained lm_head apart from the
+    embedding, or LoRA on the tied weight).
     """
     adapter_name, _ = active_lora(model)
     served = _served_params(model, adapter_name, layout)
