@@ -7,7 +7,8 @@ logits GEMM; where it cannot (bf16 on a CPU without AVX-512), the plain weights 
 and `vllm_compat.retie_lm_head` when a tied embedding was trained. The native side runs in
 tests/sync/test_parity.py; here a subprocess with torch's and oneDNN's ISA capped at AVX2
 takes the other (only bf16 does: float32 is prepacked there too, measured), and must still
-serve the trainer's policy, trained embedding and tied head included. Audit finding: on this
+serve the trainer's policy, trained embedding and tied head included, and read back bit for bit
+at the weight level (`engines/readback.py` reads plain weights here, kernels on the other side). Audit finding: on this
 side the head stays tied through the reload by itself (with `retie_lm_head` removed the gap is
 still 0), so the re-tie is needed, and pinned, on the prepacked side only.
 """
@@ -29,6 +30,7 @@ import json, sys
 from lorasync.engines import worker
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.verify import probe_sequences, verify
+from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync
 from tests.helpers import policy, train_step
 
@@ -50,12 +52,13 @@ if __name__ == "__main__":
         train_step(trainer)
         sync()
         after = verify(trainer, engine, probes).max_abs_diff
+        weights = check_weights(sync).to_dict()
         gap = engine.llm.collective_rpc(tie_gap)
         with trainer.disable_adapter():
             base = verify(trainer, engine, probes).max_abs_diff
     finally:
         engine.close()
-    print("RESULT " + json.dumps({"repacked": repacked, "diff": after, "base_diff": base, "tie_gap": gap}))
+    print("RESULT " + json.dumps({"repacked": repacked, "diff": after, "base_diff": base, "tie_gap": gap, "weights": weights}))
 """
 
 
@@ -77,3 +80,6 @@ def test_tied_model_with_trained_embedding_in_bfloat16_without_prepacked_kernels
     assert result["tie_gap"] == [0.0], result  # the head projects with the trained embedding
     assert result["diff"] <= TOLERANCES["bfloat16"], result
     assert result["base_diff"] > 10 * result["diff"], result  # the policy is far from the base
+    # the weight level reads the plain weights on this side, the tied head included, bit for bit
+    weights = result["weights"]
+    assert weights["ok"] and weights["exact"] and weights["unread"] == 0, weights

@@ -52,6 +52,30 @@ def test_broken_sync_shows_in_the_health_metric(tmp_path, demo_base, engine_for)
     assert max(r["logprob_diff_max"] for r in rows[1:]) > 1e-4
 
 
+def test_a_sync_skipped_at_step_5_warns_at_step_5_and_no_other(tmp_path, demo_base, engine_for, capsys):
+    """The weight level reads a rotating slice after every sync: a sync that sent nothing is
+    seen at its own step, before any batch is sampled from the stale engine."""
+    from lorasync.sync.base import SyncReport
+    from lorasync.train.health import health_warning
+
+    engine = engine_for(str(demo_base))
+    trainer = GRPOTrainer(config_for(demo_base, tmp_path, steps=6, lr=1e-2), engine)
+    send = trainer.sync.send
+
+    def skip_step_5(strategy):
+        if trainer.step == 4:  # step 5's sync (the step is counted after it)
+            return SyncReport(strategy.value, 0, 0, 0.0, engine.weight_version)
+        return send(strategy)
+
+    trainer.sync.send = skip_step_5
+    rows = trainer.train(progress=False)
+    warned = [r["step"] for r in rows if health_warning(r, trainer.tolerance, trainer.floor)]
+    assert warned[0] == 5, warned
+    assert rows[4]["weight_check_mismatches"] > 0 and rows[3]["weight_check_mismatches"] == 0
+    out = capsys.readouterr()
+    assert "warning: step 5:" in out.out + out.err
+
+
 def test_async_health_scores_each_batch_with_the_policy_that_sampled_it(tmp_path, demo_base, engine_for):
     """K = 1: batches one version old, scored by the kept snapshot of that version, agree with
     the engine to float32 precision; a broken sync (weights no longer loaded, versions still

@@ -20,9 +20,8 @@ from lorasync.server.client import ServerEngine
 from lorasync.sync.adapter import check_servable
 from lorasync.sync.base import Scorer, Strategy
 from lorasync.sync.policy import adapter_rank, load_policy
-from lorasync.sync.verify import (
-    base_weight_change, default_tolerance, judge, judged_against_floor, measure_floor, probe_sequences, verify,
-)
+from lorasync.sync.verify import base_weight_change, default_tolerance, judge, measure_floor, verdict_probes, verify
+from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync
 
 
@@ -92,13 +91,14 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
                              max_model_len=config.max_model_len)
     tolerance = default_tolerance(dtype) if config.tolerance is None else config.tolerance
     try:
-        probes = probe_sequences(engine.vocab_size)
+        probes = verdict_probes(engine.vocab_size)
         floor = None
-        if judged_against_floor(dtype, config.tolerance) and engine.weight_version == 0:
+        if config.tolerance is None and engine.weight_version == 0:
             # the engine still serves the checkpoint: measure the implementations' disagreement
             floor = measure_floor(model, engine, probes)
         sync = WeightSync(model, engine, config.strategy)
         reports = [sync() for _ in tqdm(range(config.repeat), desc="sync", disable=not progress)]
+        weights = check_weights(sync)
         scorers: list[Scorer] = [engine]
         if isinstance(engine, ServerEngine):
             scorers = [_Pinned(engine, i) for i in range(len(engine.urls))]
@@ -115,17 +115,28 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
         engine.close()
     last = reports[-1]
     verdicts = [judge(c, tolerance, floor) for c in checks]
+    worst = max(range(len(checks)), key=lambda i: checks[i].mean_abs_diff)
     if floor is not None:
         extra |= {
             "floor_max_abs_logprob_diff": floor.max_abs_diff,
             "floor_mean_abs_logprob_diff": floor.mean_abs_diff,
+            "floor_quantile_abs_logprob_diff": floor.quantile_abs_diff,
             "mean_bound": verdicts[0].mean_bound,
+            "quantile_bound": verdicts[0].quantile_bound,
         }
+    logprob_ok = all(v.ok for v in verdicts)
     return {
-        "ok": all(v.ok for v in verdicts),
+        "ok": logprob_ok and (weights is None or weights.ok),
+        "logprob_ok": logprob_ok,
+        "logprob_verdict": verdicts[worst].describe(checks[worst]),
+        "judged_against": "floor" if floor is not None else "tolerance",
+        # the weight level: None where the engine cannot read its weights back (servers)
+        "weight_check": None if weights is None else weights.to_dict(),
         "max_abs_logprob_diff": max(c.max_abs_diff for c in checks),
         "mean_abs_logprob_diff": max(c.mean_abs_diff for c in checks),
-        "tolerance": verdicts[0].max_bound,
+        "quantile_abs_logprob_diff": max(c.quantile_abs_diff for c in checks),
+        "probe_tokens": checks[0].tokens,
+        "tolerance": tolerance,
         "dtype": dtype,
         "strategy": config.strategy.value,
         "engine": config.kind,

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,9 +151,9 @@ class ColocatedEngine:
         """Checkpoint names that load into one vLLM parameter set and must be sent together."""
         return self._groups
 
-    def read_back(self, visit: Callable[[str, torch.Tensor], None]) -> None:
+    def read_back(self, visit: Callable[[str, torch.Tensor], None], only: Collection[str] | None = None) -> None:
         """Show what the engine holds, tensor by tensor, under checkpoint names (`WeightReader`)."""
-        self.llm.collective_rpc(worker.read_back, args=(self._layout, visit))
+        self.llm.collective_rpc(worker.read_back, args=(self._layout, visit, only))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format tensors in place; return the new weight version.

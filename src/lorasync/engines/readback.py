@@ -21,7 +21,7 @@ it did not see. Nothing here knows of training or of the sync.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 
@@ -37,17 +37,24 @@ def read_back(
     layout: Layout,
     packed: Mapping[str, Sequence[str]],
     model_type: str,
+    only: Collection[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) for every tensor of `model` the rules above name."""
+    """(checkpoint name, tensor) for every tensor of `model` the rules above name; with `only`,
+    just the modules that hold one of those names (a module not wanted is never read, which
+    spares its kernel's read-back)."""
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
     transposed = TRANSPOSED.get(model_type, frozenset())
+    wanted = None if only is None else {name.rpartition(".")[0] for name in only}
     embedding = None
     for path, module in model.named_modules():
         kernel = isinstance(module, (LinearBase, ParallelLMHead))
         if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
             embedding = f"{path}.weight"
+        head = isinstance(module, ParallelLMHead) and embedding is not None
+        if wanted is not None and not _wanted(path, wanted, packed, embedding if head else None):
+            continue
         for leaf, param in module.named_parameters(recurse=False):
             tensor = vllm_compat.linear_weight(module) if kernel and leaf == "weight" else param.detach()
             name = f"{path}.{leaf}"
@@ -55,6 +62,16 @@ def read_back(
                 yield TIED_HEAD + embedding, tensor[: layout[embedding][0]]
                 continue
             yield from _named(name, tensor, layout, packed, transposed)
+
+
+def _wanted(path: str, wanted: set[str], packed, tied_to: str | None) -> bool:
+    """Whether the vLLM module at `path` holds one of the wanted checkpoint modules (`wanted`:
+    their paths; a head tied to the embedding `tied_to` is wanted with the embedding)."""
+    parent, _, short = path.rpartition(".")
+    candidates = {path, *(f"{parent}.{part}" for part in packed.get(short, ()))}
+    if tied_to is not None:
+        candidates.add(tied_to.rpartition(".")[0])
+    return bool(candidates & wanted)
 
 
 def _named(

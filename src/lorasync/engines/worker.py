@@ -57,12 +57,12 @@ def linear_weights_repacked(worker) -> bool:
     return vllm_compat.linear_weights_repacked(worker.model_runner.get_model())
 
 
-def read_back(worker, layout, visit: Callable[[str, torch.Tensor], None]) -> None:
-    """Call `visit(name, tensor)` for each tensor of the worker's model, read back under its
-    checkpoint name (`readback.read_back`): one tensor alive at a time."""
+def read_back(worker, layout, visit: Callable[[str, torch.Tensor], None], only=None) -> None:
+    """Call `visit(name, tensor)` for each tensor of the worker's model (with `only`, of those
+    names), read back under its checkpoint name (`readback.read_back`): one tensor at a time."""
     from lorasync.engines.readback import read_back as tensors
 
     model = worker.model_runner.get_model()
     model_type = worker.model_config.hf_config.get_text_config().model_type
-    for name, tensor in tensors(model, layout, vllm_compat.packed_modules(model), model_type):
+    for name, tensor in tensors(model, layout, vllm_compat.packed_modules(model), model_type, only):
         visit(name, tensor)

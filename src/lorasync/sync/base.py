@@ -16,7 +16,7 @@ nothing of each other. An engine implements:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
@@ -160,15 +160,16 @@ class Scorer(Protocol):
 
 @runtime_checkable
 class WeightReader(Protocol):
-    """An engine that can show what it holds: `read_back(visit)` calls `visit(name, tensor)`
-    for each tensor it can read, under its checkpoint name (a tied LM head under
-    `checkpoint.TIED_HEAD` + the embedding's), as its kernels compute with it. The tensor may
-    be a view of the live weight: compare it, never keep it."""
+    """An engine that can show what it holds: `read_back(visit, only)` calls `visit(name,
+    tensor)` for each tensor it can read (with `only`, at least those of these names), under
+    its checkpoint name (a tied LM head under `checkpoint.TIED_HEAD` + the embedding's), as its
+    kernels compute with it. The tensor may be a view of the live weight: compare it, never
+    keep it."""
 
     weight_version: int
     dtype: torch.dtype
 
-    def read_back(self, visit: Callable[[str, torch.Tensor], None]) -> None: ...
+    def read_back(self, visit: Callable[[str, torch.Tensor], None], only: Collection[str] | None = None) -> None: ...
 
 
 class Engine(Generator, WeightReceiver, Protocol):

@@ -24,7 +24,7 @@ exceeds the dtype's rounding. What it cannot see: tensors no read-back rule name
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -166,17 +166,33 @@ def compare(
     )
 
 
-def check_weights(sync, strategy: Strategy | None = None) -> WeightCheck | None:
+def check_weights(sync, only: Collection[str] | None = None) -> WeightCheck | None:
     """The weight-level verdict of `sync` (a `WeightSync`) on its engine, after its last sync
-    by `strategy` (default: the one it last sent by; None before any). None when the engine
+    (or none: the checkpoint's), on every tensor or those named in `only`. None when the engine
     cannot read its weights back (`WeightReader`)."""
     engine = sync.engine
     if not isinstance(engine, WeightReader):
         return None
-    if strategy is None and sync.syncs:
-        strategy = sync.last_strategy
-    if engine.weight_version == 0:
-        strategy = None
-    expected = Expected(sync.merger, sync.plan.full, strategy, engine.dtype)
+    strategy = sync.last_strategy if engine.weight_version else None
+    entries = sync.plan.full if only is None else tuple(e for e in sync.plan.full if e.checkpoint in only)
+    expected = Expected(sync.merger, entries, strategy, engine.dtype)
     exact = strategy is None or strategy in EXACT
-    return compare(engine.read_back, expected, exact, len(sync.plan.full))
+    return compare(lambda visit: engine.read_back(visit, only), expected, exact, len(entries))
+
+
+def rotating_slice(sync, check: int, slices: int) -> list[str] | None:
+    """The checkpoint names the `check`-th weight check reads (from 0) when each reads 1/`slices`
+    of the engine's tensors, so that every tensor is read over `slices` checks: slice
+    `check % slices` of the groups a sync changes and of the others, whole fused groups each.
+    A slice of the changed groups is never empty, so any check sees a sync that changed nothing.
+    None (everything) for the first check and for one slice."""
+    if check == 0 or slices <= 1:
+        return None
+    changed = {e.checkpoint for e in sync.plan.changed}
+    groups = [list(g) for g in sync.engine.weight_groups()]
+    names: list[str] = []
+    for part in ([g for g in groups if changed & set(g)], [g for g in groups if not changed & set(g)]):
+        if part:
+            for group in part[check % min(slices, len(part)) :: min(slices, len(part))]:
+                names += group
+    return names

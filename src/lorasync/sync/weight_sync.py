@@ -93,7 +93,7 @@ class WeightSync:
         self.tokens_per_step = tokens_per_step
         check_engine(self.strategy, engine, model)  # before anything is planned or sent
         self.plan: SyncPlan = plan_sync(model, engine.checkpoint_layout(), engine.weight_groups())
-        self.kernel = choose(model.dtype, model.device, merge_kernel)  # measured once per process
+        self.kernel = choose(model.dtype, model.device, merge_kernel)  # measured once per machine, kept (merge_kernel.py)
         self.merger = Merger(model, self.plan.adapter_name, self.kernel.kernel)
         self.syncs = 0
         self.merged_synced = False  # a merged sync since the engine was built: changed-only is enough

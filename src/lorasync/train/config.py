@@ -206,8 +206,16 @@ class SyncSection:
     # streaming | merge-unmerge | adapter | factors | auto; unset: the engine kind's default
     # (streaming colocated, factors with servers)
     strategy: str | None = None
+    # the weight-level verdict (sync/weight_check.py) after every sync, on engines that can read
+    # their weights back (colocated): the first reads every tensor, each later one 1/N of them,
+    # a rotating slice (every tensor is read every N syncs, a sync that changed nothing is seen
+    # at once). 1: every tensor after every sync; 0: never. Reading a repacked CPU weight costs
+    # a GEMM of hidden_size rows through its kernel.
+    weight_check_slices: int = 10
 
     def __post_init__(self) -> None:
+        require(self.weight_check_slices >= 0, "sync.weight_check_slices", self.weight_check_slices,
+                "must be >= 0 (0: never, 1: every tensor after every sync)")
         if self.strategy is None:
             return  # TrainConfig picks the engine kind's default
         try:

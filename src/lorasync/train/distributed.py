@@ -234,7 +234,8 @@ def barrier(d: Dist, what: str) -> None:
 # --- metrics -------------------------------------------------------------------------------------
 
 _MAX = ("logprob_diff_max", "is_weight_max", "staleness_max", "step_seconds", "generation_seconds",
-        "wait_seconds", "sync_seconds", "sync_gathered_mb")
+        "wait_seconds", "sync_seconds", "sync_gathered_mb", "logprob_diff_quantile",
+        "weight_check_mismatches", "weight_check_max_abs_diff", "weight_check_unread")
 _MIN = ("is_weight_min",)
 _SUM = ("completion_tokens", "tokens_per_second")
 

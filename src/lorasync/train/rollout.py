@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lorasync.sync.base import Completion, Generator
+from lorasync.sync.verify import Verification
 from lorasync.train.config import RewardSpec, TrainConfig
 from lorasync.train.data import encode_prompt
 from lorasync.train.grpo import group_advantages
@@ -78,8 +79,18 @@ class Rollout:
         """How far the engine's sampling logprobs are from the trainer's on the same tokens."""
         if self.old_logprobs is None:
             raise RuntimeError("the old logprobs are not known yet: the first policy update computes them")
-        diff = (self.old_logprobs - self.engine_logprobs).abs()[self.mask]
-        return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
+        return health_metrics((self.old_logprobs - self.engine_logprobs)[self.mask])
+
+
+def health_metrics(diffs: torch.Tensor) -> dict[str, float]:
+    """The health check's row in metrics.jsonl: statistics of the per-token differences between
+    the engine's and the trainer's logprobs (`verify.Verification`)."""
+    check = Verification.of(diffs)
+    return {
+        "logprob_diff_mean": check.mean_abs_diff,
+        "logprob_diff_max": check.max_abs_diff,
+        "logprob_diff_quantile": check.quantile_abs_diff,
+    }
 
 
 def score_rewards(

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
+from lorasync.train.rollout import health_metrics
+
 
 class PolicySnapshots:
     """Trainable parameters of `model` by engine weight version, the last `keep` versions."""
@@ -47,8 +49,7 @@ class PolicySnapshots:
             width = logprobs.shape[1]
             ours = mask[:, :width] & (versions[:, :width] == version)
             diffs.append((logprobs - engine_logprobs[:, :width]).abs()[ours])
-        diff = torch.cat(diffs)
-        return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
+        return health_metrics(torch.cat(diffs))
 
     @contextmanager
     def policy_of(self, version: int) -> Iterator[None]:
