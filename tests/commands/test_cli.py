@@ -127,10 +127,8 @@ def test_sync_check_on_the_real_model(smollm2, tmp_path):
         r = run_lorasync("make-adapter", "--base", smollm2, "--out", str(adapter), "--rank", "16", "--init-std", std)
         assert r.returncode == 0, r.stderr
         for dtype in ("float32", "bfloat16"):
-            r = run_lorasync("sync-check", "--base", smollm2, "--adapter", str(adapter), "--dtype", dtype)
-            assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-            assert "weights ok:" in r.stdout and "logprobs ok over" in r.stdout, r.stdout
             r = run_lorasync("sync-check", "--base", smollm2, "--adapter", str(adapter), "--dtype", dtype, "--json")
+            assert r.returncode == 0, r.stdout + r.stderr[-3000:]
             results[std, dtype] = json.loads(r.stdout)
     for (std, dtype), result in results.items():
         assert result["ok"] and result["judged_against"] == "floor", (std, dtype, result)
@@ -141,6 +139,32 @@ def test_sync_check_on_the_real_model(smollm2, tmp_path):
     for dtype in ("float32", "bfloat16"):  # a zero adapter measures the floor itself
         zero = results["0", dtype]
         assert zero["mean_abs_logprob_diff"] == pytest.approx(zero["floor_mean_abs_logprob_diff"], rel=1e-6)
+
+
+def test_a_sync_check_verdict_prints_both_levels_with_their_numbers():
+    """What a user sees when the verdict fails: each level's numbers and bounds, the tensor."""
+    from lorasync.commands.cli import format_sync_check
+
+    result = {
+        "ok": False, "strategy": "streaming", "tensors_sent": 272, "bytes_sent": 538e6,
+        "sync_seconds": 1.5, "weight_version": 1, "base_max_abs_change": 0.0,
+        "weight_check": {"ok": False, "exact": True, "tensors": 273, "mismatches": 1,
+                         "max_abs_diff": 0.0125, "unread": 0,
+                         "first_mismatch": "model.layers.1.self_attn.q_proj.weight", "first_mismatch_diff": 0.0125},
+        "judged_against": "floor", "floor_mean_abs_logprob_diff": 1e-5,
+        "floor_quantile_abs_logprob_diff": 3.5e-5, "floor_max_abs_logprob_diff": 4e-5,
+        "logprob_ok": True, "probe_tokens": 496,
+        "logprob_verdict": "max 4.1e-05, mean 1.1e-05 (bound 2.5e-05), p99 3.6e-05 (bound 8e-05)",
+    }
+    text = format_sync_check(result)
+    assert text.startswith("MISMATCH: streaming")
+    assert "weights MISMATCH: 273 tensors compared bit for bit, 1 differ" in text
+    assert "first: model.layers.1.self_attn.q_proj.weight (by 0.0125)" in text
+    assert "logprobs ok over 496 tokens: max 4.1e-05, mean 1.1e-05 (bound 2.5e-05)" in text
+    assert "floor (adapter off, before the sync: mean 1e-05, p99 3.5e-05, max 4e-05)" in text
+    result |= {"weight_check": None, "judged_against": "tolerance", "tolerance": 1e-4}
+    text = format_sync_check(result)
+    assert "weights: not read back" in text and "fixed tolerance 0.0001" in text
 
 
 @pytest.fixture(scope="module")

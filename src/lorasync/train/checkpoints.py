@@ -7,12 +7,20 @@ Resuming from one continues exactly as the uninterrupted run would have. A data-
 checkpoint is written once, by rank 0, whole (gathered from the shards under FSDP2), with every
 rank's random number generators; it resumes on any number of ranks, in either parallel mode
 (exactly on as many ranks as wrote it; see `load`).
+
+Nothing is lost to a crash, a kill or a full disk mid-save: a checkpoint is written whole into
+`step-NNNNNN.tmp/`, every file and the folder fsynced, the completion marker (`COMPLETE`) last,
+then renamed into place in one `os.replace`. `latest` takes only complete checkpoints and names
+the torn ones it skipped; a failed save leaves the previous checkpoints as they were. Loading
+unpickles no code (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +32,7 @@ from lorasync.train.distributed import Dist, clean_name, failures
 from lorasync.train.rank_sync import gathered
 
 CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"  # the marker a checkpoint folder gets last, once every file is on disk
 
 
 def gather_state(model: PeftModel, optimizer, d: Dist) -> dict:
@@ -50,10 +59,37 @@ def gather_state(model: PeftModel, optimizer, d: Dist) -> dict:
 
 
 def save(out: Path, step: int, model: PeftModel, scheduler, config: dict, state: dict) -> Path:
-    """Write the checkpoint of `step` under `out` (once: rank 0) and return its folder;
-    `state` is `gather_state`'s."""
+    """Write the checkpoint of `step` under `out` (once: rank 0), atomically, and return its
+    folder; `state` is `gather_state`'s. A checkpoint of this step already there is replaced
+    only once the new one is whole."""
     path = folder(out, step)
-    model.save_pretrained(path / "adapter", **({} if state["adapter"] is None else {"state_dict": state["adapter"]}))
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that died before its rename
+    try:
+        _write(tmp, step, model, scheduler, config, state)
+    except OSError as err:  # a full disk, a quota: what was there stays whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            f"could not save the checkpoint of step {step} to {path}: {err}. The earlier "
+            f"checkpoints are intact (the latest: {latest(out)}); free space and run again with "
+            "--resume"
+        ) from err
+    if path.exists():  # the final save of a step saved already: swap, never a moment without one
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def _write(tmp: Path, step: int, model: PeftModel, scheduler, config: dict, state: dict) -> None:
+    """Every file of a checkpoint into `tmp`, the marker last, all on disk when it returns."""
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter", **({} if state["adapter"] is None else {"state_dict": state["adapter"]}))
     torch.save(
         {
             "optimizer": state["optimizer"],
@@ -61,10 +97,26 @@ def save(out: Path, step: int, model: PeftModel, scheduler, config: dict, state:
             "rng": state["rng"][0],
             "rng_ranks": state["rng"],  # one per rank
         },
-        path / "trainer.pt",
+        tmp / "trainer.pt",
     )
-    (path / "trainer_state.json").write_text(json.dumps({"step": step, "config": config}, indent=2))
-    return path
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config}, indent=2))
+    (tmp / COMPLETE).write_text(f"{step}\n")
+    _fsync_tree(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(root)
 
 
 def folder(out: Path, step: int) -> Path:
@@ -72,10 +124,28 @@ def folder(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"step-{step:06d}"
 
 
+def complete(path: Path) -> bool:
+    """Whether a checkpoint folder is whole: its marker, or (written before markers) its last
+    file, `trainer_state.json`, beside the others."""
+    if (path / COMPLETE).is_file():
+        return True
+    files = ("trainer_state.json", "trainer.pt", "adapter/adapter_model.safetensors")
+    return all((path / f).is_file() for f in files) and not path.name.endswith(".tmp")
+
+
 def latest(out: Path) -> Path | None:
-    """The newest checkpoint folder under `out`, or None."""
-    found = sorted((out / CHECKPOINTS).glob("step-*"))
-    return found[-1] if found else None
+    """The newest complete checkpoint folder under `out`, or None; the torn ones skipped are
+    named on stderr. A `.old` folder counts where a crash came between the two renames of a
+    swap (`save`), leaving it the only copy of its step."""
+    found = sorted(
+        p for p in (out / CHECKPOINTS).glob("step-*")
+        if not p.name.endswith(".tmp") and not (p.name.endswith(".old") and p.with_suffix("").exists())
+    )
+    for path in reversed(found):
+        if complete(path):
+            return path
+        print(f"lorasync: skipping the torn checkpoint {path} (a save that did not finish)", file=sys.stderr)
+    return None
 
 
 def load(path: Path, model: PeftModel, optimizer, scheduler, d: Dist | None = None) -> int:
@@ -90,7 +160,7 @@ def load(path: Path, model: PeftModel, optimizer, scheduler, d: Dist | None = No
     schedule and the global batch of prompts continue exactly)."""
     d = d or Dist()
     state = json.loads((path / "trainer_state.json").read_text())
-    saved = torch.load(path / "trainer.pt", weights_only=False)  # python's RNG state is a tuple
+    saved = torch.load(path / "trainer.pt", weights_only=True)  # tensors and plain data only
     ranks = saved.get("rng_ranks", [saved["rng"]])
     if len(ranks) != d.world and d.main:
         print(

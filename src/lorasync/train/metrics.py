@@ -4,6 +4,7 @@ and at the end a PNG of reward and sync time, for people who would rather look t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -45,7 +46,16 @@ class MetricsLog:
             return list(self.memory)
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        lines = [line for line in self.path.read_text().splitlines() if line]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):  # only the last line can be cut short by a crash
+                    raise ValueError(f"{self.path}: line {number} is not JSON: {line[:80]!r}") from None
+                print(f"lorasync: {self.path}: skipping its torn last line (a write cut short)", file=sys.stderr)
+        return rows
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (a resumed run rewrites the steps after its checkpoint)."""
