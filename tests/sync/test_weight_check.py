@@ -170,3 +170,14 @@ def test_a_stale_tensor_is_found_within_n_checks(synced):
     engine.edit(stale, lambda t: t * 2)
     found = [k for k in range(1, 5) if not check_weights(sync, rotating_slice(sync, k, 4)).ok]
     assert len(found) == 1, found
+
+
+def test_a_non_finite_policy_is_never_synced(synced):
+    trainer, engine, sync = synced()
+    sync()
+    name, param = next((n, p) for n, p in trainer.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        param.view(-1)[3] = float("nan")
+    with pytest.raises(ValueError, match=f"refusing to sync: {name} holds 1 non-finite"):
+        sync()
+    assert engine.loads == 1 and check_weights(sync) is not None  # nothing more was sent

@@ -40,3 +40,8 @@ def test_a_weight_mismatch_warns_and_names_the_tensor():
 
 def test_a_steps_health_reads_back_as_a_verification():
     assert health_of(row()) == Verification(2e-4, 1e-5, 64, 3e-5)
+
+
+def test_a_skipped_update_warns_without_blaming_the_engine():
+    warning = health_warning(row(skipped_updates=1), TOL, FLOOR)
+    assert warning == "warning: step 7: 1 update(s) skipped: the gradient held NaN or Inf"

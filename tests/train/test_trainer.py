@@ -76,6 +76,29 @@ def test_a_sync_skipped_at_step_5_warns_at_step_5_and_no_other(tmp_path, demo_ba
     assert "warning: step 5:" in out.out + out.err
 
 
+def test_a_nan_gradient_skips_its_update_and_nothing_non_finite_travels(tmp_path, demo_base, engine_for, monkeypatch):
+    from safetensors.torch import load_file
+
+    engine = engine_for(str(demo_base))
+    trainer = GRPOTrainer(config_for(demo_base, tmp_path, steps=4, lr=1e-2), engine)
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def poisoned(params, max_norm, *args, **kwargs):
+        params = list(params)
+        if trainer.step == 2:  # step 3's update
+            params[0].grad.view(-1)[0] = float("nan")
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    rows = trainer.train(progress=False)
+    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 0]
+    assert [r["optimizer_steps"] for r in rows] == [1, 1, 0, 1]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(r["logprob_diff_max"] < 1e-3 for r in rows)  # the engine served finite weights
+    saved = load_file(trainer.save_checkpoint() / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
 def test_async_health_scores_each_batch_with_the_policy_that_sampled_it(tmp_path, demo_base, engine_for):
     """K = 1: batches one version old, scored by the kept snapshot of that version, agree with
     the engine to float32 precision; a broken sync (weights no longer loaded, versions still

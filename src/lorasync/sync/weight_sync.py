@@ -113,6 +113,7 @@ class WeightSync:
 
     def send(self, strategy: Strategy) -> SyncReport:
         """One sync by `strategy` (never `auto`: that is a choice between two of them)."""
+        check_finite(self.model)  # before anything is sent: the engine keeps its last policy
         start, sent = time.perf_counter(), _Sent()
         with torch.no_grad():
             version = SENDERS[strategy](self, sent)
@@ -201,6 +202,19 @@ def check_engine(strategy: Strategy, engine: WeightReceiver, model: PeftModel | 
                     f"{engine.max_lora_rank} (0: built without LoRA support): build the engine "
                     f"with EngineConfig(enable_lora=True, max_lora_rank={rank})"
                 )
+
+
+def check_finite(model: PeftModel) -> None:
+    """ValueError naming the first trainable tensor that holds NaN or Inf: such a policy is
+    never synced (every engine would serve it, and nothing on the engine's side would undo it)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise ValueError(
+                f"refusing to sync: {name} holds {bad} non-finite value(s) (NaN or Inf); the engine "
+                "keeps the last policy it got. Find the update that produced them (the trainer "
+                "skips updates whose gradient is not finite) or resume from a checkpoint"
+            )
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,11 +37,15 @@ def weight_metrics(check: WeightCheck | None) -> dict:
 
 
 def health_warning(metrics: dict, tolerance: float, floor: Verification | None) -> str | None:
-    """The warning for a step whose engine does not hold or serve the trained policy: a weight
-    mismatch, or logprob differences out of the bounds `verify.judge` sets."""
+    """The warning for a step that skipped an update (a non-finite gradient), or whose engine
+    does not hold or serve the trained policy: a weight mismatch, or logprob differences out of
+    the bounds `verify.judge` sets. None for a healthy step."""
     problems = []
+    if metrics.get("skipped_updates"):
+        problems.append(f"{metrics['skipped_updates']} update(s) skipped: the gradient held NaN or Inf")
+    engine = []
     if metrics.get("weight_check_mismatches"):
-        problems.append(
+        engine.append(
             f"{metrics['weight_check_mismatches']} of {metrics['weight_check_tensors']} weight "
             f"tensors differ from the policy's (first {metrics['weight_check_first_mismatch'] or '?'}, "
             f"by up to {metrics['weight_check_max_abs_diff']:.3g})"
@@ -49,7 +53,7 @@ def health_warning(metrics: dict, tolerance: float, floor: Verification | None) 
     check = health_of(metrics)
     verdict = judge(check, tolerance, floor)
     if not verdict.ok:
-        problems.append(f"engine/trainer logprob diff {verdict.describe(check)}")
-    if not problems:
-        return None
-    return f"warning: step {metrics['step']}: " + "; ".join(problems) + ": the engine is not serving the trained policy"
+        engine.append(f"engine/trainer logprob diff {verdict.describe(check)}")
+    if engine:
+        problems.append("; ".join(engine) + ": the engine is not serving the trained policy")
+    return f"warning: step {metrics['step']}: " + "; ".join(problems) if problems else None

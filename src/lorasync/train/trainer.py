@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import threading
 import time
@@ -181,7 +182,10 @@ class GRPOTrainer:
         for grad in [p.grad for p in trained if p.grad is not None]:
             grad.mul_(scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-        self.optimizer.step()
+        # a NaN or Inf gradient (the same on every rank: the norm is of the reduced gradient)
+        # would poison the adapter, and through the sync every engine: the update is skipped
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return parts, float(grad_norm)
@@ -343,8 +347,10 @@ def step_metrics(
         "is_weight_max": max(p.is_weight_max for p in parts),
         "is_weight_min": min(p.is_weight_min for p in parts),
         "masked_fraction": mean(p.masked_fraction for p in parts),
-        "grad_norm": mean(norms),
-        "optimizer_steps": len(norms),
+        "grad_norm": mean([n for n in norms if math.isfinite(n)] or [0.0]),
+        "optimizer_steps": sum(math.isfinite(n) for n in norms),
+        # updates skipped for a non-finite gradient (train/health.py warns)
+        "skipped_updates": sum(not math.isfinite(n) for n in norms),
         "lr": lr,
         "completion_tokens": tokens,
         "tokens_per_second": tokens / seconds,
