@@ -143,7 +143,7 @@ def test_sync_check_on_the_real_model(smollm2, tmp_path):
 
 def test_a_sync_check_verdict_prints_both_levels_with_their_numbers():
     """What a user sees when the verdict fails: each level's numbers and bounds, the tensor."""
-    from lorasync.commands.cli import format_sync_check
+    from lorasync.commands.check import format_sync_check
 
     result = {
         "ok": False, "strategy": "streaming", "tensors_sent": 272, "bytes_sent": 538e6,

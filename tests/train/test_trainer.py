@@ -69,7 +69,7 @@ def test_a_sync_skipped_at_step_5_warns_at_step_5_and_no_other(tmp_path, demo_ba
 
     trainer.sync.send = skip_step_5
     rows = trainer.train(progress=False)
-    warned = [r["step"] for r in rows if health_warning(r, trainer.tolerance, trainer.floor)]
+    warned = [r["step"] for r in rows if health_warning(r, trainer.tolerance, trainer.floor.value)]
     assert warned[0] == 5, warned
     assert rows[4]["weight_check_mismatches"] > 0 and rows[3]["weight_check_mismatches"] == 0
     out = capsys.readouterr()

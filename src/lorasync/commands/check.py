@@ -148,3 +148,42 @@ def run_sync_check(config: SyncCheckConfig, progress: bool = False) -> dict:
         "base_max_abs_change": base_weight_change(model, Path(config.base)),
         **extra,
     }
+
+
+def format_sync_check(result: dict) -> str:
+    """sync-check's verdict for people: each level's numbers and bounds, whatever the verdict."""
+    lines = [
+        f"{'OK' if result['ok'] else 'MISMATCH'}: {result['strategy']}, {result['tensors_sent']} "
+        f"tensors, {result['bytes_sent'] / 1e6:.2f} MB in {result['sync_seconds']:.3f} s, weight "
+        f"version {result['weight_version']}, base weights changed by at most "
+        f"{result['base_max_abs_change']:.3g}",
+    ]
+    weights = result["weight_check"]
+    if weights is None:
+        lines.append("  weights: not read back (this engine cannot show its weights)")
+    else:
+        how = "bit for bit" if weights["exact"] else "within the merge's rounding"
+        lines.append(
+            f"  weights {'ok' if weights['ok'] else 'MISMATCH'}: {weights['tensors']} tensors "
+            f"compared {how}, {weights['mismatches']} differ, largest difference "
+            f"{weights['max_abs_diff']:.3g}, {weights['unread']} not readable"
+            + (f"; first: {weights['first_mismatch']} (by {weights['first_mismatch_diff']:.3g})"
+               if weights["first_mismatch"] else "")
+        )
+    judged = (
+        f"judged against the floor (adapter off, before the sync: mean "
+        f"{result['floor_mean_abs_logprob_diff']:.3g}, p99 {result['floor_quantile_abs_logprob_diff']:.3g}, "
+        f"max {result['floor_max_abs_logprob_diff']:.3g})"
+        if result["judged_against"] == "floor"
+        else f"judged against the fixed tolerance {result['tolerance']:.3g}"
+    )
+    lines.append(
+        f"  logprobs {'ok' if result['logprob_ok'] else 'MISMATCH'} over {result['probe_tokens']} "
+        f"tokens: {result['logprob_verdict']}; {judged}"
+    )
+    if "servers" in result:
+        lines.append(
+            f"  over {len(result['servers'])} server(s), {result['wire_bytes'] / 1e6:.3f} MB on the "
+            f"wire, served versions {result['served_versions']}"
+        )
+    return "\n".join(lines)

@@ -10,8 +10,51 @@ task's tokens. This module turns a step's metrics into that verdict and its warn
 
 from __future__ import annotations
 
-from lorasync.sync.verify import Verification, judge
-from lorasync.sync.weight_check import WeightCheck
+from lorasync.sync.verify import Verification, judge, measure_floor, verdict_probes
+from lorasync.sync.weight_check import WeightCheck, check_weights, rotating_slice
+
+
+class Floor:
+    """The floor the logprob level is judged against in training (`value`; None: judged by the
+    fixed tolerance). `measure` takes it on the random probes while the engine serves the
+    checkpoint; with `task`, step 1's own health check is taken up too (`take`): a fresh run's
+    first batch is the checkpoint with a zero adapter, on the task's own tokens."""
+
+    def __init__(self) -> None:
+        self.value: Verification | None = None
+        self.pending = False
+
+    def measure(self, model, engine, task: bool) -> None:
+        self.value = measure_floor(model, engine, verdict_probes(engine.vocab_size))
+        self.pending = task
+
+    def take(self, metrics: dict) -> None:
+        if self.pending:
+            self.value = self.value.worst(health_of(metrics))
+            self.pending = False
+
+
+class WeightChecks:
+    """The weight level after each sync: every tensor the first time, then a rotating slice of
+    1/`sync.weight_check_slices` (0: never). `checks(lock)` returns the verdict, or None where it
+    does not run: where the engine cannot read its weights back, and on N ranks under FSDP2
+    (they hold shards, not the values a check compares with) or against shared servers (every
+    rank would read the same servers back)."""
+
+    def __init__(self, sync, config, dist) -> None:
+        one_view = not dist.active or (config.parallel.mode == "ddp" and config.engine.kind == "colocated")
+        self.sync, self.done = sync, 0
+        self.slices = config.sync.weight_check_slices if one_view else 0
+
+    def __call__(self, lock) -> WeightCheck | None:
+        """The check after the latest sync, holding `lock` (the engine's, which generation
+        takes too)."""
+        if not self.slices:
+            return None
+        only = rotating_slice(self.sync, self.done, self.slices)
+        self.done += 1
+        with lock:
+            return check_weights(self.sync, only)
 
 
 def health_of(metrics: dict) -> Verification:

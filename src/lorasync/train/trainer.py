@@ -31,14 +31,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from lorasync.checkpoint import DTYPES, dtype_name
 from lorasync.sync.base import Engine
 from lorasync.sync.policy import lora_targets
-from lorasync.sync.verify import Verification, default_tolerance, measure_floor, verdict_probes
-from lorasync.sync.weight_check import WeightCheck, check_weights, rotating_slice
+from lorasync.sync.verify import default_tolerance
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.train import checkpoints, distributed, rank_sync
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
 from lorasync.train.data import batch_at, encode_prompt, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
-from lorasync.train.health import health_of, health_warning, weight_metrics
+from lorasync.train.health import Floor, WeightChecks, health_warning, weight_metrics
 from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
 from lorasync.train.producer import Producer, StaleBatch
@@ -90,11 +89,8 @@ class GRPOTrainer:
             tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
         )
         self.tolerance = config.logprob_tolerance or default_tolerance(config.model.dtype)
-        self.floor: Verification | None = None  # see train()
-        # step 1 of a fresh run samples from the checkpoint with a zero adapter: its health check
-        # is the floor on the task's own tokens, taken into the floor (see train())
-        self.task_floor_pending = False
-        self.weight_checks = 0  # weight-level checks run: which slice the next one reads
+        self.floor = Floor()  # what the logprob level is judged against (measured in train())
+        self.weight_checks = WeightChecks(self.sync, config, self.dist)
         self.step = 0
         # generation and syncs take turns on the engine (async mode: in two threads)
         self.engine_lock = threading.Lock()
@@ -125,21 +121,6 @@ class GRPOTrainer:
             if shared and not self.dist.main:  # rank 0 synced the servers: checked, this version
                 self.engine.follow(report.version)
         return report
-
-    def _check_weights(self) -> WeightCheck | None:
-        """The weight-level verdict after a sync: every tensor the first time, then a rotating
-        slice (`sync.weight_check_slices`). None where the engine cannot read its weights back;
-        on N ranks under FSDP2 (the ranks hold shards, not the values a check compares with) and
-        against shared servers (every rank would read the same servers back)."""
-        slices = self.config.sync.weight_check_slices
-        if self.dist.active and (self.config.parallel.mode == "fsdp2" or self.config.engine.kind == "server"):
-            return None
-        if not slices:
-            return None
-        only = rotating_slice(self.sync, self.weight_checks, slices)
-        self.weight_checks += 1
-        with self.engine_lock:
-            return check_weights(self.sync, only)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -233,7 +214,7 @@ class GRPOTrainer:
         # them, the trainer's before this update (fresh batch) or a kept snapshot (stale one)
         health = batch.health() if staleness == 0 else self._stale_health(batch)
         report = self._sync()
-        weights = self._check_weights()
+        weights = self.weight_checks(self.engine_lock)
         self.snapshots.record(report.version)
         self.step += 1
         if producer is not None:
@@ -273,11 +254,8 @@ class GRPOTrainer:
         # resumed policy, or an engine that served anything since, needs the current policy.
         if resumed or distributed.broadcast_object(self.engine.weight_version, self.dist) > 0:
             self._sync()
-        elif self.config.logprob_tolerance is None:
-            # the health check is judged against the implementations' own disagreement,
-            # measured while the engine still serves the checkpoint (verify.py), in every dtype
-            self.floor = measure_floor(self.model, self.engine, verdict_probes(self.engine.vocab_size))
-            self.task_floor_pending = self.config.rollout.mode == "sync"
+        elif self.config.logprob_tolerance is None:  # while the engine serves the checkpoint
+            self.floor.measure(self.model, self.engine, task=self.config.rollout.mode == "sync")
         self.snapshots.record(self.engine.weight_version)
         steps, rollout = self.config.optim.steps, self.config.rollout
         producer = None
@@ -289,17 +267,14 @@ class GRPOTrainer:
                 with distributed.failures(self.dist, f"step {self.step + 1}"):
                     metrics = self.train_step(producer)
                 log.write(metrics)
-                if self.task_floor_pending:
-                    # a zero adapter on the checkpoint: step 1's health is the floor on the task
-                    self.floor = self.floor.worst(health_of(metrics))
-                    self.task_floor_pending = False
+                self.floor.take(metrics)
                 bar.update()
                 bar.set_postfix(
                     reward=f"{metrics['reward_mean']:.3f}",
                     sync_ms=f"{1000 * metrics['sync_seconds']:.0f}",
                     lp_diff=f"{metrics['logprob_diff_max']:.1e}",
                 )
-                warning = health_warning(metrics, self.tolerance, self.floor)
+                warning = health_warning(metrics, self.tolerance, self.floor.value)
                 if warning and main:
                     tqdm.write(warning)
                 if self.config.save_every and self.step % self.config.save_every == 0:
