@@ -1,9 +1,9 @@
 """Server mode, trainer side: one or more `lorasync serve` servers seen as one engine.
 
 `ServerEngine` has the colocated engine's interface (a `WeightReceiver`, `RecordReceiver`,
-`Generator` and `Scorer`) over vLLM OpenAI servers started by `lorasync serve` (or any vLLM
-server with lorasync installed, the `lorasync` weight-transfer backend selected and
-`guard.TokenGuard` as middleware). Generation and scoring use the OpenAI-compatible API
+`Generator`, `Scorer` and `WeightReader`) over vLLM OpenAI servers started by `lorasync
+serve` (or any vLLM server with lorasync installed, the `lorasync` weight-transfer backend
+selected and `guard.TokenGuard` as middleware). Generation and scoring use the OpenAI-compatible API
 (`completions.py`), or, when syncs land in flight, vLLM's token route (`tokens.py`), spread
 over the servers; weights move through vLLM's own weight-transfer routes, the bytes by
 a transport: TCP (`transport_tcp.py`) or, on GPU machines, NCCL (`transport_nccl.py`).
@@ -19,7 +19,7 @@ is read, so a merged sync's tensors are held one at a time (`load_weights`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -84,7 +84,7 @@ class ServerEngine:
         self.timeout = timeout
         self.last_wire_bytes = 0
         self.control = Control(token, timeout)
-        tcp = TcpTransport(self.control, callback_host, compress)
+        self._tcp = tcp = TcpTransport(self.control, callback_host, compress)  # handshakes, read-backs
         # nccl checks for a GPU before any server is contacted
         self.transport: Transport = NcclTransport(self.control, callback_host) if transport == "nccl" else tcp
         self._servers = [tcp.handshake(url) for url in self.urls]
@@ -157,6 +157,22 @@ class ServerEngine:
             raise
         self.weight_version = version
         return version
+
+    def read_back(self, visit: Callable[[str, torch.Tensor], None], only: Collection[str] | None = None) -> None:
+        """Show what the servers hold (`WeightReader`): `visit(name, tensor)` for each tensor
+        of each server's model in turn (with `only`, of the modules holding those names),
+        under the same checkpoint names, so the weight-level verdict (`check_weights`) judges
+        every server: a server that missed a sync shows its stale tensors, counted with the
+        others (`tensors` is then the servers times one server's). `read_back_on` says which
+        server holds what."""
+        for index in range(len(self._servers)):
+            self.read_back_on(index, visit, only)
+
+    def read_back_on(self, index: int, visit: Callable[[str, torch.Tensor], None],
+                     only: Collection[str] | None = None) -> int:
+        """Like `read_back`, on server `index` only; return the bytes it sent (always over
+        TCP, one tensor held at a time: `server/readback.py`)."""
+        return self._tcp.read_back(self._servers[index], visit, only)
 
     def follow(self, version: int) -> None:
         """Take `version` as served, after another client (rank 0 of a data-parallel run)

@@ -7,6 +7,12 @@ Loaded into a vLLM OpenAI server by vLLM's plugin mechanism: `register` is the p
 (`/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
 `/finish_weight_update`), behind `guard.TokenGuard`.
 
+`/init_weight_transfer_engine` takes a `mode` besides the endpoint (host, port, nonce) to
+connect back to: `info` (the default) reports what this server serves (layout, groups, dtype,
+vocabulary); `read_back` streams what its model holds, tensor by tensor under checkpoint
+names, for the weight-level verdict (`readback.py` has the format); with `nccl`, the worker
+joins the trainer's NCCL group instead.
+
 The engine receives LoRA factors over TCP (`wire.py`) and merges on the engine side: it
 keeps a host-memory copy of the checkpoint's values of only the groups a sync touches (the
 "pristine" copy), computes W0 + scale * B @ A, and reloads whole fused groups in place.
@@ -30,9 +36,11 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from lorasync.checkpoint import checkpoint_index, weight_groups
 from lorasync.engines import vllm_compat
+from lorasync.engines.readback import read_back as model_tensors
 from lorasync.engines.worker import reload_tensors
 from lorasync.server import BACKEND
 from lorasync.server.nccl import join_workers, recv_records
+from lorasync.server.readback import INFO, MODES, READ_BACK, send_tensors
 from lorasync.server.wire import (
     MAGIC,
     NONCE_BYTES,
@@ -75,10 +83,13 @@ class Endpoint:
 
 @dataclass
 class Init(Endpoint):
-    """An `/init_weight_transfer_engine` request: report what this server serves to the
-    endpoint, or, with `nccl`, join the trainer's NCCL group (`nccl.rendezvous`)."""
+    """An `/init_weight_transfer_engine` request: by `mode`, report what this server serves
+    to the endpoint (`info`) or stream what its model holds there (`read_back`); or, with
+    `nccl`, join the trainer's NCCL group (`nccl.rendezvous`)."""
 
     nccl: dict | None = None
+    mode: str = INFO
+    only: list[str] | None = None  # read_back: just the modules holding these checkpoint names
 
 
 @dataclass
@@ -123,7 +134,16 @@ class LoraTransferEngine(WeightTransferEngine):
 
     def init_transfer_engine(self, init_info: Init) -> None:
         """Tell the client what this server serves: layout, fused groups, dtype, vocab, and
-        how many workers would join an NCCL group; or join that group."""
+        how many workers would join an NCCL group; or join that group; or, in `read_back`
+        mode, show it what the model holds."""
+        if init_info.mode not in MODES:
+            raise ValueError(f"init_info mode must be one of {', '.join(MODES)}, got {init_info.mode!r:.40}")
+        if init_info.mode == READ_BACK:
+            if init_info.nccl is not None:
+                raise ValueError("a read-back goes over TCP: an init_info with mode 'read_back' takes no 'nccl'")
+            return self.read_back(init_info, init_info.only)
+        if init_info.only is not None:
+            raise ValueError("'only' names what a read-back reads: it needs mode 'read_back'")
         if init_info.nccl is not None:
             self.shutdown()  # a new client: the previous one's group is gone with it
             self.group = join_workers(init_info.nccl, self.parallel_config)
@@ -144,6 +164,27 @@ class LoraTransferEngine(WeightTransferEngine):
         ).encode()
         with init_info.connect(self.timeout) as sock:
             sock.sendall(struct.pack("<Q", len(info)) + info)
+
+    @torch.no_grad()
+    def read_back(self, endpoint: Endpoint, only: list[str] | None = None) -> None:
+        """Stream, to `endpoint`, every tensor the model holds under its checkpoint name (with
+        `only`, of the modules holding those names), one at a time (`engines/readback.read_back`;
+        the format: `readback.py`). The worker does nothing else meanwhile; one deadline
+        (`LORASYNC_TRANSFER_TIMEOUT`) bounds it all."""
+        if only is not None and not (isinstance(only, list) and all(isinstance(n, str) for n in only)):
+            raise ValueError(f"init_info 'only' must be a list of checkpoint names, got {only!r:.100}")
+        if self.parallel_config.world_size != 1:
+            raise ValueError(
+                f"a read-back of a server with {self.parallel_config.world_size} workers (tensor or "
+                "pipeline parallel) is not supported: each worker holds a shard"
+            )
+        fix = f"set {TIMEOUT_ENV} (seconds, now {self.timeout:g}) in the server's environment"
+        deadline = Deadline(self.timeout, fix)
+        hf = self.model_config.hf_config.get_text_config()
+        tensors = model_tensors(self.model, self.layout, vllm_compat.packed_modules(self.model), hf.model_type, only)
+        with endpoint.connect(deadline.left("the connection")) as sock:
+            sent = send_tensors(sock, tensors, deadline)
+        log.info("lorasync: read back %.1f MB", sent / 1e6)
 
     def start_weight_update(self) -> None:
         self._pending = None

@@ -3,7 +3,8 @@
 The client names a one-shot listener (host, port, nonce) in the request; the server connects,
 proves the nonce, and the bytes flow on that stream (`wire.py`). The handshake at connection
 (`/init_weight_transfer_engine`: the server's layout, groups, dtype, vocab) goes this way on
-every transport; payloads go this way unless the engine uses NCCL.
+every transport; payloads go this way unless the engine uses NCCL; and so does a read-back
+(the same route in `read_back` mode: the server streams what its model holds, `readback.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TypeVar
 
+import torch
+
 from lorasync.server.control import Control, Pending, ServerInfo, ServerSyncError
+from lorasync.server.readback import READ_BACK, ReadBackError, recv_tensors
 from lorasync.server.wire import (
     MAGIC,
     MAX_INFO_BYTES,
@@ -68,15 +72,33 @@ class TcpTransport:
             lambda sock, deadline: send_payload(sock, records, self.compress, declared),
         )
 
+    def read_back(
+        self, server: ServerInfo, visit: Callable[[str, torch.Tensor], None], only: Collection[str] | None = None
+    ) -> int:
+        """Call `visit(name, tensor)` for each tensor the server's model holds (with `only`,
+        of the modules holding those names), as it arrives (`readback.py`); return the bytes
+        read. A read-back that breaks its format raises ServerSyncError naming the server."""
+
+        def talk(sock: socket.socket, deadline: Deadline) -> int:
+            try:
+                return recv_tensors(sock, server.layout, visit, deadline)
+            except ReadBackError as err:
+                raise ServerSyncError(f"{server.url}: refused its read-back: {err}") from None
+
+        return self.with_callback(server.url, "/init_weight_transfer_engine", "init_info", talk,
+                                  mode=READ_BACK, only=None if only is None else sorted(only))
+
     def close(self) -> None:
         pass  # one connection per transfer: nothing stays open
 
     def with_callback(
-        self, urls: str | Sequence[str], path: str, field: str, talk: Callable[[socket.socket, Deadline], T]
+        self, urls: str | Sequence[str], path: str, field: str, talk: Callable[[socket.socket, Deadline], T],
+        **fields: object,
     ) -> T:
-        """POST `path` to each server in `urls`, naming a one-shot listener each; run
-        `talk(sock, deadline)` once on their connections: the one socket, or for several a
-        `Fanout` writing to all. Reads share one deadline (the control timeout).
+        """POST `path` to each server in `urls`, naming a one-shot listener each (and
+        `fields` besides); run `talk(sock, deadline)` once on their connections: the
+        one socket, or for several a `Fanout` writing to all. Reads share one deadline (the
+        control timeout).
 
         The requests block until their server is done with its stream, so they run on threads
         while this one serves the connections. Each server must open its own and prove its
@@ -93,7 +115,8 @@ class TcpTransport:
                 nonce = secrets.token_bytes(NONCE_BYTES)
                 listener = socket.create_server((self.callback_host, 0))
                 listener.settimeout(0.2)
-                endpoint = {"host": self.callback_host, "port": listener.getsockname()[1], "nonce": nonce.hex()}
+                port = listener.getsockname()[1]
+                endpoint = fields | {"host": self.callback_host, "port": port, "nonce": nonce.hex()}
                 calls.append((url, nonce, listener, self.control.start(url, path, json={field: endpoint})))
             for at, (url, nonce, listener, request) in enumerate(calls):
                 with listener:

@@ -193,6 +193,11 @@ def recv_exact(sock: socket.socket, n: int, what: str, deadline: Deadline | None
     return buf
 
 
+def at_end(sock: socket.socket, what: str, deadline: Deadline) -> bool:
+    """Whether the peer ends the stream here (within `deadline`), rather than sending more."""
+    return not _recv(sock, lambda: sock.recv(1), what, deadline)
+
+
 def _recv(sock: socket.socket, read, what: str, deadline: Deadline | None) -> int:
     """`read()` (one recv on `sock`, returning a byte count or bytes) within what is left of
     `deadline`; its running out is a PayloadError."""
@@ -350,7 +355,7 @@ def recv_payload(
     for name, scale, shapes in checked:
         tensors = tuple(_recv_tensor(sock, s, dtype, encoding, name, deadline) for s in shapes)
         records.append(Record(name, tensors, scale))
-    if _recv(sock, lambda: sock.recv(1), "the end of the stream", deadline):
+    if not at_end(sock, "the end of the stream", deadline):
         raise PayloadError(f"oversized payload: bytes follow the declared {total} tensor bytes")
     return records
 
