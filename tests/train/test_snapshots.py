@@ -38,7 +38,7 @@ def test_each_token_is_checked_against_the_policy_of_its_own_version():
     served = torch.tensor([[-1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -2.0, -2.0]])
 
     health = snapshots.health(model.score, served, versions, mask)
-    assert health == {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0}
+    assert health == {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0, "logprob_diff_quantile": 0.0}
     one_version = torch.tensor([[3, 3, 3, 0], [3, 3, 3, 3]])
     health = snapshots.health(model.score, served, one_version, mask)
     assert health["logprob_diff_max"] == 1.0 and health["logprob_diff_mean"] == pytest.approx(2 / 7)

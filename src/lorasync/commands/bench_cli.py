@@ -1,5 +1,5 @@
-"""`lorasync bench ...`: the benchmark subcommands' arguments and handlers (sync, dtype, train;
-train --rollout: rollout_bench.py)."""
+"""`lorasync bench ...`: the benchmark subcommands' arguments and handlers (sync, dtype, verdict,
+train; train --rollout: rollout_bench.py)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def _bench_dtype(args: argparse.Namespace) -> int:
     )
     result = run_dtype_bench(config, progress=not args.json)
     print(json.dumps(result) if args.json else format_dtypes(result))
+    return 0
+
+
+def _bench_verdict(args: argparse.Namespace) -> int:
+    from lorasync.commands.verdict_bench import VerdictBenchConfig, default_model, run_verdict_bench
+    from lorasync.commands.verdict_report import format_table
+
+    config = VerdictBenchConfig(
+        model=resolve_model(args.model) if args.model else default_model(), dtype=args.dtype,
+        syncs=args.syncs, rank=args.rank, trained=args.trained,
+    )
+    result = run_verdict_bench(config, progress=not args.json)
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
@@ -138,6 +151,30 @@ def add_bench_parsers(sub) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed training steps per dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench_dtype)
+    p = bench_sub.add_parser(
+        "verdict",
+        help="the sync verdict's two levels (weights, logprobs) on right and broken syncs: "
+        "false alarms and misses, one row per case",
+        description="On one colocated engine: right syncs (zero, random and optionally trained "
+        "adapters over --syncs syncs each, merge-unmerge once) must pass both levels after every "
+        "sync; broken ones (a skipped sync, a stale tensor, a wrong scale, two layers swapped, "
+        "a stale lm_head) must be caught by at least one. Each level's numbers, against the floor "
+        "measured before any sync.",
+    )
+    p.add_argument(
+        "--model", default=None,
+        help="model folder or hub name (llama-like: q_proj layers); default: SmolLM2-135M-Instruct "
+        "as `lorasync get-model smollm2-135m-instruct` puts it in the cache",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the trainer's and the engine's dtype")
+    p.add_argument("--syncs", type=int, default=10,
+                   help="syncs per right streaming case, each verified (default 10)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of the made-up adapters (alpha 2 x rank)")
+    p.add_argument("--trained", default=None, metavar="ADAPTER_DIR",
+                   help="a trained adapter of --model (PEFT folder): one more right case; default: none")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench_verdict)
     p = bench_sub.add_parser(
         "train",
         help="the same GRPO run through TRL's GRPOTrainer (colocated vLLM) and `lorasync train`: "

@@ -25,6 +25,8 @@ class Floor:
         self.pending = False
 
     def measure(self, model, engine, task: bool) -> None:
+        if not callable(getattr(engine, "score", None)):
+            return  # an `Engine` need not be a `Scorer`: judged by the tolerance
         self.value = measure_floor(model, engine, verdict_probes(engine.vocab_size))
         self.pending = task
 
