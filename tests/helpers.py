@@ -11,7 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,6 +104,25 @@ class Server:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)  # the group this test started
             self.process.wait(timeout=60)
+
+
+@contextmanager
+def running_servers(model_dir: str | Path, n: int = 2) -> Iterator[list[Server]]:
+    """`n` `lorasync serve` servers of one model, started in parallel, killed at the end."""
+    started = [Server(model_dir).start() for _ in range(n)]
+    try:
+        yield [s.wait() for s in started]
+    finally:
+        for s in started:
+            s.kill()
+
+
+def alive(servers: list[Server]) -> list[Server]:
+    """The servers, each up: one an earlier test killed is started again."""
+    for server in servers:
+        if server.process.poll() is not None:
+            server.start().wait()
+    return servers
 
 
 def lora_module_scores(base: str | Path, adapter: str | Path, probes: Sequence[Sequence[int]]) -> list[list[float]]:

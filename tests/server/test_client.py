@@ -21,7 +21,7 @@ from lorasync.sync.factors import lora_records
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, Tap, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes
+from tests.helpers import alive, running_servers, TOKEN, Server, Tap, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 servers
@@ -40,22 +40,13 @@ GUARDED = [
 
 @pytest.fixture(scope="module")
 def _servers(tiny_model):
-    model_dir = tiny_model("qwen2")
-    both = [Server(model_dir).start(), Server(model_dir).start()]  # start in parallel
-    try:
-        yield [s.wait() for s in both]
-    finally:
-        for s in both:
-            s.kill()
+    with running_servers(tiny_model("qwen2")) as both:
+        yield both
 
 
 @pytest.fixture
 def servers(_servers):
-    """The module's two servers, each up: one an earlier test killed is started again."""
-    for server in _servers:
-        if server.process.poll() is not None:
-            server.start().wait()
-    return _servers
+    return alive(_servers)
 
 
 @pytest.fixture

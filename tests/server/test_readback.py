@@ -26,7 +26,7 @@ from lorasync.server.readback import MAX_HEADER_BYTES, READ_BACK, ReadBackError,
 from lorasync.server.wire import Deadline, PayloadError
 from lorasync.sync.weight_check import Expected, WeightCheck, check_weights, compare
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, Server, bits, policy, train_step
+from tests.helpers import alive, running_servers, TOKEN, Server, bits, policy, train_step
 
 LAYOUT = {"embed.weight": (4, 3), "norm.weight": (2,)}
 
@@ -137,21 +137,13 @@ def test_a_read_back_cut_short_or_running_on_is_refused(raw, match):
 
 @pytest.fixture(scope="module")
 def _servers(tiny_model):
-    model_dir = tiny_model("llama")
-    both = [Server(model_dir).start(), Server(model_dir).start()]  # start in parallel
-    try:
-        yield [s.wait() for s in both]
-    finally:
-        for s in both:
-            s.kill()
+    with running_servers(tiny_model("llama")) as both:
+        yield both
 
 
 @pytest.fixture
 def servers(_servers):
-    for server in _servers:
-        if server.process.poll() is not None:
-            server.start().wait()
-    return _servers
+    return alive(_servers)
 
 
 @pytest.fixture
