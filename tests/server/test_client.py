@@ -21,7 +21,9 @@ from lorasync.sync.factors import lora_records
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import alive, running_servers, TOKEN, Server, Tap, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes
+from tests.helpers import (
+    TOKEN, Server, Tap, alive, max_diff, openai_scores, policy, run_lorasync, running_servers, train_step, transfer_bytes,
+)
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 servers

@@ -26,7 +26,7 @@ from lorasync.server.readback import MAX_HEADER_BYTES, READ_BACK, ReadBackError,
 from lorasync.server.wire import Deadline, PayloadError
 from lorasync.sync.weight_check import Expected, WeightCheck, check_weights, compare
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import alive, running_servers, TOKEN, Server, bits, policy, train_step
+from tests.helpers import TOKEN, alive, bits, policy, running_servers, train_step
 
 LAYOUT = {"embed.weight": (4, 3), "norm.weight": (2,)}
 
