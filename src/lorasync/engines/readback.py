@@ -15,8 +15,8 @@ read as the engine computes with it, and named by these rules, in order:
    `TIED_HEAD` + the input embedding's name: on CPU the head keeps a packed copy of the
    embedding for the logits, so the engine's two copies are checked against the same value.
 
-What no rule names is not read, and is returned by `unread` so a verdict can say how much
-it did not see. Nothing here knows of training or of the sync.
+What no rule names is not read; the verdict counts those tensors as unread
+(`weight_check.WeightCheck.unread`), so it says how much it did not see. Nothing here knows of training or of the sync.
 """
 
 from __future__ import annotations
@@ -105,8 +105,3 @@ def _cut(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(tensor.shape) != tuple(shape) and tensor.dim() == len(shape) and tensor.shape[0] >= shape[0]:
         return tensor[: shape[0]]
     return tensor
-
-
-def unread(layout: Layout, read: set[str]) -> list[str]:
-    """The checkpoint tensors no rule named."""
-    return [name for name in layout if name not in read]
