@@ -30,7 +30,7 @@ def test_with_a_floor_the_mean_and_the_quantile_are_judged_against_it():
     assert right.mean_bound == pytest.approx(MEAN_FACTOR * 0.08 + TOL / 10)
     assert right.quantile_bound == pytest.approx(QUANTILE_FACTOR * 0.3 + TOL / 10)
     assert not judge(Verification(0.7, 0.2, 10, 0.4), TOL, floor).ok  # every token a little off
-    assert not judge(Verification(0.9, 0.09, 10, 0.8), TOL, floor).ok  # many tokens far off
+    assert not judge(Verification(1.2, 0.09, 10, 1.0), TOL, floor).ok  # many tokens far off
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0])

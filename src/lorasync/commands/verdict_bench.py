@@ -8,19 +8,8 @@ each case syncs a policy into the same engine and runs the verdict at both level
 level (`weight_check.check_weights`: what the engine reads back against what the policy gives)
 and the logprob level (`verify.verify`, judged by `verify.judge` against the floor).
 
-Right syncs (`correct`) must pass both levels after every sync; broken ones must be caught by
-at least one level. Right syncs by streaming run `--syncs` syncs each, the LoRA factors moved
-between syncs by `STEP_STD` as a training step would (one Adam step at lr 3e-4 moves each
-element by about that); the verdict runs after every sync and every failure is a false
-alarm. The broken cases start from a right sync of a random adapter (std `RANDOM_STD`) and
-break it once, by the same step size where a change is needed. Every case starts with a new
-`WeightSync`, whose first sync is a full one: whatever the case before left in the engine is
-overwritten, so cases do not leak into each other.
-
-A stale prefix cache is no case here: the logprob level scores with prompt logprobs, and vLLM
-never reads the prefix cache for such a request (`SamplingParams.skip_reading_prefix_cache`),
-so a stale cache cannot move what the verdict scores; it changes generation only
-(`PREFIX_CACHE_NOTE`).
+The cases (`verdict_cases.py`): right syncs (`correct`) must pass both levels after every
+sync, and every failure is a false alarm; broken ones must be caught by at least one level.
 
     lorasync bench verdict --dtype bfloat16 --syncs 10 [--trained ADAPTER_DIR] [--json]
 
@@ -36,22 +25,18 @@ import datetime
 import gc
 import os
 import shlex
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasync import machine
 from lorasync.checkpoint import DTYPES, check_dtype
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
-from lorasync.sync.base import Strategy
-from lorasync.sync.merged_weight import MergedWeight
-from lorasync.sync.policy import AdapterSpec, attach_random_adapter, find_adapter, load_policy
+from lorasync.sync.policy import AdapterSpec, attach_random_adapter, find_adapter
 from lorasync.sync.verify import (
     MEAN_FACTOR,
     QUANTILE,
@@ -60,31 +45,24 @@ from lorasync.sync.verify import (
     default_tolerance,
     judge,
     measure_floor,
+    probe_sequences,
     verdict_probes,
     verify,
+    verify_generation,
 )
 from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.tasks import arith
 from lorasync.train.data import encode_prompt
+from lorasync.commands.verdict_cases import STEP_STD, cases
 from lorasync.commands.verdict_report import git_commit, summarize
 
-# What a training step does to the LoRA factors between two syncs: N(0, STEP_STD) per element.
-STEP_STD = 3e-4
-# The random adapter's factors (and the broken cases' policy): PEFT's init plus N(0, RANDOM_STD).
-RANDOM_STD = 0.01
 # The task's own sequences in the probes: this many arith prompts, each with one completion of
 # TASK_TOKENS tokens sampled by the engine from the checkpoint.
 TASK_PROMPTS, TASK_TOKENS = 8, 16
+# The generation cases' prompts: random ids, longer than one prefix-cache block (128 on CPU).
+LONG_PROMPTS, LONG_PROMPT_LENGTH = 8, 200
 SMOLLM2 = "smollm2-135m-instruct"
-PREFIX_CACHE_NOTE = (
-    "stale prefix cache: not a case. The logprob level scores with prompt logprobs, and vLLM "
-    "skips reading the prefix cache for any request that asks for them "
-    "(SamplingParams.skip_reading_prefix_cache), so a stale cache cannot move what the verdict "
-    "scores, and the weight level reads weights, not the cache: neither level can see it. A "
-    "stale cache changes generation only; load_weights resets it on every sync."
-)
-
 
 def default_model() -> str:
     """The SmolLM2-135M-Instruct folder `lorasync get-model` makes in the cache (as the tests'
@@ -133,6 +111,7 @@ class Bench:
         self.tolerance = default_tolerance(config.dtype)
         self.probes: list[list[int]] = []
         self.floor: Verification | None = None
+        self.long_prompts = probe_sequences(engine.vocab_size, LONG_PROMPTS, LONG_PROMPT_LENGTH, seed=config.seed + 100)
         layout = engine.checkpoint_layout()
         # in layer order (the layout's is the checkpoint's: layers.10 before layers.2)
         self.q_projs = sorted((name for name in layout if name.endswith("self_attn.q_proj.weight")),
@@ -163,12 +142,17 @@ class Bench:
                            modules_to_save=list(modules_to_save))
         return attach_random_adapter(base, spec)
 
-    def measure(self, sync: WeightSync) -> dict:
-        """Both levels of the verdict on what the engine serves now."""
+    def measure(self, sync: WeightSync, sampled: list[list[int]] | None = None) -> dict:
+        """Both levels of the verdict on what the engine serves now; the logprob level on the
+        probes' prompt logprobs, or with `sampled` on the sampling logprobs of completions
+        the engine generates from those prompts."""
         weights = check_weights(sync)
         if weights is None:
             raise RuntimeError("the engine cannot read its weights back (WeightReader)")
-        check = verify(sync.model, self.engine, self.probes)
+        if sampled is None:
+            check = verify(sync.model, self.engine, self.probes)
+        else:
+            check = verify_generation(sync.model, self.engine, sampled, TASK_TOKENS, self.config.seed)
         verdict = judge(check, self.tolerance, self.floor)
         floor = self.floor
         return {
@@ -191,153 +175,6 @@ def _ratio(value: float, floor: float) -> float:
     return float("inf") if value > 0 else 1.0
 
 
-@torch.no_grad()
-def perturb(params, gen: torch.Generator, std: float = STEP_STD) -> None:
-    """Add N(0, std) to each tensor in place (a training step's change, as far as a sync sees)."""
-    for param in params:
-        param.add_((torch.randn(param.shape, generator=gen) * std).to(param.dtype))
-
-
-def lora_factors(model: PeftModel) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-
-
-# ---- the cases: each returns the verdicts it measured (one per sync, or one)
-# Right ones.
-
-
-def _trained_over_syncs(bench: Bench, model: PeftModel, gen: torch.Generator) -> list[dict]:
-    """`--syncs` streaming syncs, the factors moved by a step between two; verified after each."""
-    sync = WeightSync(model, bench.engine, Strategy.STREAMING)
-    measures = []
-    for i in range(bench.config.syncs):
-        if i:
-            perturb(lora_factors(model), gen)
-        sync()
-        measures.append(bench.measure(sync))
-    return measures
-
-
-def zero_adapter(bench: Bench, gen: torch.Generator) -> list[dict]:
-    return _trained_over_syncs(bench, bench.policy(0.0), gen)
-
-
-def random_adapter(bench: Bench, gen: torch.Generator) -> list[dict]:
-    return _trained_over_syncs(bench, bench.policy(RANDOM_STD), gen)
-
-
-def trained_adapter(bench: Bench, gen: torch.Generator) -> list[dict]:
-    model = load_policy(bench.config.model, bench.config.trained, bench.config.dtype)
-    return _trained_over_syncs(bench, model, gen)
-
-
-def merge_unmerge(bench: Bench, gen: torch.Generator) -> list[dict]:
-    sync = WeightSync(bench.policy(RANDOM_STD), bench.engine, Strategy.MERGE_UNMERGE)
-    sync()
-    return [bench.measure(sync)]
-
-
-# Broken ones: a right streaming sync of the random adapter, then one thing wrong.
-
-
-def _synced(bench: Bench, model: PeftModel | None = None) -> WeightSync:
-    sync = WeightSync(model or bench.policy(RANDOM_STD), bench.engine, Strategy.STREAMING)
-    sync()
-    return sync
-
-
-def skipped_sync(bench: Bench, gen: torch.Generator) -> list[dict]:
-    sync = _synced(bench)
-    perturb(lora_factors(sync.model), gen)  # a step, and no sync after it
-    return [bench.measure(sync)]
-
-
-def stale_tensor(bench: Bench, gen: torch.Generator) -> list[dict]:
-    sync = _synced(bench)
-    layer = sync.merger.find(bench.entry(sync, bench.q_projs[bench.middle]))
-    perturb([layer.lora_B[sync.plan.adapter_name].weight], gen)  # changed after the sync
-    return [bench.measure(sync)]
-
-
-def wrong_scale(bench: Bench, gen: torch.Generator) -> list[dict]:
-    """Synced with alpha / sqrt(r) (rsLoRA's scaling) where the trainer computes alpha / r."""
-    model = bench.policy(RANDOM_STD)
-    name = model.active_adapter
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.scaling]
-    right = [layer.scaling[name] for layer in layers]
-    alpha, rank = model.peft_config[name].lora_alpha, model.peft_config[name].r
-    for layer in layers:
-        layer.scaling[name] = alpha / rank**0.5
-    try:
-        sync = _synced(bench, model)
-    finally:
-        for layer, scale in zip(layers, right):
-            layer.scaling[name] = scale
-    return [bench.measure(sync)]
-
-
-def swapped_layers(bench: Bench, gen: torch.Generator) -> list[dict]:
-    """Two adjacent layers' merged q_proj weights loaded into each other's place, each with its
-    own layer's k/v (the whole fused q/k/v groups, as vLLM's in-place reload needs)."""
-    sync = _synced(bench)
-    a, b = bench.q_projs[bench.middle], bench.q_projs[bench.middle + 1]
-    swap = {a: b, b: a}
-    groups = [g for g in bench.engine.weight_groups() if a in g or b in g]
-    dtype = bench.engine.dtype
-
-    def value(name: str) -> torch.Tensor:
-        tensor = sync.merger(bench.entry(sync, swap.get(name, name)))
-        tensor = tensor.materialize() if isinstance(tensor, MergedWeight) else tensor
-        return tensor.to(dtype)
-
-    bench.engine.load_weights((name, value(name)) for group in groups for name in group)
-    return [bench.measure(sync)]
-
-
-def stale_head(bench: Bench, gen: torch.Generator) -> list[dict]:
-    """modules_to_save=["lm_head"] (with a tied embedding, one copy trained as both, PEFT's
-    ensure_weight_tying): the copy changed by a step after the sync."""
-    sync = _synced(bench, bench.policy(RANDOM_STD, modules_to_save=("lm_head",)))
-    saved = [p for n, p in sync.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    perturb(saved, gen)
-    return [bench.measure(sync)]
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    expected: str  # "correct" or "broken"
-    run: Callable[[Bench, torch.Generator], list[dict]]
-    note: str
-
-
-def cases(config: VerdictBenchConfig) -> list[Case]:
-    step = f"N(0, {STEP_STD:g})"
-    right = [
-        Case("zero adapter", "correct", zero_adapter,
-             f"streaming; lora_B = 0 at the first sync, then {step} on every factor before each sync"),
-        Case(f"random adapter (std {RANDOM_STD:g})", "correct", random_adapter,
-             f"streaming; {step} on every factor before each later sync"),
-    ]
-    if config.trained is not None:
-        right.append(Case("trained adapter", "correct", trained_adapter,
-                          f"streaming; {config.trained}, {step} on every factor before each later sync"))
-    right.append(Case("merge-unmerge", "correct", merge_unmerge,
-                      "random adapter, one sync by PEFT's in-place merge: weights judged within the merge's rounding"))
-    broken = [
-        Case("skipped sync", "broken", skipped_sync, f"{step} on every factor after the sync, not synced"),
-        Case("stale tensor", "broken", stale_tensor,
-             f"{step} on one layer's q_proj lora_B after the sync (the engine holds the old one)"),
-        Case("wrong scale", "broken", wrong_scale, "synced with scaling alpha/sqrt(r) instead of alpha/r"),
-        Case("swapped layers", "broken", swapped_layers,
-             "two adjacent layers' merged q_proj loaded into each other's place (whole q/k/v groups)"),
-        Case("stale lm_head", "broken", stale_head,
-             "modules_to_save=['lm_head'] (tied embeddings: one copy, served as both); "
-             f"{step} on it after the sync"),
-    ]
-    return right + broken
-
-
 # ---- running and summing up
 
 
@@ -351,12 +188,11 @@ def run_verdict_bench(config: VerdictBenchConfig, progress: bool = True) -> dict
         "machine": machine.describe(),
         "config": asdict(config),
         "step_std": STEP_STD,
-        "notes": [PREFIX_CACHE_NOTE],
     }
     engine = ColocatedEngine(EngineConfig(model=config.model, dtype=config.dtype, seed=config.seed))
     try:
         bench = Bench(config, engine)
-        todo = cases(config)
+        todo = cases(config.trained)
         bar = tqdm(total=len(todo) + 1, desc="bench verdict", disable=not progress)
         bar.set_postfix(case="floor")
         bench.measure_floor(bench.policy(0.0))

@@ -119,7 +119,6 @@ def format_table(result: dict) -> str:
         "weights ok: verdicts with no tensor out of bound (= bit for bit, ~ within the merge's rounding); "
         "mism., largest diff and the logprob statistics: the worst over the case's verdicts",
         *(f"{row['case']}: {row['note']}" for row in result["cases"]),
-        *result["notes"],
         "every verdict right" if result["all_right"] else "SOME VERDICTS WRONG (see the verdict column)",
     ]
     return "\n".join(lines)
