@@ -34,7 +34,7 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from lorasync.integrations.trl import use_lorasync_sync, vllm_engine_args
-    from lorasync.commands.tiny import make_tiny_model
+    from lorasync.models.tiny import make_tiny_model
     from lorasync.sync.verify import probe_sequences, verify
 
     model_dir = make_tiny_model(os.path.join(args.out, "model"), arch="qwen2")

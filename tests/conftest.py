@@ -3,7 +3,10 @@
 Engines are cached per (model folder, dtype) for the whole session because each costs about
 20 s to build on CPU; tests that change an engine's weights re-sync before they verify.
 
-Two tiers: `pytest -m "not vllm"` runs in under a minute without vLLM engines or servers.
+Tiers (pyproject.toml's markers; scripts/test.sh runs them in turn): the fast tier,
+`pytest -m "not vllm and not distributed and not slow and not timing"`, runs in under a
+minute without vLLM engines, servers, spawned ranks or `lorasync` subprocesses; the rest
+follow; `timing` tests (they assert on wall-clock time) run last, on their own.
 A test that builds an engine or starts a server must be marked `vllm`; one that is not is
 stopped when it tries (see `_unmarked_tests_build_no_engine`).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasync.commands.tiny import make_tiny_model
+from lorasync.models.tiny import make_tiny_model
 
 MODELS = {
     # name: (architecture, tied embeddings)

@@ -231,6 +231,35 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
+# --- a GRPO trainer on the demo's task ---------------------------------------------------------
+
+
+def demo_trainer_config(base: str | Path, out: str | Path, steps: int = 3, **changes):
+    """The tiny demo's run settings (`commands.demo.demo_config`: the digits task, its prompts,
+    rank-16 LoRA) for the model in `base`, writing to `out`, for `steps` steps. `changes` sets
+    fields: a section's as a dict (`optim={"lr": 1e-2}`, `rollout={"mode": "async"}`), a
+    top-level one as a value (`save_every=2`). The result is validated as a user's config is
+    (each changed section and the whole rebuilt), so a test cannot run settings `train` refuses."""
+    import dataclasses
+
+    from lorasync.commands.demo import demo_config
+
+    config = demo_config(Path(out), steps=steps)
+    config.model.base = str(base)
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            value = dataclasses.replace(getattr(config, name), **value)
+        setattr(config, name, value)
+    return dataclasses.replace(config)
+
+
+def demo_trainer(base: str | Path, out: str | Path, engine, steps: int = 3, **changes):
+    """A `GRPOTrainer` on `engine` with `demo_trainer_config(base, out, steps, **changes)`."""
+    from lorasync.train.trainer import GRPOTrainer
+
+    return GRPOTrainer(demo_trainer_config(base, out, steps, **changes), engine)
+
+
 # --- engines that record ----------------------------------------------------------------------
 
 
@@ -248,6 +277,7 @@ class Tap:
     dtype = property(lambda self: self.engine.dtype)
     vocab_size = property(lambda self: self.engine.vocab_size)
     weight_version = property(lambda self: self.engine.weight_version)
+    shared = property(lambda self: self.engine.shared)
 
     def checkpoint_layout(self):
         return self.engine.checkpoint_layout()
@@ -277,6 +307,8 @@ class MemoryReceiver:
     - `tensors`: the latest value received per name; `served()`: checkpoint values with
       those on top, what a real engine would serve.
     """
+
+    shared = False  # as a colocated engine: each rank has its own (`base.Engine`)
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32",
                  packed: Mapping[str, Sequence[str]] | None = None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorasync.commands.cli import build_parser
-from lorasync.commands.demo import DEMO_STEPS, real_demo_config
+from lorasync.commands.demo import DEMO_STEPS, demo_config, real_demo_config
 from lorasync.train.config import config_to_dict, load_config
 
 YAML = Path(__file__).parents[2] / "configs" / "smollm2_arith.yaml"
@@ -17,6 +17,25 @@ YAML = Path(__file__).parents[2] / "configs" / "smollm2_arith.yaml"
 def test_the_demo_runs_configs_smollm2_arith_yaml_for_fewer_steps(tmp_path):
     demo = config_to_dict(real_demo_config(tmp_path, "models/smollm2"))
     yaml = config_to_dict(load_config(YAML, [f"output_dir={tmp_path}", "save_every=0", f"optim.steps={DEMO_STEPS}"]))
+    assert demo == yaml
+
+
+def test_the_tiny_demo_runs_configs_digits_yaml_with_its_prompts_inline_and_no_accumulation(tmp_path):
+    """`demo_config` stays code (`lorasync demo --tiny` runs from an installed package, which
+    ships no configs/, and draws its prompts from --seed), kept to configs/digits.yaml: the
+    same run with one micro-batch, no intermediate checkpoints, and the prompts of
+    configs/digits_prompts.jsonl (those of seed 0) inline."""
+    digits = YAML.parent / "digits.yaml"
+    prompts_file = YAML.parent / "digits_prompts.jsonl"
+    demo = config_to_dict(demo_config(tmp_path, steps=60))
+    yaml = config_to_dict(load_config(digits, [
+        f"model.base={tmp_path / 'base'}", f"output_dir={tmp_path}", f"data.path={prompts_file}",
+        "optim.grad_accum=1", "save_every=0",
+    ]))
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    assert yaml["data"].pop("path") == str(prompts_file) and yaml["data"]["prompts"] == []
+    yaml["data"]["prompts"] = prompts
+    assert demo["data"].pop("path") == ""
     assert demo == yaml
 
 

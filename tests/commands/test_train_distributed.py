@@ -15,7 +15,11 @@ from transformers import AutoModelForCausalLM
 from lorasync.commands import cli
 from tests.helpers import run_lorasync
 
-heavy = pytest.mark.vllm  # starts ranks with engines, or servers
+
+def heavy(test):
+    """torchrun's ranks, each with its own vLLM engine or against servers: both tiers' marks."""
+    return pytest.mark.vllm(pytest.mark.distributed(test))
+
 
 ROOT = Path(__file__).resolve().parents[2]
 

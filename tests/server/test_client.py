@@ -402,7 +402,7 @@ ARCH_SAVED = {"gemma3": "embed_tokens", "phi3": "lm_head"}
 def arch_servers(tmp_path_factory):
     """{arch: (server, model folder)}: one server per architecture of ARCH_TIED, started
     together once for the module (80-95 s for both on 2 cores)."""
-    from lorasync.commands.tiny import make_tiny_model
+    from lorasync.models.tiny import make_tiny_model
 
     started = {}
     for arch, tied in ARCH_TIED.items():

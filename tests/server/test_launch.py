@@ -7,6 +7,7 @@ import pytest
 
 from lorasync.server import BACKEND, TOKEN_ENV
 from lorasync.server.launch import (
+    LEASE_MIDDLEWARE,
     MIDDLEWARE,
     TOKEN_FLAG_DEPRECATED,
     read_token_file,
@@ -17,6 +18,7 @@ from lorasync.server.launch import (
 from tests.helpers import run_lorasync
 
 
+@pytest.mark.slow  # a fresh `lorasync` process: torch and transformers imported, 5-10 s on 2 cores
 def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     r = run_lorasync("serve", "--model", str(tmp_path), timeout=120)
@@ -26,7 +28,8 @@ def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch):
 def test_serve_command_binds_loopback_with_the_guard_and_passes_vllm_arguments():
     cmd = serve_command("/m", extra=["--dtype", "float32"])
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--middleware") + 1] == MIDDLEWARE
+    # vLLM adds them in turn, the last added outermost: the guard, then the pause lease inside it
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--middleware"] == [LEASE_MIDDLEWARE, MIDDLEWARE]
     assert f'"backend": "{BACKEND}"' in cmd[cmd.index("--weight-transfer-config") + 1]
     assert cmd[-2:] == ["--dtype", "float32"]
 
@@ -36,6 +39,7 @@ def test_serve_env_turns_on_the_update_routes_and_hands_the_guard_its_token():
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and env[TOKEN_ENV] == "s3cret"
 
 
+@pytest.mark.slow  # a fresh `lorasync` process: torch and transformers imported, 5-10 s on 2 cores
 def test_other_commands_still_refuse_unknown_arguments():
     r = run_lorasync("make-tiny", "--out", "x", "--bogus", timeout=120)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr

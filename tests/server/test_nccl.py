@@ -272,6 +272,7 @@ def test_no_store_no_pickle_on_the_nccl_path():
         assert not used & banned, f"{module} uses {used & banned}"
 
 
+@pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
 @pytest.mark.parametrize(
     "workers, failure",
     [
@@ -297,6 +298,7 @@ def test_a_trainer_that_fails_to_join_says_so(hub):
         transport_nccl.open_group(FakeServer(workers=1), "http://server", 1, 0)
 
 
+@pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
 def test_workers_that_never_answer_fail_the_connection_after_the_timeout(hub):
     class Silent(FakeServer):
         def call(self, *args, **kwargs):
@@ -425,6 +427,7 @@ def test_nccl_factor_sync_gives_parity(server, tiny_model):
 
 
 @needs_gpu
+@pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
 def test_nccl_refused_manifest_raises_in_bounded_time_and_keeps_the_version(
     server, tiny_model, monkeypatch
 ):

@@ -1,9 +1,15 @@
-"""Reading vLLM's token-route answers (`server/tokens.py`): spans to per-token versions."""
+"""Reading vLLM's token-route answers (`server/tokens.py`): spans to per-token versions; a
+malformed answer is the server's error naming its field, and no answer is read past the cap."""
 
+import json
+import re
+
+import httpx
 import pytest
 
+from lorasync.server import tokens
 from lorasync.server.control import ServerSyncError
-from lorasync.server.tokens import completion, version_number
+from lorasync.server.tokens import TokenGenerator, completion, version_number
 
 URL = "http://127.0.0.1:1"
 
@@ -50,3 +56,79 @@ def test_a_malformed_choice_is_the_servers_error():
     del bad["logprobs"]
     with pytest.raises(ServerSyncError, match="cannot read"):
         completion(bad, URL)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (lambda c: c.pop("token_ids"), "token_ids: missing"),
+        (lambda c: c.update(token_ids="012"), "token_ids: TypeError"),
+        (lambda c: c.update(token_ids=[0, 1.5]), "token_ids: TypeError"),
+        (lambda c: c["logprobs"].pop("content"), "logprobs.content"),
+        (lambda c: c.update(logprobs=None), "logprobs.content"),
+        (lambda c: c["logprobs"]["content"][0].update(logprob="high"), "logprob: TypeError"),
+        (lambda c: c["weight_versions"][0].pop("start"), "weight_versions: missing"),
+        (lambda c: c.update(weight_versions={"start": 0}), "weight_versions: TypeError"),
+        (lambda c: c.pop("text"), "text: missing"),
+        (lambda c: c.update(text=None), "text: a string"),
+        (lambda c: c.pop("finish_reason"), "finish_reason: missing"),
+    ],
+    ids=["no-tokens", "tokens-str", "token-float", "no-content", "logprobs-null", "logprob-str",
+         "span-start", "spans-object", "no-text", "text-null", "no-finish"],
+)
+def test_each_malformed_field_is_named(change, field):
+    bad = choice(2, [("1", 0, 2)])
+    change(bad)
+    with pytest.raises(ServerSyncError, match="cannot read") as err:
+        completion(bad, URL)
+    assert field in str(err.value) and str(err.value).startswith(URL)
+
+
+def generator(answer: bytes, status: int = 200) -> TokenGenerator:
+    """A TokenGenerator whose server answers `answer` to every request."""
+    gen = TokenGenerator([URL], "t", timeout=5)
+    gen._http.close()
+    gen._http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(status, content=answer)))
+    return gen
+
+
+def answer(*choices) -> bytes:
+    return json.dumps({"choices": list(choices)}).encode()
+
+
+def test_an_answer_is_read_in_index_order():
+    first, second = choice(1, [("1", 0, 1)]), choice(2, [("2", 0, 2)])
+    second["index"] = 1
+    (got,) = generator(answer(second, first)).generate(0, [[1, 2]], 4, 1.0, n=2, seed=0)
+    assert [c.versions for c in got] == [[1], [2, 2]]
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b"<html>", "not JSON"),
+        (b"[]", "choices: TypeError"),
+        (b"{}", "choices: missing"),
+        (json.dumps({"choices": {"0": 1}}).encode(), "choices: TypeError"),
+        (json.dumps({"choices": [{"text": "x"}]}).encode(), "choices[].index: missing"),
+        (json.dumps({"choices": [{"index": "0"}]}).encode(), "choices[].index: TypeError"),
+        (json.dumps({"choices": [choice(1, [("1", 0, 1)])] * 2}).encode(), "completions [0, 0] for n=1"),
+        (json.dumps({"choices": []}).encode(), "completions [] for n=1"),
+    ],
+    ids=["html", "list", "no-choices", "choices-object", "no-index", "index-str", "twice", "none"],
+)
+def test_a_malformed_answer_is_the_servers_error_naming_the_field(body, message):
+    with pytest.raises(ServerSyncError, match=re.escape(message)) as err:
+        generator(body).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+    assert str(err.value).startswith(URL)
+
+
+def test_an_answer_over_the_cap_is_refused_unread(monkeypatch):
+    monkeypatch.setattr(tokens, "MAX_ANSWER_BYTES", 1000)
+    big = answer(choice(1, [("1", 0, 1)]) | {"text": "x" * 2000})
+    with pytest.raises(ServerSyncError, match="MAX_ANSWER_BYTES"):
+        generator(big).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+    with pytest.raises(ServerSyncError, match="MAX_ANSWER_BYTES"):  # an error answer too
+        generator(b"e" * 2000, status=500).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+    (got,) = generator(answer(choice(1, [("1", 0, 1)]))).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+    assert got[0].versions == [1]

@@ -133,6 +133,7 @@ def test_corrupt_compressed_plane_is_refused():
         roundtrip(bytes(raw))
 
 
+@pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
 def test_one_deadline_bounds_the_whole_transfer_of_a_trickling_sender():
     """A byte every 0.05 s: no single read waits the 0.5 s limit, so a timeout per read would
     wait as long as the sender trickles (here 3 s, then it stops: "truncated")."""
@@ -166,6 +167,7 @@ def test_one_deadline_bounds_the_whole_transfer_of_a_trickling_sender():
     assert 0 < arrived < 60 and FIX in str(err.value)
 
 
+@pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
 def test_the_deadline_covers_the_wait_for_the_end_of_the_stream():
     """The whole payload, then the sender neither sends more nor closes."""
     a, b = socket.socketpair()
@@ -213,7 +215,8 @@ def fake_server(reply: bytes, models: bytes = b'{"data": [{"id": "m"}]}') -> Thr
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # polled often: `shutdown()` waits up to one interval (0.5 s by default, per server)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return server
 
 

@@ -234,6 +234,7 @@ def test_sync_check_strategy_adapter(tiny_model, tmp_path):
     assert result["base_max_abs_change"] == 0
 
 
+@pytest.mark.slow  # a fresh `lorasync` process: torch and transformers imported, 5-10 s on 2 cores
 def test_sync_check_strategy_adapter_refuses_modules_to_save_before_building_an_engine(
     tiny_model, tmp_path
 ):

@@ -210,6 +210,7 @@ print(choice.kernel.value, choice.source)
 """
 
 
+@pytest.mark.slow  # three Python processes importing torch, started 4 s ahead: about 6 s
 def test_processes_started_together_measure_once_and_agree(tmp_path):
     """Servers started at once: one measures (holding the cache's lock), the others wait and read
     its choice, so they all merge alike and the file is whole."""
@@ -245,6 +246,7 @@ print(torch.backends.cpu.get_cpu_capability(), choice.source, choice.kernel.valu
 """
 
 
+@pytest.mark.timing  # asserts which kernel a real measurement found faster: outside the fast tier, run alone
 def test_without_native_bf16_gemm_the_blocked_kernel_wins(tmp_path):
     """On a CPU without native bf16 GEMM (AVX2, emulated here by capping torch's and oneDNN's
     ISA) torch's bf16 addmm is 10-80x slower than the blocked float32 kernel; the measured

@@ -3,7 +3,7 @@
 import pytest
 from safetensors import safe_open
 
-from lorasync.commands.tiny import make_tiny_model
+from lorasync.models.tiny import make_tiny_model
 from lorasync.sync.merged_weight import MergedWeight
 from lorasync.sync.verify import TOLERANCES, probe_sequences, verify
 from lorasync.sync.weight_sync import WeightSync

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lorasync.checkpoint import checkpoint_layout, weight_groups
-from lorasync.commands.tiny import make_tiny_model
+from lorasync.models.tiny import make_tiny_model
 from lorasync.sync.merge import Merger
 from lorasync.sync.plan import plan_sync
 from lorasync.sync.weight_sync import WeightSync

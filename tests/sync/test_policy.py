@@ -4,7 +4,7 @@ import pytest
 from peft import IA3Config, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasync.commands.tiny import TinyShape, make_tiny_model
+from lorasync.models.tiny import TinyShape, make_tiny_model
 from lorasync.sync.policy import AdapterSpec, load_policy, make_random_adapter
 
 

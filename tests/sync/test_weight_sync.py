@@ -36,6 +36,8 @@ class AdapterMemory(MemoryReceiver):
 class RecordMemory(MemoryReceiver):
     """A MemoryReceiver that also takes factor records (a `RecordReceiver`), and keeps them."""
 
+    merge_kernel = "addmm"  # as a server names its kernel (never runs here)
+
     def __init__(self, model_dir, **kwargs) -> None:
         super().__init__(model_dir, **kwargs)
         self.records: list[list[Record]] = []
@@ -226,7 +228,13 @@ def test_streaming_sends_everything_first_then_only_the_changed_groups(tiny_mode
     before = params(trainer)
     for _ in range(2):
         train_step(trainer)
+        # the policy as trained, taken before the sync: what the engine must serve, and what
+        # the trainer must still hold after it (the sync only reads the model)
+        trained = params(trainer)
+        expected = copy.deepcopy(trainer).merge_and_unload().state_dict()
         report = sync()
+        after = params(trainer)
+        assert [n for n in trained if not torch.equal(after[n], trained[n])] == [], "the sync changed the trainer"
         # q_proj is fused with k and v: the whole group goes, weights and biases
         assert sorted(engine.received[-1]) == sorted(
             f"model.layers.{i}.self_attn.{p}_proj.{t}" for i in (0, 1) for p in "qkv" for t in ("weight", "bias")
@@ -235,9 +243,7 @@ def test_streaming_sends_everything_first_then_only_the_changed_groups(tiny_mode
             engine.tensors[n] for n in engine.received[-1]
         )
     assert report.version == engine.weight_version == 3
-    # the engine serves exactly the trainer's merged policy; the trainer model is untouched
-    trained = params(trainer)
-    expected = copy.deepcopy(trainer).merge_and_unload().state_dict()
+    # the engine serves exactly the trainer's merged policy, as it was before the sync
     served = engine.served()
     assert set(served) == set(layout)
     for name in layout:

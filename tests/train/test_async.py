@@ -10,19 +10,17 @@ import pytest
 import torch
 
 from lorasync.train.producer import Producer, ProducerError, StaleBatch
-from lorasync.train.trainer import GRPOTrainer
+from tests.helpers import demo_trainer
 from tests.train.test_iterations import RandomEngine
-from lorasync.commands.demo import demo_config
 
 TIMING = {"step_seconds", "tokens_per_second", "generation_seconds", "wait_seconds", "sync_seconds"}
 
 
 def trainer_for(model_dir, out, mode="sync", k=0, steps=3, engine=None, save_every=0):
-    config = demo_config(out, steps=steps)
-    config.model.base = model_dir
-    config.rollout.mode, config.rollout.max_staleness = mode, k
-    config.save_every = save_every
-    return GRPOTrainer(config, engine or RandomEngine(model_dir))
+    return demo_trainer(
+        model_dir, out, engine or RandomEngine(model_dir), steps,
+        rollout={"mode": mode, "max_staleness": k}, save_every=save_every,
+    )
 
 
 def lora_state(trainer):

@@ -5,18 +5,14 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lorasync.commands.demo import demo_config
 from lorasync.sync.verify import probe_sequences, trainer_scores
-from lorasync.train.trainer import GRPOTrainer
-from tests.helpers import lora_module_scores, max_diff
+from tests.helpers import demo_trainer, lora_module_scores, max_diff
 
 pytestmark = pytest.mark.vllm
 
 
 def test_checkpoint_adapter_serves_from_vllm_openai_server(tmp_path, demo_base, engine_for):
-    config = demo_config(tmp_path, steps=2)
-    config.model.base = str(demo_base)
-    trainer = GRPOTrainer(config, engine_for(str(demo_base)))
+    trainer = demo_trainer(demo_base, tmp_path, engine_for(str(demo_base)), steps=2)
     trainer.train(progress=False)
     adapter = tmp_path / "checkpoints" / "step-000002" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()

@@ -79,6 +79,7 @@ def test_engine_and_sync_sections_reach_every_strategy(tmp_path):
         load_config(write(tmp_path, minimal()), ["engine.kind=server", "engine.servers=[localhost:8000]"])
 
 
+@pytest.mark.slow  # a fresh `lorasync` process: torch and transformers imported, 5-10 s on 2 cores
 def test_train_refuses_a_pair_that_cannot_work_before_anything_starts(tmp_path):
     r = run_lorasync(
         "train", "--config", str(ROOT / "configs" / "digits.yaml"), "model.base=no/such/model",

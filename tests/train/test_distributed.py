@@ -7,9 +7,9 @@ in-memory engine that replays fixed generations, so sampling never enters a comp
   tensors are gathered for them;
 - a rank that dies makes the other fail with a clear error within the timeout.
 
-The tests that spawn ranks (about 10-20 s each on 2 cores) run in the heavy tier (marked
-`vllm`, though no vLLM engine is built) under the shared lock, each with a timeout; the pure
-functions (names, shards, settings) are checked in the fast tier.
+The tests that spawn ranks (about 10-20 s each on 2 cores; no vLLM engine) are marked
+`distributed`, outside the fast tier, each with a timeout; the pure functions (names,
+shards, settings) are checked in the fast tier.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorasync.commands.demo import demo_config
 from lorasync.sync.base import Record
 from lorasync.train import distributed, rank_sync
 from lorasync.train.config import ConfigError, ParallelConfig, config_from_dict
-from tests.helpers import MemoryReceiver, ReplayEngine, policy, run_ranks
+from tests.helpers import MemoryReceiver, ReplayEngine, demo_trainer_config, policy, run_ranks
 
-heavy = pytest.mark.vllm  # spawns ranks: the heavy tier
+heavy = pytest.mark.distributed  # spawns ranks (processes; no vLLM engine): outside the fast tier
 
 
 def test_wrapper_prefixes_are_stripped_from_names():
@@ -82,13 +81,12 @@ def test_settings_that_cannot_run_on_n_ranks_are_refused_with_the_fix():
 
 def replay_config(model_dir: str, out, steps: int = 3, mode: str = "ddp", grad_accum: int = 1,
                   rollout: str = "sync"):
-    config = demo_config(Path(out), steps=steps)
-    config.model.base = model_dir
-    config.parallel.mode = mode
-    config.optim.grad_accum = grad_accum
-    config.rollout.mode, config.rollout.max_staleness = rollout, int(rollout == "async")
-    config.optim.lr = 2e-3  # larger steps amplify float32 rounding through Adam past 1e-5
-    return config
+    return demo_trainer_config(
+        model_dir, out, steps, parallel={"mode": mode},
+        # lr: larger steps amplify float32 rounding through Adam past 1e-5
+        optim={"grad_accum": grad_accum, "lr": 2e-3},
+        rollout={"mode": rollout, "max_staleness": int(rollout == "async")},
+    )
 
 
 def _train(rank: int, model_dir: str, out: str, mode: str, grad_accum: int, steps: int = 3,
@@ -171,6 +169,8 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_where_the_run_would_hav
 class RecordingReceiver(MemoryReceiver):
     """A `RecordReceiver`: keeps the records of each factor sync, as a server would get them."""
 
+    merge_kernel = "addmm"  # as a server names its kernel (never runs here)
+
     def __init__(self, model_dir) -> None:
         super().__init__(model_dir)
         self.records: list[list[Record]] = []
@@ -195,8 +195,9 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(self.requires_grad) or full_tensor(self)
     engine, reference = RecordingReceiver(model_dir), RecordingReceiver(model_dir)
-    target = rank_sync.sync_target(engine, d, shared=True)
-    sync, unsharded_sync = WeightSync(model, target, "factors"), WeightSync(unsharded, reference, "factors")
+    tally = rank_sync.gathering(engine, d, shared=True)
+    sync = WeightSync(model, engine, "factors", load_weights=tally.load_weights)
+    unsharded_sync = WeightSync(unsharded, reference, "factors")
     for step in range(2):  # a step between: the second sync must send the updated values
         if step:
             with torch.no_grad():
@@ -204,9 +205,9 @@ def _factors(rank: int, model_dir: str, out: str) -> None:
                     for p in one.parameters():
                         if p.requires_grad:
                             p.add_(0.01 * (step + 1))
-        report = rank_sync.sync_policy(sync, d, shared=True)
+        report = rank_sync.sync_policy(sync, d, shared=True, tally=tally)
         unsharded_sync()
-        held = rank_sync.gathering_metrics(target)["sync_gathered_mb"] * 2**20
+        held = rank_sync.gathering_metrics(tally)["sync_gathered_mb"] * 2**20
         assert held == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > 0
     DTensor.full_tensor = full_tensor
     if rank == 0:
@@ -273,15 +274,15 @@ def _merged(rank: int, model_dir: str, out: str, strategy: str, shared: bool) ->
     gathered, full_tensor = [], DTensor.full_tensor
     DTensor.full_tensor = lambda self: gathered.append(1) or full_tensor(self)
     engine = CountingReceiver(model_dir, lambda: len(gathered))
-    target = rank_sync.sync_target(engine, d, shared=shared)
-    sync = WeightSync(model, target, strategy)
-    reports = [rank_sync.sync_policy(sync, d, shared=shared) for _ in range(2)]
+    tally = rank_sync.gathering(engine, d, shared=shared)
+    sync = WeightSync(model, engine, strategy, load_weights=tally.load_weights)
+    reports = [rank_sync.sync_policy(sync, d, shared=shared, tally=tally) for _ in range(2)]
     DTensor.full_tensor = full_tensor
     reference = MemoryReceiver(model_dir)
     WeightSync(unsharded, reference, strategy)()
     torch.save({"sent": engine.tensors, "reference": reference.tensors, "gathers_at": engine.gathers_at,
                 "gathers": len(gathered), "versions": [r.version for r in reports],
-                "peak": rank_sync.gathering_metrics(target)["sync_gathered_mb"] * 2**20,
+                "peak": rank_sync.gathering_metrics(tally)["sync_gathered_mb"] * 2**20,
                 "largest": max(t.numel() * t.element_size() for t in reference.tensors.values()),
                 "model": sum(t.numel() * t.element_size() for t in reference.tensors.values()),
                 "restored": max((p.to_local() - shards[n]).abs().max().item() for n, p in model.named_parameters())},
@@ -350,6 +351,7 @@ def _die(rank: int, model_dir: str, out: str, how: str) -> None:
 
 
 @heavy
+@pytest.mark.timing  # the failure must come within 15 s (dies) or 60 s (frozen): run alone
 @pytest.mark.parametrize("how", ["dies", "freezes"])
 def test_a_dead_or_frozen_rank_makes_the_others_fail_with_a_clear_error_in_bounded_time(tiny_model, tmp_path, how):
     """Rank 1 dies (or freezes) in its second step; rank 0, blocked in a collective, fails

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from lorasync.commands.demo import demo_config
 from lorasync.engines.open import open_engine
 from lorasync.server.client import ServerEngine
 from lorasync.sync.weight_sync import WeightSync
-from lorasync.train.config import EngineSection, SyncSection
 from lorasync.train.trainer import GRPOTrainer
-from tests.helpers import TOKEN, Server, policy, run_lorasync
+from tests.helpers import TOKEN, Server, demo_trainer_config, policy, run_lorasync
 
 pytestmark = pytest.mark.vllm
 STEPS = 3
@@ -48,9 +46,10 @@ def expected_version(before: int, steps: int) -> int:
 
 def train_against(server, tmp_path, demo_base, strategy: str, steps: int, resume: bool = False) -> list[dict]:
     """GRPO on the demo task against `server`, syncing by `strategy`; the rows of the run."""
-    config = demo_config(tmp_path, steps=steps)
-    config.model.base, config.save_every = str(demo_base), 2
-    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection(strategy)
+    config = demo_trainer_config(
+        demo_base, tmp_path, steps, save_every=2, engine={"kind": "server", "servers": [server.url]},
+        sync={"strategy": strategy},
+    )
     engine = open_engine("server", config.sync.strategy, servers=config.engine.servers, token=TOKEN)
     try:
         return GRPOTrainer(config, engine).train(resume=resume, progress=False)
@@ -104,9 +103,7 @@ def test_train_command_against_a_running_server(tmp_path, demo_base, server, mod
 
 @pytest.mark.parametrize("strategy", ["adapter", "auto"])
 def test_grpo_colocated_through_vllm_lora(tmp_path, demo_base, strategy):
-    config = demo_config(tmp_path, steps=STEPS)
-    config.model.base = str(demo_base)
-    config.sync = SyncSection(strategy)
+    config = demo_trainer_config(demo_base, tmp_path, STEPS, sync={"strategy": strategy})
     engine = open_engine("colocated", config.sync.strategy, str(demo_base), lora_rank=config.lora.rank)
     try:
         trainer = GRPOTrainer(config, engine)
@@ -118,15 +115,13 @@ def test_grpo_colocated_through_vllm_lora(tmp_path, demo_base, strategy):
         check_rows(rows, "adapter")
         assert served_by_lora and rows[-1]["weight_version"] == STEPS
     else:  # auto measured both on this engine at the first sync, and kept one
-        chosen = trainer.sync.decision.strategy
+        chosen = trainer.generation.sync.decision.strategy
         check_rows(rows, chosen)
         assert served_by_lora == (chosen == "adapter")
 
 
 def test_grpo_colocated_by_merge_unmerge(tmp_path, demo_base, engine_for):
-    config = demo_config(tmp_path, steps=STEPS)
-    config.model.base = str(demo_base)
-    config.sync = SyncSection("merge-unmerge")
+    config = demo_trainer_config(demo_base, tmp_path, STEPS, sync={"strategy": "merge-unmerge"})
     rows = GRPOTrainer(config, engine_for(str(demo_base))).train(progress=False)
     check_rows(rows, "merge-unmerge")
 
@@ -161,10 +156,10 @@ def test_a_server_killed_during_an_async_rollout_ends_the_run_with_a_clear_error
     from lorasync.train.producer import ProducerError
 
     server = Server(str(demo_base)).start().wait()
-    config = demo_config(tmp_path, steps=50)
-    config.model.base, config.save_every = str(demo_base), 1
-    config.engine, config.sync = EngineSection("server", [server.url]), SyncSection("factors")
-    config.rollout.mode = "async"
+    config = demo_trainer_config(
+        demo_base, tmp_path, 50, save_every=1, engine={"kind": "server", "servers": [server.url]},
+        sync={"strategy": "factors"}, rollout={"mode": "async"},
+    )
     engine = open_engine("server", config.sync.strategy, servers=[server.url], token=TOKEN)
     generate, calls = engine.generate, []
 

@@ -7,12 +7,10 @@ records what the sync sends, so this runs in the fast tier.
 
 import torch
 
-from lorasync.commands.demo import demo_config
 from lorasync.sync.base import Completion
 from lorasync.train import trainer as trainer_module
 from lorasync.train.grpo import grpo_loss
-from lorasync.train.trainer import GRPOTrainer
-from tests.helpers import MemoryReceiver
+from tests.helpers import MemoryReceiver, demo_trainer
 
 
 class RandomEngine(MemoryReceiver):
@@ -35,13 +33,12 @@ class RandomEngine(MemoryReceiver):
         ]
 
 
-def trainer_with(model_dir, tmp_path, num_iterations):
-    config = demo_config(tmp_path, steps=2)
-    config.model.base = model_dir
-    config.optim.num_iterations = num_iterations
-    config.optim.schedule = "linear"
+def trainer_with(model_dir, tmp_path, num_iterations, dropout=0.0):
     engine = RandomEngine(model_dir)
-    trainer = GRPOTrainer(config, engine)
+    trainer = demo_trainer(
+        model_dir, tmp_path, engine, steps=2, optim={"num_iterations": num_iterations, "schedule": "linear"},
+        lora={"dropout": dropout},
+    )
     steps = []
     # each optimizer step, with the learning rate the schedule gave it
     trainer.optimizer.register_step_pre_hook(
@@ -100,25 +97,49 @@ def test_one_iteration_takes_the_old_logprobs_from_the_update_itself(tiny_model,
     row = trainer.train_step()
     assert calls == [False]
     batch = batches[0]
-    # what a separate scoring pass of the policy that generated the batch gives
+    # the policy that generated the batch, scored one completion at a time by a plain forward
+    # pass (not the trainer's batched, padded `completion_logprobs`); the health check
+    # recomputed from that and the engine's own logprobs (not by `batch.health()`)
     trainer.model.load_state_dict(policy_before, strict=False)
     trainer.model.eval()
+    diffs = []
     with torch.no_grad():
-        separate, mask = trainer_module.completion_logprobs(
-            trainer.model, batch.prompts, batch.completions, trainer.tokenizer.pad_token_id
-        )
-    torch.testing.assert_close(batch.old_logprobs[mask], separate[mask], atol=1e-5, rtol=0)
-    assert row["logprob_diff_max"] == batch.health()["logprob_diff_max"]
+        for i, (prompt, sample) in enumerate(zip(batch.prompts, batch.samples)):
+            logits = trainer.model(input_ids=torch.tensor([prompt + sample.token_ids])).logits[0].float()
+            at = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(sample.token_ids))
+            separate = torch.log_softmax(logits, dim=-1)[at, sample.token_ids]
+            torch.testing.assert_close(batch.old_logprobs[i, : len(at)], separate, atol=1e-5, rtol=0)
+            diffs.append(float((separate - torch.tensor(sample.logprobs)).abs().max()))
+    assert abs(row["logprob_diff_max"] - max(diffs)) <= 1e-5, (row["logprob_diff_max"], max(diffs))
 
 
 def test_lora_dropout_scores_the_old_logprobs_in_a_pass_of_their_own(tiny_model, tmp_path, monkeypatch):
-    trainer, _, _ = trainer_with(tiny_model("qwen2"), tmp_path, 1)
-    trainer.config.lora.dropout = 0.1
-    calls = []
+    """With LoRA dropout the update's forward pass (train mode: dropout on) is not the policy
+    the engine served: the old logprobs get a pass of their own, in eval mode, and equal it."""
+    trainer, _, _ = trainer_with(tiny_model("qwen2"), tmp_path, 1, dropout=0.1)
+    dropouts = [m for m in trainer.model.modules() if type(m).__name__ == "Dropout"]
+    assert dropouts and all(m.p == 0.1 for m in dropouts)  # built in, not set afterwards
+    with torch.no_grad():  # a fresh adapter (lora_B = 0) would hide the dropout on its input
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    calls, batches = [], []
     real_score = trainer_module.score
-    monkeypatch.setattr(
-        trainer_module, "score",
-        lambda *a, **k: calls.append(k.get("score_old", True)) or real_score(*a, **k),
-    )
+
+    def recorded_score(*args, **kwargs):
+        calls.append(kwargs.get("score_old", True))
+        batches.append(real_score(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(trainer_module, "score", recorded_score)
     trainer.train_step()
     assert calls == [True]
+    batch = batches[0]
+    trainer.model.load_state_dict(policy_before, strict=False)
+    trainer.model.eval()
+    with torch.no_grad():
+        served, mask = trainer_module.completion_logprobs(
+            trainer.model, batch.prompts, batch.completions, trainer.tokenizer.pad_token_id
+        )
+    torch.testing.assert_close(batch.old_logprobs[mask], served[mask], atol=1e-5, rtol=0)

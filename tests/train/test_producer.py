@@ -28,6 +28,7 @@ def run(k: int, steps: int = 6, train_seconds: float = 0.0):
     return starts
 
 
+@pytest.mark.timing  # "exactly k ahead" holds when generating is instant beside a 10 ms step: run alone
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_no_batch_starts_more_than_k_steps_ahead(k):
     starts = run(k, train_seconds=0.01)
@@ -49,6 +50,7 @@ def test_a_failure_in_the_thread_reaches_the_trainer():
             producer.get(1)
 
 
+@pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
 def test_silence_is_an_error_within_the_bound():
     stuck = threading.Event()
     producer = Producer(lambda step: stuck.wait(), 0, 2, 0, timeout=0.3)

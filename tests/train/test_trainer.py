@@ -6,21 +6,16 @@ import json
 import pytest
 import torch
 
-from lorasync.commands.demo import demo_config, run_tiny_demo
+from lorasync.commands.demo import run_tiny_demo
 from lorasync.train.trainer import GRPOTrainer
-from tests.helpers import Tap, run_lorasync
+from tests.helpers import Tap, demo_trainer_config, run_lorasync
 
 pytestmark = pytest.mark.vllm
 
 
 def config_for(base, out, dropout=0.0, **optim):
-    config = demo_config(out, steps=optim.pop("steps", 4))
-    config.model.base = str(base)
-    config.save_every = optim.pop("save_every", 0)
-    config.lora.dropout = dropout
-    for key, value in optim.items():
-        setattr(config.optim, key, value)
-    return config
+    steps, save_every = optim.pop("steps", 4), optim.pop("save_every", 0)
+    return demo_trainer_config(base, out, steps, save_every=save_every, lora={"dropout": dropout}, optim=optim)
 
 
 def test_demo_reward_rises_and_the_sync_stays_exact(tmp_path, demo_base):
@@ -60,14 +55,14 @@ def test_a_sync_skipped_at_step_5_warns_at_step_5_and_no_other(tmp_path, demo_ba
 
     engine = engine_for(str(demo_base))
     trainer = GRPOTrainer(config_for(demo_base, tmp_path, steps=6, lr=1e-2), engine)
-    send = trainer.sync.send
+    send = trainer.generation.sync.send
 
     def skip_step_5(strategy):
         if trainer.step == 4:  # step 5's sync (the step is counted after it)
             return SyncReport(strategy.value, 0, 0, 0.0, engine.weight_version)
         return send(strategy)
 
-    trainer.sync.send = skip_step_5
+    trainer.generation.sync.send = skip_step_5
     rows = trainer.train(progress=False)
     warned = [r["step"] for r in rows if health_warning(r, trainer.tolerance, trainer.floor.value)]
     assert warned[0] == 5, warned

@@ -10,7 +10,7 @@ import sys
 
 from lorasync.checkpoint import DTYPES
 from lorasync.commands.bench_cli import add_bench_parsers
-from lorasync.commands.tiny import ARCHITECTURES
+from lorasync.models.tiny import ARCHITECTURES
 from lorasync.models.registry import MODELS
 from lorasync.models.resolve import resolve_model
 from lorasync.tasks import TASKS
@@ -19,7 +19,7 @@ from lorasync.tasks.arith import SPLITS
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from lorasync.commands.tiny import make_tiny_model
+    from lorasync.models.tiny import make_tiny_model
 
     out = make_tiny_model(args.out, arch=args.arch, tie_word_embeddings=args.tied, seed=args.seed)
     print(f"wrote a tiny {args.arch} model to {out}")
@@ -43,7 +43,8 @@ def _make_adapter(args: argparse.Namespace) -> int:
 
 
 def _sync_check(args: argparse.Namespace) -> int:
-    from lorasync.commands.check import SyncCheckConfig, format_sync_check, run_sync_check
+    from lorasync.engines.check import SyncCheckConfig, run_sync_check
+    from lorasync.sync.check import format_sync_check
 
     config = SyncCheckConfig(
         base=resolve_model(args.base),
@@ -54,6 +55,7 @@ def _sync_check(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         servers=args.server,
         token=_token(args, args.token) or None,
+        admin_token=_token(args, admin=(args.admin_token_file, "--admin-token-file")) or None,
         max_model_len=args.max_model_len,
     )
     result = run_sync_check(config, progress=not args.json)
@@ -64,19 +66,25 @@ def _sync_check(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-def _token(args: argparse.Namespace, token: str | None = None) -> str:
+def _token(args: argparse.Namespace, token: str | None = None, admin: tuple[str | None, str] | None = None) -> str:
     """The token of a command that takes one (serve, sync-check, train): --token-file, else
-    the deprecated --token, else $LORASYNC_TOKEN; its warnings go to stderr."""
-    from lorasync.server.launch import resolve_token
+    the deprecated --token, else $LORASYNC_TOKEN; with `admin` (the file, and the setting that
+    named it), the admin token: the file's, else $LORASYNC_ADMIN_TOKEN ("": the token is the
+    admin token too). Its warnings go to stderr."""
+    from lorasync.server.launch import resolve_admin_token, resolve_token
 
-    found, warnings = resolve_token(args.token_file, token)
+    found, warnings = resolve_admin_token(admin[0], flag=admin[1]) if admin else resolve_token(args.token_file, token)
     for warning in warnings:
         print(f"lorasync {args.command}: warning: {warning}", file=sys.stderr)
     return found
 
 
-def _add_token_file(p: argparse.ArgumentParser, deprecated_flag: bool, who: str) -> None:
-    """--token-file (and, where a token flag existed before, the deprecated --token)."""
+def _add_token_file(p: argparse.ArgumentParser, deprecated_flag: bool, who: str, admin: str = "") -> None:
+    """--token-file (and, where a token flag existed before, the deprecated --token; with
+    `admin`, the server's admin token, --admin-token-file)."""
+    if admin:
+        p.add_argument("--admin-token-file", default=None, metavar="PATH", help=f"a file holding {admin} "
+                       "(one line; chmod 600); default $LORASYNC_ADMIN_TOKEN, else the token")
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--token-file", default=None, metavar="PATH",
@@ -92,7 +100,11 @@ def _add_token_file(p: argparse.ArgumentParser, deprecated_flag: bool, who: str)
 def _serve(args: argparse.Namespace) -> int:
     from lorasync.server.launch import KV_CACHE_WARNING, serve_command, serve_env, unbounded_kv_cache
 
-    env = serve_env(_token(args, args.token), allow_dev_routes=args.allow_dev_routes)
+    env = serve_env(
+        _token(args, args.token), admin_token=_token(args, admin=(args.admin_token_file, "--admin-token-file")),
+        allow_dev_routes=args.allow_dev_routes, allow_runtime_lora=args.allow_runtime_lora,
+        allow_callback_anywhere=args.allow_callback_anywhere,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"lorasync serve: warning: binding {args.host}; the token and the weights travel "
@@ -118,7 +130,7 @@ def _get_model(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lorasync.commands.eval import EvalConfig, format_result, run_eval
+    from lorasync.tasks.eval import EvalConfig, format_result, run_eval
 
     config = EvalConfig(
         model=resolve_model(args.model),
@@ -163,6 +175,7 @@ def _train(args: argparse.Namespace) -> int:
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,
         seed=config.optim.seed, lora_rank=config.lora.rank, servers=config.engine.servers,
         token=_token(args) or None,
+        admin_token=_token(args, admin=(config.engine.admin_token_file, "engine.admin_token_file")) or None,
         max_model_len=config.engine.max_model_len, in_flight=config.rollout.in_flight,
     )
     try:
@@ -281,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sync into this running `lorasync serve` server instead of a colocated engine "
         "(repeat for several; dtype is the servers')",
     )
-    _add_token_file(p, True, "the servers' token")
+    _add_token_file(p, True, "the servers' token", admin="the servers' admin token, if they have one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_sync_check)
 
@@ -295,10 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
         "--allow-dev-routes", action="store_true",
-        help="open vLLM's development routes (/collective_rpc, /sleep, ...) to the token's holder; "
-        "closed by default: lorasync does not use them",
+        help="open vLLM's development routes (/collective_rpc, /sleep, ...) to the admin token's "
+        "holder; closed by default: lorasync does not use them",
     )
-    _add_token_file(p, True, "the token every route but /health requires")
+    p.add_argument("--allow-runtime-lora", action="store_true", help="set VLLM_ALLOW_RUNTIME_LORA_UPDATING "
+                   "(dropped otherwise) and open its /v1/(un)load_lora_adapter to the admin token")
+    p.add_argument("--allow-callback-anywhere", action="store_true", help="connect back for a transfer to "
+                   "any address a client names (default: only to the caller's; a proxy or NAT needs it)")
+    _add_token_file(p, True, "the inference token (the OpenAI API; every route but /health needs a token)",
+                    admin="the admin token (the sync routes: pause, weight updates)")
     p.set_defaults(func=_serve, vllm_args=[])
 
     p = sub.add_parser("train", help="GRPO with LoRA and vLLM generation, from a YAML config")

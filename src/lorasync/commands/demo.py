@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorasync.commands.tiny import _WORDS, make_tiny_model, synthetic_corpus
+from lorasync.models.tiny import WORDS, make_tiny_model, synthetic_corpus
 from lorasync.tasks import arith
 from lorasync.train.config import (
     DataConfig, LoraSettings, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig,
@@ -54,7 +54,7 @@ def pretrain(model_dir: Path, steps: int = 300, seed: int = 0) -> None:
 
 def demo_prompts(n: int = 64, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4))) for _ in range(n)]
 
 
 def demo_config(out: Path, steps: int = 60, seed: int = 0) -> TrainConfig:
@@ -84,7 +84,7 @@ def run_tiny_demo(out: str | Path = "runs/demo", steps: int = 60, seed: int = 0,
     try:
         trainer = GRPOTrainer(config, engine)
         probe = demo_prompts(n=4, seed=seed + 7)
-        trainer.sync()
+        trainer.generation.sync_policy()
         before = trainer.sample(probe, 12, seed=seed)
         rows = trainer.train(progress=progress)
         after = trainer.sample(probe, 12, seed=seed)
@@ -125,7 +125,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seed: int =
     """Get the model, measure, train, measure again; return a summary (also in summary.json)."""
     from transformers import AutoTokenizer
 
-    from lorasync.commands.eval import EvalConfig, evaluate
+    from lorasync.tasks.eval import EvalConfig, evaluate
     from lorasync.engines.open import open_engine
     from lorasync.models.convert import get_model
     from lorasync.models.registry import cache_dir

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasync.checkpoint import check_dtype, checkpoint_layout, weight_groups
-from lorasync.engines import vllm_compat, worker
+from lorasync.engines import require_vllm, vllm_compat, worker
 from lorasync.sync.base import Completion
 from lorasync.sync.naming import check_adapter_name
 from lorasync.sync.policy import MAX_LORA_RANK
@@ -93,12 +93,14 @@ class ColocatedEngine:
     a `Generator`, a `Scorer` and a `WeightReader`."""
 
     _live = 0  # engines built (not wrapped) and not yet closed in this process (see `close`)
+    shared = False  # each rank of a data-parallel run has its own (`base.Engine`)
 
     def __init__(self, config: EngineConfig) -> None:
         # The engine core must live in this process: weights are streamed to the worker as a
         # Python iterator, which only an in-process executor can take without serializing.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        require_vllm()
         from vllm import LLM
 
         vllm_compat.fresh_rope_cache()

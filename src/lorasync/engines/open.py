@@ -51,18 +51,20 @@ def open_engine(
     lora_rank: int = 0,
     servers: Sequence[str] = (),
     token: str | None = None,
+    admin_token: str | None = None,
     max_model_len: int | None = None,
     in_flight: str = "wait",
 ) -> ColocatedEngine | ServerEngine:
     """The engine to sync into by `strategy`: a colocated engine on the model folder `model`
     in `dtype` (serving adapters up to `lora_rank` when the strategy needs vLLM's LoRA), or
-    the running `servers` (their token: `token` or $LORASYNC_TOKEN). `max_model_len`: the
+    the running `servers` (their token: `token` or $LORASYNC_TOKEN; their admin token:
+    `admin_token`, $LORASYNC_ADMIN_TOKEN or the token). `max_model_len`: the
     colocated engine's context (default: `EngineConfig`'s, capped by the model's); servers
     set theirs at start (`lorasync serve ... --max-model-len N`). `in_flight`: what the
     servers' requests do during a sync (`ServerEngine`)."""
     check_pair(kind, strategy)
     if kind == "server":
-        return ServerEngine(servers, token, in_flight=in_flight)
+        return ServerEngine(servers, token, in_flight=in_flight, admin_token=admin_token)
     lora = strategy in (Strategy.ADAPTER, Strategy.AUTO)
     return ColocatedEngine(
         EngineConfig(

@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 
 from lorasync.checkpoint import DTYPES
-from lorasync.server import IN_FLIGHT, TOKEN_ENV
+from lorasync.server import ADMIN_TOKEN_ENV, IN_FLIGHT, TOKEN_ENV
 from lorasync.server.completions import CompletionsClient
 from lorasync.server.control import Control, ServerSyncError
 from lorasync.server.tokens import TokenGenerator
@@ -43,8 +43,11 @@ class ServerEngine:
     """One or more vLLM OpenAI servers seen as one engine: syncs go to all, generation is spread.
 
     `urls` are the servers' base URLs (http://127.0.0.1:8000); `token` is what they were
-    started with (default: $LORASYNC_TOKEN). `timeout` bounds every request and transfer step,
-    so a server that dies mid-sync raises ServerSyncError within that time. `callback_host` is
+    started with (default: $LORASYNC_TOKEN): generation and scoring use it; `admin_token` their
+    admin token (`lorasync serve --admin-token-file`; default: $LORASYNC_ADMIN_TOKEN, else
+    `token`): the sync routes (pause, weight transfers) need it. `timeout` bounds every
+    request and transfer step, so a server that dies mid-sync raises ServerSyncError within
+    that time. `callback_host` is
     the address of this process as the servers see it: they connect back to it for the bytes.
     `compress` sends each tensor's top byte plane Huffman-coded (lossless; a third fewer bytes
     for bf16 factors, ~0.09 s more CPU per sync on the 0.5B shape, where a sync takes ~1 s):
@@ -57,6 +60,8 @@ class ServerEngine:
     carry the version that sampled them); see docs/async.md.
     """
 
+    shared = True  # every rank of a data-parallel run generates from the same servers (`base.Engine`)
+
     def __init__(
         self,
         urls: str | Sequence[str],
@@ -66,6 +71,7 @@ class ServerEngine:
         compress: bool = True,
         transport: str = "tcp",
         in_flight: str = "wait",
+        admin_token: str | None = None,
     ) -> None:
         if in_flight not in IN_FLIGHT:
             raise ValueError(f"in_flight must be one of {', '.join(IN_FLIGHT)}, got {in_flight!r}")
@@ -81,9 +87,10 @@ class ServerEngine:
                 f"no token for the servers: pass token=... (CLI: --token-file PATH) or set "
                 f"{TOKEN_ENV} to the token the servers were started with"
             )
+        admin_token = admin_token or os.environ.get(ADMIN_TOKEN_ENV, "") or token
         self.timeout = timeout
         self.last_wire_bytes = 0
-        self.control = Control(token, timeout)
+        self.control = Control(admin_token, timeout)  # every route it calls needs the admin token
         self._tcp = tcp = TcpTransport(self.control, callback_host, compress)  # handshakes, read-backs
         # nccl checks for a GPU before any server is contacted
         self.transport: Transport = NcclTransport(self.control, callback_host) if transport == "nccl" else tcp

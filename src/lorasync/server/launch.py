@@ -1,5 +1,5 @@
 """Starting servers: the command line `lorasync serve` runs, its environment, and waiting for it;
-and where a command's token comes from (`resolve_token`).
+and where a command's tokens come from (`resolve_token`, `resolve_admin_token`).
 
 Used by the CLI (`lorasync serve` replaces itself with the server), benchmarks and tests
 (which start it as a subprocess).
@@ -19,10 +19,17 @@ from pathlib import Path
 import httpx
 
 from lorasync.engines import vllm_compat
-from lorasync.server import BACKEND, TOKEN_ENV
-from lorasync.server.guard import DEV_ROUTES_ENV
+from lorasync.server import ADMIN_TOKEN_ENV, BACKEND, TOKEN_ENV
+from lorasync.server.guard import CALLBACK_ANYWHERE_ENV, DEV_ROUTES_ENV, RUNTIME_LORA_ENV
+
+# vLLM's switch for its runtime LoRA routes (/v1/load_lora_adapter: any adapter folder the
+# server can read); `lorasync serve` drops an inherited one unless --allow-runtime-lora.
+VLLM_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 MIDDLEWARE = "lorasync.server.guard.TokenGuard"
+# The pause lease (server/lease.py). vLLM adds each --middleware in turn and Starlette makes
+# the last added the outermost, so it goes before the guard: only what the guard lets in reaches it.
+LEASE_MIDDLEWARE = "lorasync.server.lease.PauseLease"
 # What the deprecated `--token T` prints: why not, and the two ways instead.
 TOKEN_FLAG_DEPRECATED = (
     "--token is deprecated: a token on the command line shows in `ps` and in the shell's "
@@ -48,9 +55,22 @@ def resolve_token(
     return environ.get(TOKEN_ENV, ""), []
 
 
-def read_token_file(path: str) -> tuple[str, list[str]]:
+def resolve_admin_token(
+    admin_token_file: str | None = None, environ: Mapping[str, str] = os.environ,
+    flag: str = "--admin-token-file",
+) -> tuple[str, list[str]]:
+    """The admin token a command uses, and the warnings to print: `admin_token_file`'s (named
+    `flag` in errors), else $LORASYNC_ADMIN_TOKEN ("" when there is none: the token is the
+    admin token too)."""
+    if admin_token_file is not None:
+        return read_token_file(admin_token_file, flag)
+    return environ.get(ADMIN_TOKEN_ENV, ""), []
+
+
+def read_token_file(path: str, flag: str = "--token-file") -> tuple[str, list[str]]:
     """The token in the file `path` (surrounding whitespace stripped), and a warning when the
-    file is open to its group or to others. Missing, unreadable, empty or several words: an error."""
+    file is open to its group or to others. Missing, unreadable, empty or several words: an
+    error naming `flag`, the option that named the file."""
     file = Path(path).expanduser()
     make = (
         f'write it with `python -c "import secrets; print(secrets.token_hex(16))" > {path}` '
@@ -59,22 +79,22 @@ def read_token_file(path: str) -> tuple[str, list[str]]:
     try:
         text, mode = file.read_text(), file.stat().st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"--token-file {path}: no such file; {make}") from None
+        raise FileNotFoundError(f"{flag} {path}: no such file; {make}") from None
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-        raise ValueError(f"--token-file {path}: cannot read it ({reason}); pass a text file holding the token") from None
+        raise ValueError(f"{flag} {path}: cannot read it ({reason}); pass a text file holding the token") from None
     token = text.strip()
     if not token:
-        raise ValueError(f"--token-file {path} is empty: put the token in it, on one line ({make})")
+        raise ValueError(f"{flag} {path} is empty: put the token in it, on one line ({make})")
     if any(c.isspace() for c in token):
         raise ValueError(
-            f"--token-file {path} holds {len(token.split())} words: a token is one word "
+            f"{flag} {path} holds {len(token.split())} words: a token is one word "
             "(no spaces or line breaks); put the token alone in the file"
         )
     warnings = []
     if mode & 0o077:
         warnings.append(
-            f"--token-file {path} is open to its group or to others (mode "
+            f"{flag} {path} is open to its group or to others (mode "
             f"{stat.S_IMODE(mode):04o}): run `chmod 600 {path}` so only you can read the token"
         )
     return token, warnings
@@ -95,7 +115,7 @@ def serve_command(
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--host", host, "--port", str(port),
         "--weight-transfer-config", f'{{"backend": "{BACKEND}"}}',
-        "--middleware", MIDDLEWARE,
+        "--middleware", LEASE_MIDDLEWARE, "--middleware", MIDDLEWARE,  # the guard outermost
         *vllm_compat.scheduler_flags(),  # seeded sampling on CPU (see there)
         # the token route, whose answers carry per-token weight versions (server/tokens.py);
         # the guard opens only it of the scale-out routes
@@ -104,17 +124,29 @@ def serve_command(
     ]
 
 
-def serve_env(token: str, allow_dev_routes: bool = False) -> dict[str, str]:
-    """The server's environment: dev mode for the update routes, the token for the guard, and
-    whether the guard opens vLLM's other development routes to the token's holder."""
+def serve_env(
+    token: str, allow_dev_routes: bool = False, admin_token: str = "", allow_runtime_lora: bool = False,
+    allow_callback_anywhere: bool = False,
+) -> dict[str, str]:
+    """The server's environment: dev mode for the update routes, the tokens for the guard
+    (no `admin_token`: the token is the admin token too), and what the flags open: vLLM's
+    other development routes (to the admin token), its runtime LoRA routes, callbacks to any
+    address. An inherited environment opens none of them: only the flags do."""
     if not token:
         raise ValueError(
             f"lorasync serve needs a token: pass --token-file PATH or set {TOKEN_ENV}; every "
             "route but /health will require it (openai client: api_key=<token>)"
         )
     env = os.environ | {"VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
-    env.pop(DEV_ROUTES_ENV, None)  # only the flag opens them, not an inherited environment
-    return env | ({DEV_ROUTES_ENV: "1"} if allow_dev_routes else {})
+    for name in (ADMIN_TOKEN_ENV, DEV_ROUTES_ENV, RUNTIME_LORA_ENV, VLLM_RUNTIME_LORA_ENV, CALLBACK_ANYWHERE_ENV):
+        env.pop(name, None)  # only the flags set them, not an inherited environment
+    flags = {
+        ADMIN_TOKEN_ENV: admin_token, DEV_ROUTES_ENV: "1" if allow_dev_routes else "",
+        RUNTIME_LORA_ENV: "1" if allow_runtime_lora else "",
+        VLLM_RUNTIME_LORA_ENV: "1" if allow_runtime_lora else "",
+        CALLBACK_ANYWHERE_ENV: "1" if allow_callback_anywhere else "",
+    }
+    return env | {name: value for name, value in flags.items() if value}
 
 
 KV_CACHE_WARNING = (

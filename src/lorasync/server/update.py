@@ -12,6 +12,12 @@ version: ServerSyncError says which server failed and why. The one window left i
 dying while loading, after every transfer succeeded: the others then serve the new version
 (`PartlyLoaded`, naming it). A client that dies between the phases leaves a session open
 with its payload unloaded; the next client drops it (`open_session`).
+
+Each `/pause` carries a lease (`pause_lease`): a server that hears nothing of the sync for
+that long drops what it received and resumes by itself (`lease.py`), so a client that dies
+or stalls leaves no server paused for good. A server is counted paused before its `/pause`
+is sent: one that does not answer in time (draining long requests) may be paused all the
+same, and every server that may be is resumed when the sync fails.
 """
 
 from __future__ import annotations
@@ -32,6 +38,25 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+# The shortest pause lease a sync asks for, in seconds, however short the client's timeout.
+MIN_LEASE = 30.0
+
+
+def pause_lease(timeout: float, servers: int) -> float:
+    """The lease (seconds) a sync of `servers` servers asks of each one it pauses: how long a
+    server waits with no request of the sync before it drops what it received and resumes.
+
+    A request in flight holds the lease (a pause draining requests, a transfer), so the lease
+    covers only the gaps between one server's requests, while the client talks to the others:
+    at most one sweep over them, each step bounded by the control `timeout` (the transfer's
+    own deadline too, `TcpTransport.with_callback`), at most four steps for an update session
+    opened over a stale one (`open_session`), and a transfer's answer `timeout` + 5 s. Too
+    short a lease would resume a server under a live client (which then fails its sync,
+    refused: `lease.REFUSED_AFTER_EXPIRY`), so it is generous: 4 x (`timeout` + 5) per server.
+    """
+    return max(MIN_LEASE, 4 * (timeout + 5) * servers)
+
+
 class PartlyLoaded(ServerSyncError):
     """Every server received the payload, and some failed to load it: the others serve the
     new version."""
@@ -39,16 +64,22 @@ class PartlyLoaded(ServerSyncError):
 
 def update(
     control: Control, transport: Transport, servers: Sequence[ServerInfo], records: Iterable[Record],
-    declared: Sequence[Record], version: int, in_flight: str,
+    declared: Sequence[Record], version: int, in_flight: str, lease: float | None = None,
 ) -> int:
     """Load `records` (as `declared`) into every server as `version`, all or none; return the
-    bytes on each server's wire."""
+    bytes on each server's wire. Each server is paused with a lease of `lease` seconds
+    (default `pause_lease`)."""
+    if lease is None:
+        lease = pause_lease(control.timeout, len(servers))
+    params = {"mode": in_flight, "clear_cache": "true", "lease": f"{lease:g}"}
     paused: list[ServerInfo] = []
     failed = True
     try:
         for server in servers:
-            control.call(server.url, "POST", "/pause", True, params={"mode": in_flight, "clear_cache": "true"})
+            # counted before it is sent: a /pause that times out here may pause the server
+            # all the same once its requests drain, and must be undone with the others
             paused.append(server)
+            control.call(server.url, "POST", "/pause", True, params=params)
         wire = receive(control, transport, servers, records, declared)
         errors = []
         for server in servers:

@@ -152,6 +152,7 @@ class Generator(Protocol):
     ) -> list[list[Completion]]: ...
 
 
+@runtime_checkable
 class Scorer(Protocol):
     """Logprob of each token given its prefix (tokens 1..n-1), for each sequence."""
 
@@ -173,7 +174,17 @@ class WeightReader(Protocol):
 
 
 class Engine(Generator, WeightReceiver, Protocol):
-    """What the trainer needs: an engine it samples from and syncs into."""
+    """What the trainer needs: an engine it samples from and syncs into. `shared`: one engine
+    for all ranks of a data-parallel run (servers), which rank 0 syncs and the others
+    `follow` (`SharedEngine`); False: every rank syncs its own (colocated)."""
+
+    shared: bool
+
+
+class SharedEngine(Engine, Protocol):
+    """An engine all ranks share: ranks > 0 take the version rank 0's sync reports."""
+
+    def follow(self, version: int) -> None: ...
 
 
 @runtime_checkable
@@ -197,6 +208,9 @@ class AdapterReceiver(WeightReceiver, Protocol):
 
 @runtime_checkable
 class RecordReceiver(WeightReceiver, Protocol):
-    """What the `factors` strategy needs in addition: records merged on the engine's side."""
+    """What the `factors` strategy needs in addition: records merged on the engine's side,
+    with the kernel(s) named by `merge_kernel` (`SyncReport.merged_by`)."""
+
+    merge_kernel: str
 
     def load_records(self, records: Sequence[Record]) -> int: ...

@@ -69,7 +69,8 @@ class WeightSync:
 
     `tokens_per_step` (tokens generated between two syncs) is what `auto` decides by, and
     only `auto` takes it. `merge_kernel` (`merge_kernel.Kernel`, or None/"auto": the faster
-    one measured here) is how streaming merges. Raises ValueError for a strategy the engine
+    one measured here) is how streaming merges. `load_weights` replaces the engine's own for
+    the tensor streams (`train.rank_sync.Gathering`'s under FSDP2). Raises ValueError for a strategy the engine
     cannot take, with the fix.
     """
 
@@ -80,6 +81,7 @@ class WeightSync:
         strategy: str | Strategy = Strategy.STREAMING,
         tokens_per_step: int | None = None,
         merge_kernel: str | Kernel | None = None,
+        load_weights: Callable[[WeightStream], int] | None = None,
     ) -> None:
         self.strategy = Strategy.parse(strategy)
         if (self.strategy is Strategy.AUTO) != (tokens_per_step is not None):
@@ -90,6 +92,9 @@ class WeightSync:
             )
         self.model = model
         self.engine = engine
+        # how a stream of tensors reaches the engine: its own `load_weights`, or on N ranks
+        # under FSDP2 through `train.rank_sync.Gathering`, which gathers each as it is taken
+        self.load_weights = load_weights or engine.load_weights
         self.tokens_per_step = tokens_per_step
         check_engine(self.strategy, engine, model)  # before anything is planned or sent
         self.plan: SyncPlan = plan_sync(model, engine.checkpoint_layout(), engine.weight_groups())
@@ -130,14 +135,14 @@ class WeightSync:
         if strategy is Strategy.STREAMING:
             return self.kernel.kernel.value
         if strategy is Strategy.FACTORS:
-            return getattr(self.engine, "merge_kernel", None)  # the servers' (ServerEngine)
+            return self.engine.merge_kernel  # the engine's own (a RecordReceiver merges)
         return None
 
     def restore_base(self) -> None:
         """Send the frozen base values of every changed tensor: the engine serves the checkpoint
         again (how `auto` hands the engine back to the adapter it chose)."""
         with torch.no_grad():
-            self.engine.load_weights(
+            self.load_weights(
                 _Sent()(self.plan.changed, lambda e: self.model.get_parameter(e.param).to(self.engine.dtype))
             )
 
@@ -148,13 +153,13 @@ def _streaming(sync: WeightSync, sent: _Sent) -> int:
     # Merged one at a time, as the engine asks for them; a `MergedWeight` is merged straight
     # into the parameter it is loaded into. (Merging the next one on a helper thread was
     # measured slower: the sync is memory-bound here.)
-    return sync.engine.load_weights(sent(entries, lambda e: _as(sync.merger(e), dtype)))
+    return sync.load_weights(sent(entries, lambda e: _as(sync.merger(e), dtype)))
 
 
 def _merge_unmerge(sync: WeightSync, sent: _Sent) -> int:
     dtype, model = sync.engine.dtype, sync.model
     with merged(model):
-        return sync.engine.load_weights(sent(sync.plan.full, lambda e: model.get_parameter(e.param).to(dtype)))
+        return sync.load_weights(sent(sync.plan.full, lambda e: model.get_parameter(e.param).to(dtype)))
 
 
 def _adapter(sync: WeightSync, sent: _Sent) -> int:

@@ -174,9 +174,22 @@ class EngineSection:
     # colocated: tokens per sequence (prompt + completion); unset: 512, capped by the model's
     # context. Servers set theirs at start (lorasync serve --max-model-len N).
     max_model_len: int | None = None
+    # server: a file holding the servers' admin token (`lorasync serve --admin-token-file`),
+    # which the sync routes need; unset: $LORASYNC_ADMIN_TOKEN, else the token (--token-file)
+    admin_token_file: str | None = None
 
     def __post_init__(self) -> None:
         require(self.kind in ENGINE_KINDS, "engine.kind", self.kind, f"use one of {', '.join(ENGINE_KINDS)}")
+        if self.admin_token_file is not None:
+            require(
+                isinstance(self.admin_token_file, str) and bool(self.admin_token_file.strip()),
+                "engine.admin_token_file", self.admin_token_file,
+                "write the path of a file holding the servers' admin token, or drop it",
+            )
+            require(
+                self.kind == "server", "engine.admin_token_file", self.admin_token_file,
+                "an admin token is for engine.kind: server; drop it or set engine.kind=server",
+            )
         if self.kind == "server":
             require(
                 bool(self.servers), "engine.servers", self.servers,

@@ -10,6 +10,7 @@ task's tokens. This module turns a step's metrics into that verdict and its warn
 
 from __future__ import annotations
 
+from lorasync.sync.base import Scorer
 from lorasync.sync.verify import Verification, judge, measure_floor, verdict_probes
 from lorasync.sync.weight_check import WeightCheck, check_weights, rotating_slice
 
@@ -25,7 +26,7 @@ class Floor:
         self.pending = False
 
     def measure(self, model, engine, task: bool) -> None:
-        if not callable(getattr(engine, "score", None)):
+        if not isinstance(engine, Scorer):
             return  # an `Engine` need not be a `Scorer`: judged by the tolerance
         self.value = measure_floor(model, engine, verdict_probes(engine.vocab_size))
         self.pending = task
@@ -43,8 +44,8 @@ class WeightChecks:
     (they hold shards, not the values a check compares with) or against shared servers (every
     rank would read the same servers back)."""
 
-    def __init__(self, sync, config, dist) -> None:
-        one_view = not dist.active or (config.parallel.mode == "ddp" and config.engine.kind == "colocated")
+    def __init__(self, sync, config, dist, shared: bool) -> None:
+        one_view = not dist.active or (config.parallel.mode == "ddp" and not shared)
         self.sync, self.done = sync, 0
         self.slices = config.sync.weight_check_slices if one_view else 0
 

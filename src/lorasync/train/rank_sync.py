@@ -6,6 +6,7 @@ checkpoints), or, for a merged sync, tensor by tensor as the engine takes them, 
 running the same stream (`Gathering`); a rank interleaving its gathers with rank 0's send is
 the hang of TRL #7103. Colocated, each rank syncs its own engine; into shared servers only rank
 0 sends, and no rank goes on before it is done (a barrier on the version, `sync_policy`).
+`train/generation.py` wires these together for the trainer.
 """
 
 from __future__ import annotations
@@ -61,23 +62,19 @@ def gathered(model: torch.nn.Module, d: Dist, tally: Gathering | None = None) ->
 
 
 class Gathering:
-    """The engine a sync sends to under FSDP2. Each tensor the engine takes (or each part of a
-    lazy `MergedWeight`: base weight and factors) is gathered with `full_tensor()` as the
-    engine asks for it, so a rank holds the whole of one tensor at a time, never the whole
-    model: the merged strategies' base weights, merged (`merge-unmerge`: PEFT's merge, on the
-    shards) or not. Every rank runs the same sync, so the gathers run in the same order on
-    all; on ranks that do not send (`sends=False`: ranks > 0 into shared servers) the gathered
-    tensors are dropped. `peak_bytes`: the most bytes of gathered tensors alive at once since
-    `gathering_metrics` last read it. The rest is the engine's."""
+    """How a sync's tensor streams reach the engine under FSDP2 (`WeightSync(load_weights=...)`).
+    Each tensor the engine takes (or each part of a lazy `MergedWeight`: base weight and
+    factors) is gathered with `full_tensor()` as the engine asks for it, so a rank holds the
+    whole of one tensor at a time, never the whole model: the merged strategies' base
+    weights, merged (`merge-unmerge`: PEFT's merge, on the shards) or not. Every rank runs the
+    same sync, so the gathers run in the same order on all; on ranks that do not send
+    (`sends=False`: ranks > 0 into shared servers) the gathered tensors are dropped.
+    `peak_bytes`: the most bytes of gathered tensors alive at once since `gathering_metrics`
+    last read it. It is not an engine: the sync keeps the engine itself for everything else."""
 
     def __init__(self, engine, d: Dist, sends: bool = True) -> None:
         self.engine, self.d, self.sends = engine, d, sends
         self.live = self.peak_bytes = 0
-
-    def __getattr__(self, name: str):  # only what this class lacks; never `engine` (a copy)
-        if name == "engine" or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.engine, name)
 
     def load_weights(self, weights) -> int:
         with failures(self.d, "gathering a tensor for the sync"):
@@ -111,35 +108,35 @@ class Gathering:
         self.live -= size
 
 
-def sync_target(engine, d: Dist, shared: bool):
-    """What `WeightSync` sends to: the engine, or under FSDP2 the engine behind `Gathering`
-    (which sends from rank 0 alone into shared servers)."""
+def gathering(engine, d: Dist, shared: bool) -> Gathering | None:
+    """Under FSDP2, what the sync's streams go through (`WeightSync(load_weights=...)`):
+    rank 0 alone sends into shared servers. None otherwise: straight to the engine."""
     if d.active and d.mode == "fsdp2":
         return Gathering(engine, d, sends=d.main or not shared)
-    return engine
+    return None
 
 
-def sync_policy(sync: WeightSync, d: Dist, shared: bool):
+def sync_policy(sync: WeightSync, d: Dist, shared: bool, tally: Gathering | None = None):
     """One sync of the policy on every rank: returns the `SyncReport` (rank 0's when shared).
 
     Colocated (`shared=False`), each rank syncs its own engine: the policy is the same on all
     ranks after the gradient all-reduce. Into shared servers rank 0 sends; the others wait at
     a barrier and receive its report, so no rank generates before the new version is served.
     Under FSDP2 a factor or adapter sync (or `auto`'s choice) reads the trainable parameters,
-    gathered first (`gathered`); a merged sync runs on every rank, its engine behind
-    `Gathering` (`sync_target`), each base weight gathered as it is sent."""
+    gathered first (`gathered`); a merged sync runs on every rank, its streams through
+    `Gathering` (`tally`, which counts the gathered bytes), each base weight gathered as it is
+    sent."""
     merged = sync.strategy in MERGED
     runs = d.main or not shared or (merged and d.mode == "fsdp2")
-    tally = sync.engine if isinstance(sync.engine, Gathering) else None
     with contextlib.nullcontext() if merged else gathered(sync.model, d, tally):
         report = sync() if runs else None
     return broadcast_object(report, d, "waiting for rank 0's sync into the servers") if shared else report
 
 
-def gathering_metrics(target) -> dict:
+def gathering_metrics(tally: Gathering | None) -> dict:
     """`sync_gathered_mb`: the most megabytes of gathered (whole) tensors this rank held at
     once in the syncs since the last call, under FSDP2 (`Gathering`); nothing otherwise."""
-    if not isinstance(target, Gathering):
+    if tally is None:
         return {}
-    peak, target.peak_bytes = target.peak_bytes, target.live
+    peak, tally.peak_bytes = tally.peak_bytes, tally.live
     return {"sync_gathered_mb": peak / 2**20}

@@ -8,18 +8,16 @@ taken against the logprobs of the policy that generated the batch; then one sync
 adapter into the engine. Every step also measures how far the engine's sampling logprobs are
 from the trainer's on the same tokens: the live health check of the sync.
 
-The trainer talks to the engine through `Generator` (generate) and `WeightSync` only; it
-knows nothing of vLLM, and works the same with a colocated engine or running servers. On N
-ranks (torchrun) it trains data-parallel; what differs is in `distributed.py`.
+The trainer talks to the engine through one object, `generation.Generation` (batches and
+syncs); it knows nothing of vLLM, and works the same with a colocated engine or running
+servers. On N ranks (torchrun) it trains data-parallel; what differs is in `distributed.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -32,16 +30,16 @@ from lorasync.checkpoint import DTYPES, dtype_name
 from lorasync.sync.base import Engine
 from lorasync.sync.policy import lora_targets
 from lorasync.sync.verify import default_tolerance
-from lorasync.sync.weight_sync import WeightSync
-from lorasync.train import checkpoints, distributed, rank_sync
+from lorasync.train import checkpoints, distributed
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
 from lorasync.train.data import batch_at, encode_prompt, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
-from lorasync.train.health import Floor, WeightChecks, health_warning, weight_metrics
+from lorasync.train.generation import Generation
+from lorasync.train.health import Floor, health_warning, weight_metrics
 from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
 from lorasync.train.producer import Producer, StaleBatch
-from lorasync.train.rollout import Generated, Rollout, completion_logprobs, generate, score
+from lorasync.train.rollout import Generated, Rollout, completion_logprobs, score
 from lorasync.train.snapshots import PolicySnapshots
 
 
@@ -50,7 +48,6 @@ class GRPOTrainer:
 
     def __init__(self, config: TrainConfig, engine: Engine) -> None:
         self.config = config
-        self.engine = engine
         self.out = Path(config.output_dir)
         if engine.dtype != DTYPES[config.model.dtype]:
             raise ConfigError(
@@ -82,18 +79,10 @@ class GRPOTrainer:
             optim.schedule, self.optimizer, optim.warmup_steps, optim.steps * optim.num_iterations
         )
         rollout = config.rollout
-        tokens_per_step = rollout.prompts_per_step * rollout.num_generations * rollout.max_tokens
-        target = rank_sync.sync_target(engine, self.dist, config.engine.kind == "server")
-        self.sync = WeightSync(
-            self.model, target, config.sync.strategy,
-            tokens_per_step=tokens_per_step if config.sync.strategy == "auto" else None,
-        )
+        self.generation = Generation(engine, self.model, config, self.dist)
         self.tolerance = config.logprob_tolerance or default_tolerance(config.model.dtype)
         self.floor = Floor()  # what the logprob level is judged against (measured in train())
-        self.weight_checks = WeightChecks(self.sync, config, self.dist)
         self.step = 0
-        # generation and syncs take turns on the engine (async mode: in two threads)
-        self.engine_lock = threading.Lock()
         # the policies a batch may still come from: the last max_staleness (0 in sync mode)
         self.snapshots = PolicySnapshots(self.model, rollout.max_staleness + 1 if rollout.mode == "async" else 0)
 
@@ -112,15 +101,6 @@ class GRPOTrainer:
         if path is not None:
             self.step = checkpoints.load(path, self.model, self.optimizer, self.scheduler, self.dist)
         return path
-
-    def _sync(self):
-        """One sync of the policy (on N ranks: `rank_sync.sync_policy`)."""
-        shared = self.config.engine.kind == "server"
-        with self.engine_lock:
-            report = rank_sync.sync_policy(self.sync, self.dist, shared)
-            if shared and not self.dist.main:  # rank 0 synced the servers: checked, this version
-                self.engine.follow(report.version)
-        return report
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -178,8 +158,7 @@ class GRPOTrainer:
         cfg, d = self.config, self.dist
         rows = distributed.shard(batch_at(self.rows, step, cfg.rollout.prompts_per_step, cfg.optim.seed), d)
         seed = cfg.optim.seed * 100_003 + step * d.world + d.rank
-        with self.engine_lock if cfg.rollout.in_flight == "wait" else contextlib.nullcontext():
-            return generate(self.engine, self.tokenizer, cfg, rows, seed=seed)
+        return self.generation.generate(self.tokenizer, rows, seed)
 
     def train_step(self, producer: Producer[Generated] | None = None) -> dict:
         """Take one step's batch (from `producer`, or generate it now), take μ optimizer steps
@@ -191,12 +170,12 @@ class GRPOTrainer:
             wait = generated.seconds
         else:
             generated, wait = producer.get(self.step)
-        current = self.engine.weight_version  # the policy this step trains, as served
+        current = self.generation.weight_version  # the policy this step trains, as served
         staleness = current - generated.version
         if staleness > cfg.rollout.max_staleness:
             raise StaleBatch(
                 f"step {self.step + 1}: its batch was sampled at weight version {generated.version}, "
-                f"{staleness} behind the engine's {self.engine.weight_version}; "
+                f"{staleness} behind the engine's {current}; "
                 f"rollout.max_staleness is {cfg.rollout.max_staleness}"
             )
         # μ = 1 without LoRA dropout: the update's forward pass, in eval mode (no dropout;
@@ -213,8 +192,8 @@ class GRPOTrainer:
         # the health check: the engine's sampling logprobs against the policy that sampled
         # them, the trainer's before this update (fresh batch) or a kept snapshot (stale one)
         health = batch.health() if staleness == 0 else self._stale_health(batch)
-        report = self._sync()
-        weights = self.weight_checks(self.engine_lock)
+        report = self.generation.sync_policy()
+        weights = self.generation.check_weights()
         self.snapshots.record(report.version)
         self.step += 1
         if producer is not None:
@@ -222,7 +201,7 @@ class GRPOTrainer:
         metrics = step_metrics(
             self.step, batch, parts, norms, report, self.scheduler.get_last_lr()[0],
             time.perf_counter() - start, wait, current, health,
-        ) | rank_sync.gathering_metrics(self.sync.engine) | weight_metrics(weights)
+        ) | self.generation.metrics() | weight_metrics(weights)
         return distributed.reduce_metrics(metrics, batch.rewards, self.dist)
 
     def _stale_health(self, batch: Rollout) -> dict[str, float]:
@@ -252,11 +231,11 @@ class GRPOTrainer:
             (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2))
         # An engine as built serves the checkpoint, which a fresh adapter (B = 0) equals; a
         # resumed policy, or an engine that served anything since, needs the current policy.
-        if resumed or distributed.broadcast_object(self.engine.weight_version, self.dist) > 0:
-            self._sync()
+        if resumed or distributed.broadcast_object(self.generation.weight_version, self.dist) > 0:
+            self.generation.sync_policy()
         elif self.config.logprob_tolerance is None:  # while the engine serves the checkpoint
-            self.floor.measure(self.model, self.engine, task=self.config.rollout.mode == "sync")
-        self.snapshots.record(self.engine.weight_version)
+            self.floor.measure(self.model, self.generation.engine, task=self.config.rollout.mode == "sync")
+        self.snapshots.record(self.generation.weight_version)
         steps, rollout = self.config.optim.steps, self.config.rollout
         producer = None
         if rollout.mode == "async":
@@ -293,8 +272,7 @@ class GRPOTrainer:
     def sample(self, prompts: list[str], max_tokens: int, seed: int = 0) -> list[str]:
         """One low-temperature completion per prompt from the engine, for before/after reports."""
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        outs = self.engine.generate(ids, max_tokens, temperature=0.7, n=1, seed=seed)
-        return [group[0].text for group in outs]
+        return [c.text for c in self.generation.complete(ids, max_tokens, 0.7, seed)]
 
 
 def step_metrics(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lorasync.commands.verdict_report import format_table
+from lorasync.bench.verdict_report import format_table
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from tests.helpers import run_lorasync
 

@@ -1,4 +1,4 @@
-"""`lorasync bench train`: lorasync and TRL's GRPOTrainer on the same run, end to end on a tiny
+"""`lorasync bench trl`: lorasync and TRL's GRPOTrainer on the same run, end to end on a tiny
 model (the numbers' relations, not their values: a shared 2-core machine), and the run's
 settings: refused with the fix, and the TRL side's batch shape, rows and rewards as lorasync's."""
 
@@ -10,8 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorasync.commands.cli import main
-from lorasync.commands.train_bench import (
-    TrainBenchConfig, format_table, step_rows, train_config, trl_args, trl_rewards,
+from lorasync.bench.trl import (
+    TrlBenchConfig, format_table, step_rows, train_config, trl_args, trl_rewards,
 )
 from lorasync.train.data import batch_at, load_rows
 from tests.helpers import run_lorasync
@@ -34,9 +34,9 @@ def chat_model(tiny_model, tmp_path_factory) -> str:
 
 
 @pytest.mark.vllm
-def test_bench_train_runs_both_sides_and_reports_consistent_numbers(chat_model, tmp_path):
+def test_bench_trl_runs_both_sides_and_reports_consistent_numbers(chat_model, tmp_path):
     r = run_lorasync(
-        "bench", "train", "--model", chat_model, "--steps", str(STEPS), "--eval-n", "8",
+        "bench", "trl", "--model", chat_model, "--steps", str(STEPS), "--eval-n", "8",
         "--prompts-per-step", "2", "--num-generations", "2", "--out", str(tmp_path / "out"), "--json",
         cwd=tmp_path, timeout=600,
     )
@@ -86,19 +86,19 @@ def model_dir(tmp_path) -> str:
 )
 def test_config_refuses_bad_values_with_the_fix(model_dir, field, value, match):
     with pytest.raises(ValueError, match=match):
-        TrainBenchConfig(model=model_dir, **{field: value})
+        TrlBenchConfig(model=model_dir, **{field: value})
 
 
 def test_config_needs_a_model_folder(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--model = .*: no config.json there"):
-        TrainBenchConfig(model=str(tmp_path))
+        TrlBenchConfig(model=str(tmp_path))
     # the CLI says so in one line, exit status 2, before anything is built
-    assert main(["bench", "train", "--model", str(tmp_path), "--steps", "2"]) == 2
+    assert main(["bench", "trl", "--model", str(tmp_path), "--steps", "2"]) == 2
     assert "lorasync bench: error: --model" in capsys.readouterr().err
 
 
 def test_trl_takes_one_optimizer_step_per_generation_batch_of_the_same_shape(model_dir):
-    config = TrainBenchConfig(model=model_dir, prompts_per_step=4, num_generations=6, grad_accum=3)
+    config = TrlBenchConfig(model=model_dir, prompts_per_step=4, num_generations=6, grad_accum=3)
     args = trl_args(config)
     # TRL 1.16: one generation batch of all the step's completions, one optimizer step over it
     assert args.generation_batch_size == config.completions == 24
@@ -111,7 +111,7 @@ def test_trl_takes_one_optimizer_step_per_generation_batch_of_the_same_shape(mod
 
 
 def test_trl_reads_lorasync_s_prompts_in_lorasync_s_order(model_dir):
-    train = train_config(TrainBenchConfig(model=model_dir, steps=3, prompts_per_step=4))
+    train = train_config(TrlBenchConfig(model=model_dir, steps=3, prompts_per_step=4))
     rows, all_rows = step_rows(train), load_rows(train.data)
     assert len(rows) == 12 and len({r["prompt"][0]["content"] for r in rows}) == 12  # one epoch
     for step in range(3):
@@ -119,7 +119,7 @@ def test_trl_reads_lorasync_s_prompts_in_lorasync_s_order(model_dir):
 
 
 def test_trl_rewards_score_cut_off_completions_as_lorasync_does(tiny_model):
-    config = TrainBenchConfig(model=tiny_model("qwen2"), max_tokens=3)
+    config = TrlBenchConfig(model=tiny_model("qwen2"), max_tokens=3)
     (correct, number_only), weights = trl_rewards(config)
     eos = AutoTokenizer.from_pretrained(config.model).eos_token_id
     ids = [[5, 6, eos], [5, 6, 7], [5, eos]]  # ended at the limit, cut off, ended early

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 
 from lorasync import machine
 from lorasync.checkpoint import DTYPES, check_dtype
-from lorasync.commands.tiny import ARCHITECTURES, SHAPES, make_tiny_model
+from lorasync.models.tiny import ARCHITECTURES, SHAPES, make_tiny_model
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.auto import ADAPTER, STREAMING, Measurements, choose_strategy
 from lorasync.sync.merge_kernel import Kernel

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lorasync.commands.eval import EvalConfig, format_result
+from lorasync.tasks.eval import EvalConfig, format_result
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from tests.helpers import run_lorasync
 

@@ -1,4 +1,4 @@
-"""What `lorasync bench train --rollout` shows: the table, the ratios to sync, the plot.
+"""What `lorasync bench rollout` shows: the table, the ratios to sync, the plot.
 
 Each run of the bench is keyed: `sync`, `async` (in-flight syncs wait for the running
 requests) and `async-keep` (they land in flight: `rollout.in_flight: keep`).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-TINY = "tiny"  # --model tiny (rollout_bench.TINY)
+TINY = "tiny"  # --model tiny (rollout.TINY)
 LAST_STEPS = 5  # "reward last": the mean over this many final steps (all, in shorter runs)
 ASYNC_RUNS = {"wait": "async", "keep": "async-keep"}  # the key of an async run by in_flight
 
@@ -34,7 +34,7 @@ def heading(result: dict) -> str:
     c = result["config"]
     model = "tiny demo model" if c["model"] == TINY else c["model"]
     return (
-        f"bench train --rollout: {model}, {c['task']}, {result['engine']['kind']} engine, "
+        f"bench rollout: {model}, {c['task']}, {result['engine']['kind']} engine, "
         f"{c['steps']} steps x {c['prompts_per_step']} prompts x {c['num_generations']} completions "
         f"(max {c['max_tokens']} tokens), {c['dtype']}, seed {c['seed']}, on {result['machine']['cpu_model']}"
     )

@@ -1,5 +1,5 @@
 """`lorasync bench verdict`'s report: the table people read, with the machine, date, commit and
-command the numbers came from (`verdict_bench.py` measures)."""
+command the numbers came from (`verdict.py` measures)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lorasync.commands.bench import BenchConfig, bench_model_dir, bench_policy
+from lorasync.bench.sync import BenchConfig, bench_model_dir, bench_policy
 from lorasync.sync.merge_kernel import Kernel
 from lorasync.sync.verify import TOLERANCES
 from lorasync.sync.weight_sync import WeightSync

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from lorasync import machine
-from lorasync.commands.bench import DECODE_PROMPT_TOKENS, DECODE_PROMPTS, DECODE_TOKENS, BenchConfig, bench_model_dir
+from lorasync.bench.sync import DECODE_PROMPT_TOKENS, DECODE_PROMPTS, DECODE_TOKENS, BenchConfig, bench_model_dir
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.policy import AdapterSpec, attach_random_adapter
 from lorasync.sync.verify import probe_sequences

@@ -1,4 +1,4 @@
-"""`lorasync bench train --rollout sync,async`: lorasync's trainer with synchronous and
+"""`lorasync bench rollout`: lorasync's trainer with synchronous and
 asynchronous rollouts (docs/async.md), the same run each way.
 
 Every mode trains the same model on the same task with the same seed, steps, batch shape,
@@ -36,7 +36,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasync.commands.rollout_report import (
+from lorasync.bench.rollout_report import (
     ASYNC_RUNS, LAST_STEPS, TINY, format_table, heading, plot_reward_vs_time, ratios,
 )
 from lorasync.server import IN_FLIGHT
@@ -72,16 +72,16 @@ class RolloutBenchConfig:
         self.modes = tuple(self.modes)
         flag = ",".join(self.modes)
         for mode in self.modes:
-            require(mode in ROLLOUT_MODES, "--rollout", flag,
+            require(mode in ROLLOUT_MODES, "--modes", flag,
                     f"{mode!r} is not a rollout mode; use {', '.join(ROLLOUT_MODES)} or both (sync,async)")
-        require(bool(self.modes), "--rollout", flag, "name a mode: sync, async or both (sync,async)")
-        require(len(set(self.modes)) == len(self.modes), "--rollout", flag, "name each mode once")
+        require(bool(self.modes), "--modes", flag, "name a mode: sync, async or both (sync,async)")
+        require(len(set(self.modes)) == len(self.modes), "--modes", flag, "name each mode once")
         if self.max_staleness is None:
             self.max_staleness = 1 if "async" in self.modes else 0
         require(self.max_staleness >= 0, "--max-staleness", self.max_staleness,
                 "a batch cannot come from a newer policy than the trained one: use >= 0")
         require("async" in self.modes or self.max_staleness == 0, "--max-staleness", self.max_staleness,
-                "only async rollouts run ahead of the policy: add async (--rollout sync,async) "
+                "only async rollouts run ahead of the policy: add async (--modes sync,async) "
                 "or drop --max-staleness")
         require(self.engine in ENGINES, "--engine", self.engine, f"use one of {', '.join(ENGINES)}")
         self.in_flight = tuple(self.in_flight)
@@ -90,7 +90,7 @@ class RolloutBenchConfig:
                 "--in-flight", flag, f"name each of {', '.join(IN_FLIGHT)} at most once (e.g. wait,keep)")
         require("keep" not in self.in_flight or ("async" in self.modes and self.engine == "server"),
                 "--in-flight", flag, "keep lets syncs land in an async batch on a server: add "
-                "--rollout async and --engine server, or drop it")
+                "async to --modes and --engine server, or drop it")
         require(self.dtype in DTYPES_COMPARED, "--dtype", self.dtype, f"use one of {', '.join(DTYPES_COMPARED)}")
         require(bool(self.model), "--model", self.model, f"pass {TINY}, a model folder or a hub name")
         require(bool(self.out), "--out", self.out, "name an output folder")
@@ -141,7 +141,7 @@ def task_defaults(tiny: bool) -> dict:
 
 
 def _log(message: str) -> None:
-    print(f"[bench train --rollout] {message}", file=sys.stderr, flush=True)
+    print(f"[bench rollout] {message}", file=sys.stderr, flush=True)
 
 
 # -- the model, the engine, the runs ----------------------------------------------------------
@@ -152,7 +152,7 @@ def tiny_base(out: Path) -> Path:
     `lorasync demo --tiny`), then reused. Built aside and moved in, so a half-built one is
     never taken for a finished one."""
     from lorasync.commands.demo import pretrain
-    from lorasync.commands.tiny import make_tiny_model
+    from lorasync.models.tiny import make_tiny_model
 
     base = out / "base"
     if (base / "model.safetensors").is_file():

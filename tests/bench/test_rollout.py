@@ -1,4 +1,4 @@
-"""`lorasync bench train --rollout`: lorasync's trainer with sync and async rollouts, the same
+"""`lorasync bench rollout`: lorasync's trainer with sync and async rollouts, the same
 run each way. Flags refused with the fix before anything is built; the modes' configs alike
 but for the rollout mode; the summary and its table; the server stopped on error; and, marked
 vllm, the bench end to end on the tiny model (the JSON's structure and the numbers' relations,
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from lorasync.commands.cli import main
-from lorasync.commands.rollout_bench import (
+from lorasync.bench.rollout import (
     LAST_STEPS, RolloutBenchConfig, bench_engine, format_table, ratios, summarize, task_defaults,
     tiny_base, train_config,
 )
-from lorasync.commands.rollout_report import plot_reward_vs_time
-from lorasync.commands.train_bench import TrainBenchConfig
+from lorasync.bench.rollout_report import plot_reward_vs_time
+from lorasync.bench.trl import TrlBenchConfig
 from tests.helpers import run_lorasync
 
 STEPS, K = 3, 1
@@ -24,27 +24,19 @@ STEPS, K = 3, 1
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--rollout", "sync,asink"],
-         "--rollout = 'sync,asink': 'asink' is not a rollout mode; use sync, async or both (sync,async)"),
-        (["--rollout", "sync,sync"], "--rollout = 'sync,sync': name each mode once"),
-        (["--rollout", "sync,async", "--max-staleness", "-1"], "--max-staleness = -1: a batch cannot come "
+        (["--modes", "sync,asink"],
+         "--modes = 'sync,asink': 'asink' is not a rollout mode; use sync, async or both (sync,async)"),
+        (["--modes", "sync,sync"], "--modes = 'sync,sync': name each mode once"),
+        (["--max-staleness", "-1"], "--max-staleness = -1: a batch cannot come "
          "from a newer policy than the trained one: use >= 0"),
-        (["--rollout", "sync", "--max-staleness", "1"], "--max-staleness = 1: only async rollouts run ahead "
-         "of the policy: add async (--rollout sync,async) or drop --max-staleness"),
-        (["--max-staleness", "1"], "--max-staleness = 1: it is for comparing rollout modes: add --rollout"),
-        (["--engine", "server"], "--engine = 'server': it is for comparing rollout modes: add --rollout"),
-        (["--rollout", "sync,async", "--eval-n", "5"], "--eval-n = 5: it is for the TRL comparison"),
-        (["--rollout", "async", "--task", "arith"], "--task = 'arith': --model tiny learns the tiny demo's "
-         "toy task (write digits) only: drop --task"),
-        (["--rollout", "sync,async", "--grad-accum", "3"],
-         "--grad-accum = 3: must divide prompts-per-step x num-generations = 32"),
-        ([], "--model = 'tiny': the tiny demo model is for comparing rollout modes (add --rollout sync,async)"),
-        (["--rollout", "sync,async", "--engine", "server", "--in-flight", "keep,hold"],
+        (["--modes", "sync", "--max-staleness", "1"], "--max-staleness = 1: only async rollouts run ahead "
+         "of the policy: add async (--modes sync,async) or drop --max-staleness"),
+        (["--grad-accum", "3"], "--grad-accum = 3: must divide prompts-per-step x num-generations = 32"),
+        (["--engine", "server", "--in-flight", "keep,hold"],
          "--in-flight = 'keep,hold': name each of wait, keep at most once (e.g. wait,keep)"),
-        (["--rollout", "sync,async", "--in-flight", "keep"], "--in-flight = 'keep': keep lets syncs land in "
-         "an async batch on a server: add --rollout async and --engine server, or drop it"),
-        (["--rollout", "sync", "--engine", "server", "--in-flight", "keep"], "--in-flight = 'keep': keep lets"),
-        (["--in-flight", "keep"], "--in-flight = 'keep': it is for comparing rollout modes: add --rollout"),
+        (["--in-flight", "keep"], "--in-flight = 'keep': keep lets syncs land in "
+         "an async batch on a server: add async to --modes and --engine server, or drop it"),
+        (["--modes", "sync", "--engine", "server", "--in-flight", "keep"], "--in-flight = 'keep': keep lets"),
     ],
 )
 def test_bad_flags_are_refused_naming_flag_value_and_fix(flags, message, capsys, tmp_path, monkeypatch):
@@ -52,9 +44,8 @@ def test_bad_flags_are_refused_naming_flag_value_and_fix(flags, message, capsys,
         raise AssertionError("the bench started: the flags were not refused")
 
     # exit status 2 and one line, before any model, engine or server is built
-    monkeypatch.setattr("lorasync.commands.rollout_bench.run_rollout_bench", runs)
-    monkeypatch.setattr("lorasync.commands.train_bench.run_train_bench", runs)
-    assert main(["bench", "train", "--model", "tiny", "--out", str(tmp_path / "out"), *flags]) == 2
+    monkeypatch.setattr("lorasync.bench.rollout.run_rollout_bench", runs)
+    assert main(["bench", "rollout", "--model", "tiny", "--out", str(tmp_path / "out"), *flags]) == 2
     assert f"lorasync bench: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -69,7 +60,7 @@ def test_shape_defaults_are_the_tiny_demo_s_and_the_trl_bench_s(tmp_path):
     assert task_defaults(True) == dict(prompts_per_step=4, num_generations=8, max_tokens=12, lr=2e-3,
                                        rank=16, grad_accum=1)  # as --help says
     (tmp_path / "config.json").write_text("{}")
-    trl = TrainBenchConfig(model=str(tmp_path))
+    trl = TrlBenchConfig(model=str(tmp_path))
     assert task_defaults(False) == {k: getattr(trl, k) for k in task_defaults(False)}
 
 
@@ -197,7 +188,7 @@ def test_the_server_is_stopped_when_it_fails_to_start(monkeypatch, tmp_path):
 @pytest.mark.vllm
 def test_bench_runs_both_modes_on_the_tiny_model(tmp_path):
     r = run_lorasync(
-        "bench", "train", "--model", "tiny", "--rollout", "sync,async", "--max-staleness", str(K),
+        "bench", "rollout", "--model", "tiny", "--modes", "sync,async", "--max-staleness", str(K),
         "--steps", str(STEPS), "--out", str(tmp_path / "out"), "--json", cwd=tmp_path, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]

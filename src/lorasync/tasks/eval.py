@@ -6,6 +6,10 @@ assistant's turn (the tokenizer's EOS: `<|im_end|>` for SmolLM2) or at `max_toke
 completion cut off there scores 0. With an adapter, the policy (base + adapter) is synced
 into the engine by the streaming sync before anything is generated: the numbers are those
 of the policy as training serves it.
+
+`evaluate` and `format_result` take an engine already open (any `Engine`: the demo
+measures the engine it trains with); `run_eval` opens one, as `lorasync eval` does. Prompts
+are encoded as training encodes them (`lorasync.train.data.encode_prompt`).
 """
 
 from __future__ import annotations

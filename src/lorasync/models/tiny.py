@@ -31,7 +31,8 @@ ARCHITECTURES = ("qwen2", "llama", "qwen3", "gpt2", "gemma3", "phi3")
 GEMMA3_SLIDING_WINDOW = 8
 TOKENIZER_VOCAB = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
-_WORDS = (
+# The synthetic corpus's words (`synthetic_corpus`); the tiny demo draws its prompts from them.
+WORDS = (
     "the a one two three four five six seven eight nine zero cat dog sun moon red blue "
     "green fast slow up down left right yes no and or not is was will be have has do "
     "train sync model weight adapter engine token reward step policy value learn"
@@ -87,7 +88,7 @@ def synthetic_corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n_lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 12))]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
         digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 6)))
         lines.append(" ".join(words) + f" {digits}.")
     return lines

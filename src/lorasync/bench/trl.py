@@ -1,4 +1,4 @@
-"""`lorasync bench train`: `lorasync train` against TRL 1.16's GRPOTrainer (colocated vLLM), same run.
+"""`lorasync bench trl`: `lorasync train` against TRL 1.16's GRPOTrainer (colocated vLLM), same run.
 
 Both sides get the same model, task rows (the same prompts at the same step), rewards and
 weights, LoRA (rank, alpha 2 x rank, all-linear), optimizer (AdamW, constant lr, weight decay
@@ -40,7 +40,7 @@ DTYPES_COMPARED = ("float32", "bfloat16")  # TRL: bf16 autocast or none
 
 
 @dataclass
-class TrainBenchConfig:
+class TrlBenchConfig:
     model: str  # a local model folder (the CLI resolves hub names)
     task: str = "arith"
     steps: int = 10
@@ -52,7 +52,7 @@ class TrainBenchConfig:
     grad_accum: int = 2
     eval_n: int = 200
     dtype: str = "float32"
-    out: str = "runs/bench_train"
+    out: str = "runs/bench_trl"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,13 +78,13 @@ class TrainBenchConfig:
 
 
 def _log(message: str) -> None:
-    print(f"[bench train] {message}", file=sys.stderr, flush=True)
+    print(f"[bench trl] {message}", file=sys.stderr, flush=True)
 
 
 # -- the shared run ------------------------------------------------------------------------
 
 
-def train_config(config: TrainBenchConfig):
+def train_config(config: TrlBenchConfig):
     """The lorasync TrainConfig of the run (the TRL side is built to match it)."""
     from lorasync.train.config import (
         DataConfig, LoraSettings, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig,
@@ -127,9 +127,9 @@ def summarize(steps: list[dict]) -> dict:
     return out
 
 
-def accuracy(config: TrainBenchConfig, adapter: str | None) -> dict:
+def accuracy(config: TrlBenchConfig, adapter: str | None) -> dict:
     """Held-out accuracy (greedy) of the base model or base + adapter."""
-    from lorasync.commands.eval import EvalConfig, run_eval
+    from lorasync.tasks.eval import EvalConfig, run_eval
 
     result = run_eval(EvalConfig(model=config.model, adapter=adapter, task=config.task, split="test",
                                  n=config.eval_n, temperature=0.0, max_tokens=config.max_tokens,
@@ -141,7 +141,7 @@ def accuracy(config: TrainBenchConfig, adapter: str | None) -> dict:
 # -- lorasync ------------------------------------------------------------------------------
 
 
-def run_lorasync(config: TrainBenchConfig) -> dict:
+def run_lorasync(config: TrlBenchConfig) -> dict:
     """`lorasync train` on the run; its per-step metrics and the saved adapter's folder."""
     from lorasync.engines.open import open_engine
     from lorasync.train import checkpoints
@@ -177,7 +177,7 @@ def _stop_ids(model: str) -> set[int]:
     return ids - {None}
 
 
-def trl_rewards(config: TrainBenchConfig) -> tuple[list, list[float]]:
+def trl_rewards(config: TrlBenchConfig) -> tuple[list, list[float]]:
     """The task's reward functions and weights for TRL. `correct` gets the `truncated` column
     lorasync gives it (cut off at max_tokens without ending the turn: scores 0) from TRL's
     `completion_ids`."""
@@ -197,7 +197,7 @@ def trl_rewards(config: TrainBenchConfig) -> tuple[list, list[float]]:
     return funcs, [weight for _, weight in TASK_REWARDS[config.task]]
 
 
-def trl_args(config: TrainBenchConfig):
+def trl_args(config: TrlBenchConfig):
     """GRPOConfig matching the lorasync run (see the module docstring for the batch shape)."""
     from trl import GRPOConfig
 
@@ -215,7 +215,7 @@ def trl_args(config: TrainBenchConfig):
     )
 
 
-def build_trl(config: TrainBenchConfig, rows: list[dict]):
+def build_trl(config: TrlBenchConfig, rows: list[dict]):
     """TRL's GRPOTrainer on the rows, its vLLM engine in this process."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -296,7 +296,7 @@ class StepTimes:
         return Timer()
 
 
-def run_trl(config: TrainBenchConfig, rows: list[dict]) -> dict:
+def run_trl(config: TrlBenchConfig, rows: list[dict]) -> dict:
     """TRL's GRPOTrainer on the run; its per-step times, the sync it used, its adapter."""
     from lorasync.engines import vllm_compat
     from lorasync.engines.colocated import ColocatedEngine
@@ -328,7 +328,7 @@ def run_trl(config: TrainBenchConfig, rows: list[dict]) -> dict:
 # -- the bench -----------------------------------------------------------------------------
 
 
-def run_train_bench(config: TrainBenchConfig) -> dict:
+def run_trl_bench(config: TrlBenchConfig) -> dict:
     """Both sides, then accuracies; the JSON-ready result. Progress goes to stderr, and so
     does anything the libraries print (stdout is the caller's, for the result)."""
     from lorasync import machine
@@ -337,7 +337,7 @@ def run_train_bench(config: TrainBenchConfig) -> dict:
     try:
         check_trl_version()
     except (ImportError, RuntimeError) as err:  # not installed (PackageNotFoundError), or another
-        raise ValueError(f"bench train runs TRL's GRPOTrainer, which needs TRL 1.16: {err}; "
+        raise ValueError(f"bench trl runs TRL's GRPOTrainer, which needs TRL 1.16: {err}; "
                          "pip install 'lorasync[trl]'") from None
     result: dict = {"config": asdict(config), "machine": machine.describe()}
     with redirect_stdout(sys.stderr):
@@ -362,7 +362,7 @@ def format_table(result: dict) -> str:
     c = result["config"]
     before = result["accuracy_before"]["accuracy"]
     lines = [
-        f"bench train: {c['model']}, {c['task']}, {c['steps']} steps x {c['prompts_per_step']} prompts x "
+        f"bench trl: {c['model']}, {c['task']}, {c['steps']} steps x {c['prompts_per_step']} prompts x "
         f"{c['num_generations']} completions (max {c['max_tokens']} tokens), {c['dtype']}, "
         f"on {result['machine']['cpu_model']}",
         f"{'':22}{'s/step':>9}{'gen s/step':>12}{'sync s/step':>13}{'train s/step':>14}"

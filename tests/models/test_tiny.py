@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorasync.commands.tiny import ARCHITECTURES, GEMMA3_SLIDING_WINDOW, TinyShape, make_tiny_model
+from lorasync.models.tiny import ARCHITECTURES, GEMMA3_SLIDING_WINDOW, TinyShape, make_tiny_model
 from lorasync.sync.verify import probe_sequences
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lorasync.commands.bench import BenchConfig, bench_model_dir, bench_policy
+from lorasync.bench.sync import BenchConfig, bench_model_dir, bench_policy
 from lorasync.server.client import ServerEngine
 from lorasync.server.launch import free_port, start_server, wait_healthy
 from lorasync.sync.base import Strategy

@@ -54,8 +54,8 @@ from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.tasks import arith
 from lorasync.train.data import encode_prompt
-from lorasync.commands.verdict_cases import STEP_STD, cases
-from lorasync.commands.verdict_report import git_commit, summarize
+from lorasync.bench.verdict_cases import STEP_STD, cases
+from lorasync.bench.verdict_report import git_commit, summarize
 
 # The task's own sequences in the probes: this many arith prompts, each with one completion of
 # TASK_TOKENS tokens sampled by the engine from the checkpoint.

@@ -1,4 +1,4 @@
-"""The cases `lorasync bench verdict` runs (`verdict_bench.py` runs them): right syncs, which
+"""The cases `lorasync bench verdict` runs (`verdict.py` runs them): right syncs, which
 must pass both levels of the verdict after every sync, and broken ones, each caught by at least
 one level.
 
@@ -32,7 +32,7 @@ from lorasync.sync.policy import load_policy
 from lorasync.sync.weight_sync import WeightSync
 
 if TYPE_CHECKING:
-    from lorasync.commands.verdict_bench import Bench
+    from lorasync.bench.verdict import Bench
 
 # What a training step does to the LoRA factors between two syncs: N(0, STEP_STD) per element.
 STEP_STD = 3e-4
