@@ -37,7 +37,7 @@ def test_right_syncs_pass_and_broken_ones_are_caught(result):
     assert set(rows) == CORRECT | BROKEN
     for name in CORRECT:
         row = rows[name]
-        assert row["false_alarms"] == {"weights": 0, "logprobs": 0}, (name, row)
+        assert row["false_alarms"] == {"weights": 0, "logprobs": 0, "cache": 0}, (name, row)
         assert row["weights"]["mismatches"] == 0 and row["right"], name
         assert row["verdicts"] == (1 if name in ONCE else 2)
         assert len(row["per_verdict"]) == row["verdicts"]
@@ -47,9 +47,13 @@ def test_right_syncs_pass_and_broken_ones_are_caught(result):
         assert rows[name]["right"] and rows[name]["caught_by"], (name, rows[name])
     # the weight level sees every broken case in the weights, naming the tensor
     assert all("weights" in rows[name]["caught_by"] for name in BROKEN - {"stale prefix cache"})
-    # a stale prefix cache holds the right weights: only generation's logprobs see it
-    assert rows["stale prefix cache"]["caught_by"] == ["logprobs"]
+    # a stale prefix cache holds the right weights: generation's logprobs see it, and the
+    # cache level, the engine against itself, which is exact while the cache is right
+    assert rows["stale prefix cache"]["caught_by"] == ["logprobs", "cache"]
     assert rows["stale prefix cache"]["weights"]["mismatches"] == 0
+    assert result["cache_floor"]["max_abs_diff"] == 0
+    assert rows["generation after a sync"]["cache"] == {
+        "ok": 1, "checks": 1, "mean_abs_diff": 0.0, "quantile_abs_diff": 0.0}
     assert rows["stale tensor"]["weights"]["mismatches"] == 1
     assert rows["stale tensor"]["weights"]["first_mismatch"].endswith("self_attn.q_proj.weight")
     assert rows["swapped layers"]["weights"]["mismatches"] == 2

@@ -390,6 +390,19 @@ def test_a_client_killed_with_its_payload_received_leaves_a_server_that_resumes_
     engine.close()
 
 
+def running_now(url: str) -> None:
+    """Return once the server runs a request (its metrics say so); a request sent to a cold
+    server can take a second to reach the engine."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+        if any(line.startswith("vllm:num_requests_running{") and float(line.split()[-1]) > 0
+               for line in metrics.splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the long generation did not start within 30 s")
+
+
 @pytest.mark.vllm
 def test_a_pause_the_client_gave_up_on_while_requests_drain_is_undone_by_the_client(server):
     """A long generation runs; a sync's /pause (mode wait) cannot answer before it ends, and
@@ -411,7 +424,7 @@ def test_a_pause_the_client_gave_up_on_while_requests_drain_is_undone_by_the_cli
 
     long = threading.Thread(target=long_generation)
     long.start()
-    time.sleep(0.5)  # running now
+    running_now(server.url)
     control = Control(TOKEN, timeout=1.0)
     start = time.monotonic()
     try:

@@ -86,3 +86,37 @@ def test_a_sync_check_verdict_prints_both_levels_with_their_numbers():
     result |= {"weight_check": None, "judged_against": "tolerance", "tolerance": 1e-4}
     text = format_sync_check(result)
     assert "weights: not read back" in text and "fixed tolerance 0.0001" in text
+    assert "cache: not checked" in text
+
+
+class GeneratingReceiver(ScoringReceiver):
+    """A `ScoringReceiver` that also generates: three fixed tokens per prompt, with the
+    logprobs its scoring gives them, or, with `stale`, those of the checkpoint (what keys and
+    values of the old weights left in a prefix cache would give)."""
+
+    stale = False
+
+    def generate(self, prompts, max_tokens, temperature=1.0, n=1, seed=None):
+        from lorasync.sync.base import Completion
+
+        tokens = [5, 6, 7]
+        sequences = [list(p) + tokens for p in prompts]
+        if self.stale:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+            scores = trainer_scores(model, sequences)
+        else:
+            scores = self.score(sequences)
+        return [[Completion(tokens, "", s[-3:])] for s in scores]
+
+
+def test_the_cache_level_passes_a_right_cache_and_catches_a_stale_one(base, monkeypatch):
+    monkeypatch.setattr("lorasync.sync.verify.CACHE_PROBE_LENGTH", 20)  # a tiny model's context
+    model = policy(base, rank=4)
+    result = check_sync(model, GeneratingReceiver(base), Strategy.STREAMING, base=base, dtype="float32")
+    assert result["ok"] and result["cache_ok"] and result["cache_check"]["floor"]["max_abs_diff"] == 0
+    assert "cache ok over 24 generated tokens" in format_sync_check(result)
+    stale = GeneratingReceiver(base)
+    stale.stale = True  # generation keeps serving the checkpoint after the sync
+    result = check_sync(model, stale, Strategy.STREAMING, base=base, dtype="float32")
+    assert result["logprob_ok"] and not result["cache_ok"] and not result["ok"]
+    assert "cache MISMATCH" in format_sync_check(result)

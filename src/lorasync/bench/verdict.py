@@ -1,12 +1,14 @@
 """`lorasync bench verdict`: does the sync verdict pass right syncs and catch broken ones, at
-both of its levels?
+each of its levels?
 
 One colocated engine in one dtype; the verdict's floor is measured once on it before any sync
 (engine version 0, the trainer's adapter disabled), on `verify.verdict_probes`: the random
 probe sets plus `TASK_PROMPTS` arith prompts with the engine's own sampled completions. Then
 each case syncs a policy into the same engine and runs the verdict at both levels: the weight
 level (`weight_check.check_weights`: what the engine reads back against what the policy gives)
-and the logprob level (`verify.verify`, judged by `verify.judge` against the floor).
+and the logprob level (`verify.verify`, judged by `verify.judge` against the floor). The
+generation cases add the cache level (`verify.verify_cache`: the engine's sampling logprobs
+against its own scoring), judged against its floor, measured on the long prompts at version 0.
 
 The cases (`verdict_cases.py`): right syncs (`correct`) must pass both levels after every
 sync, and every failure is a false alarm; broken ones must be caught by at least one level.
@@ -42,12 +44,14 @@ from lorasync.sync.verify import (
     QUANTILE,
     QUANTILE_FACTOR,
     Verification,
+    cache_probes,
     default_tolerance,
     judge,
+    measure_cache_floor,
     measure_floor,
-    probe_sequences,
     verdict_probes,
     verify,
+    verify_cache,
     verify_generation,
 )
 from lorasync.sync.weight_check import check_weights
@@ -60,8 +64,6 @@ from lorasync.bench.verdict_report import git_commit, summarize
 # The task's own sequences in the probes: this many arith prompts, each with one completion of
 # TASK_TOKENS tokens sampled by the engine from the checkpoint.
 TASK_PROMPTS, TASK_TOKENS = 8, 16
-# The generation cases' prompts: random ids, longer than one prefix-cache block (128 on CPU).
-LONG_PROMPTS, LONG_PROMPT_LENGTH = 8, 200
 SMOLLM2 = "smollm2-135m-instruct"
 
 def default_model() -> str:
@@ -111,7 +113,8 @@ class Bench:
         self.tolerance = default_tolerance(config.dtype)
         self.probes: list[list[int]] = []
         self.floor: Verification | None = None
-        self.long_prompts = probe_sequences(engine.vocab_size, LONG_PROMPTS, LONG_PROMPT_LENGTH, seed=config.seed + 100)
+        self.cache_floor: Verification | None = None
+        self.long_prompts = cache_probes(engine.vocab_size)
         layout = engine.checkpoint_layout()
         # in layer order (the layout's is the checkpoint's: layers.10 before layers.2)
         self.q_projs = sorted((name for name in layout if name.endswith("self_attn.q_proj.weight")),
@@ -133,6 +136,7 @@ class Bench:
         task = [p + group[0].token_ids for p, group in zip(prompts, outs)]
         self.probes = verdict_probes(self.engine.vocab_size, task)
         self.floor = measure_floor(model, self.engine, self.probes)
+        self.cache_floor = measure_cache_floor(self.engine, self.long_prompts)
 
     def policy(self, std: float, modules_to_save: tuple[str, ...] = ()) -> PeftModel:
         """The base model in the bench's dtype with a LoRA adapter on every linear layer: PEFT's
@@ -143,9 +147,10 @@ class Bench:
         return attach_random_adapter(base, spec)
 
     def measure(self, sync: WeightSync, sampled: list[list[int]] | None = None) -> dict:
-        """Both levels of the verdict on what the engine serves now; the logprob level on the
-        probes' prompt logprobs, or with `sampled` on the sampling logprobs of completions
-        the engine generates from those prompts."""
+        """The verdict on what the engine serves now: the weights and the logprob level on the
+        probes' prompt logprobs; or with `sampled`, the logprob level on the sampling
+        logprobs of completions the engine generates from those prompts, and the cache level
+        (`verify.verify_cache`) on the same prompts."""
         weights = check_weights(sync)
         if weights is None:
             raise RuntimeError("the engine cannot read its weights back (WeightReader)")
@@ -155,7 +160,11 @@ class Bench:
             check = verify_generation(sync.model, self.engine, sampled, TASK_TOKENS, self.config.seed)
         verdict = judge(check, self.tolerance, self.floor)
         floor = self.floor
-        return {
+        cache = {}
+        if sampled is not None:
+            cached = verify_cache(self.engine, sampled, seed=self.config.seed + 1)
+            cache = {"cache": cached.to_dict() | {"ok": judge(cached, self.tolerance, self.cache_floor).ok}}
+        return cache | {
             "weights": weights.to_dict(),
             "logprob": check.to_dict() | {
                 "ok": verdict.ok,
@@ -212,6 +221,7 @@ def run_verdict_bench(config: VerdictBenchConfig, progress: bool = True) -> dict
         "probes": {"sequences": len(bench.probes), "tokens": bench.floor.tokens,
                    "task_sequences": TASK_PROMPTS, "task_tokens": TASK_TOKENS},
         "floor": bench.floor.to_dict(),
+        "cache_floor": bench.cache_floor.to_dict(),
         "tolerance": bench.tolerance,
         "bounds": {"mean": verdict.mean_bound, "quantile": verdict.quantile_bound,
                    "mean_factor": MEAN_FACTOR, "quantile_factor": QUANTILE_FACTOR, "level": QUANTILE},

@@ -12,9 +12,12 @@ def summarize(case, measures: list[dict]) -> dict:
     weights = [m["weights"] for m in measures]
     logprobs = [m["logprob"] for m in measures]
     first = next((w["first_mismatch"] for w in weights if w["first_mismatch"]), None)
+    caches = [m["cache"] for m in measures if "cache" in m]  # the generation cases'
     weight_fails = sum(not w["ok"] for w in weights)
     logprob_fails = sum(not lp["ok"] for lp in logprobs)
-    caught_by = [level for level, fails in (("weights", weight_fails), ("logprobs", logprob_fails)) if fails]
+    cache_fails = sum(not c["ok"] for c in caches)
+    caught_by = [level for level, fails in (("weights", weight_fails), ("logprobs", logprob_fails),
+                                            ("cache", cache_fails)) if fails]
     if case.expected == "correct":
         right = not caught_by
     else:
@@ -38,7 +41,11 @@ def summarize(case, measures: list[dict]) -> dict:
             **{key: max(lp[key] for lp in logprobs) for key in (
                 "mean_abs_diff", "quantile_abs_diff", "max_abs_diff", "mean_ratio", "quantile_ratio", "max_ratio")},
         },
-        "false_alarms": {"weights": weight_fails, "logprobs": logprob_fails} if case.expected == "correct" else None,
+        "cache": {"ok": len(caches) - cache_fails, "checks": len(caches),
+                  "mean_abs_diff": max(c["mean_abs_diff"] for c in caches),
+                  "quantile_abs_diff": max(c["quantile_abs_diff"] for c in caches)} if caches else None,
+        "false_alarms": {"weights": weight_fails, "logprobs": logprob_fails, "cache": cache_fails}
+        if case.expected == "correct" else None,
         "caught_by": caught_by if case.expected == "broken" else None,
         "right": right,
         "per_verdict": measures,
@@ -69,17 +76,24 @@ def _lp(value: float, ratio: float) -> str:
     return f"{value:9.3g} ({ratio:.3g}x)"
 
 
+def _cache(cache: dict | None) -> str:
+    if cache is None:
+        return f"{'-':>10} {'-':>5}"
+    return f"{cache['mean_abs_diff']:>10.3g} {cache['ok']:>2}/{cache['checks']:<2}"
+
+
 def _verdict(row: dict) -> str:
     n = row["verdicts"]
     if row["expected"] == "correct":
         alarms = row["false_alarms"]
         if row["right"]:
-            return f"right: passed both levels ({n}/{n})"
+            levels = "all three levels" if row["cache"] else "both levels"
+            return f"right: passed {levels} ({n}/{n})"
         return (f"WRONG: false alarms at weights {alarms['weights']}/{n}, "
-                f"logprobs {alarms['logprobs']}/{n}")
+                f"logprobs {alarms['logprobs']}/{n}, cache {alarms['cache']}/{n}")
     if row["right"]:
         return "right: caught by " + " and ".join(row["caught_by"])
-    return "WRONG: missed by both levels"
+    return "WRONG: missed by every level"
 
 
 def format_table(result: dict) -> str:
@@ -97,13 +111,15 @@ def format_table(result: dict) -> str:
         f"floor (version 0, adapter disabled; {result['probes']['sequences']} sequences, "
         f"{floor['tokens']} tokens): mean {floor['mean_abs_diff']:.3g}, {q} {floor['quantile_abs_diff']:.3g}, "
         f"max {floor['max_abs_diff']:.3g}",
+        f"cache floor (version 0, the engine's sampling logprobs against its scoring, prompts "
+        f"cached): mean {result['cache_floor']['mean_abs_diff']:.3g}, max {result['cache_floor']['max_abs_diff']:.3g}",
         f"logprob bounds: mean <= {bounds['mean_factor']:g} x floor + {result['tolerance'] / 10:g} = "
         f"{bounds['mean']:.3g}; {q} <= {bounds['quantile_factor']:g} x floor + {result['tolerance'] / 10:g} = "
         f"{bounds['quantile']:.3g}; max not judged",
         "",
         f"{'case':<26} {'expected':<8} {'n':>3} | {'weights ok':>10} {'tensors':>7} {'mism.':>5} "
         f"{'first mismatch':<40} {'largest diff':>12} | {'logprob mean (/floor)':>21} {q + ' (/floor)':>21} "
-        f"{'max (/floor)':>21} {'ok':>5} | verdict",
+        f"{'max (/floor)':>21} {'ok':>5} | {'cache mean':>10} {'ok':>5} | verdict",
     ]
     for row in result["cases"]:
         w, lp, n = row["weights"], row["logprob"], row["verdicts"]
@@ -112,7 +128,7 @@ def format_table(result: dict) -> str:
             f"{w['tensors']:>7} {w['mismatches']:>5} {w['first_mismatch'] or '-':<40} {w['max_abs_diff']:>12.3g} | "
             f"{_lp(lp['mean_abs_diff'], lp['mean_ratio']):>21} "
             f"{_lp(lp['quantile_abs_diff'], lp['quantile_ratio']):>21} "
-            f"{_lp(lp['max_abs_diff'], lp['max_ratio']):>21} {lp['ok']:>2}/{n:<2} | {_verdict(row)}"
+            f"{_lp(lp['max_abs_diff'], lp['max_ratio']):>21} {lp['ok']:>2}/{n:<2} | {_cache(row['cache'])} | {_verdict(row)}"
         )
     lines += [
         "",

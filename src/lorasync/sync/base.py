@@ -139,6 +139,7 @@ class WeightReceiver(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int: ...
 
 
+@runtime_checkable
 class Generator(Protocol):
     """An engine the trainer samples from: `n` completions per prompt of token ids."""
 

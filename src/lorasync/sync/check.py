@@ -1,5 +1,5 @@
 """The sync-check's measurement and verdict, on an engine already open: sync N times, judge
-both levels, and say it for people (`format_sync_check`).
+the three levels (weights, logprobs, cache), and say it for people (`format_sync_check`).
 
 The engine-free half of `lorasync sync-check`. It takes any engine of `sync/base.py`'s
 interface (a `WeightReceiver`, and `Scorer`s to verify: the engine itself, or one per server),
@@ -15,8 +15,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lorasync.sync.base import Scorer, Strategy, WeightReceiver
-from lorasync.sync.verify import base_weight_change, default_tolerance, judge, measure_floor, verdict_probes, verify
+from lorasync.sync.base import Generator, Scorer, Strategy, WeightReceiver
+from lorasync.sync.verify import (
+    base_weight_change,
+    cache_probes,
+    default_tolerance,
+    judge,
+    measure_cache_floor,
+    measure_floor,
+    verdict_probes,
+    verify,
+    verify_cache,
+)
 from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync
 
@@ -41,11 +51,14 @@ def check_sync(
     floor) and judged against it; else against `tolerance` (default per `dtype`). The result
     as a JSON-ready dict; `result["ok"]` says whether parity held. The engine stays open."""
     scorers = [engine] if scorers is None else list(scorers)
-    probes = verdict_probes(engine.vocab_size)
-    floor = None
+    probes, long_prompts = verdict_probes(engine.vocab_size), cache_probes(engine.vocab_size)
+    generates = isinstance(engine, Generator)  # the cache level needs generation
+    floor = cache_floor = None
     if tolerance is None and engine.weight_version == 0:
-        # the engine still serves the checkpoint: measure the implementations' disagreement
+        # the engine still serves the checkpoint: measure the implementations' disagreement,
+        # and the engine's own with its cache, which these prompts now fill
         floor = measure_floor(model, engine, probes)
+        cache_floor = measure_cache_floor(engine, long_prompts) if generates else None
     tolerance = default_tolerance(dtype) if tolerance is None else tolerance
     sync = WeightSync(model, engine, strategy)
     reports = [sync() for _ in tqdm(range(repeat), desc="sync", disable=not progress)]
@@ -55,9 +68,16 @@ def check_sync(
     verdicts = [judge(c, tolerance, floor) for c in checks]
     worst = max(range(len(checks)), key=lambda i: checks[i].mean_abs_diff)
     logprob_ok = all(v.ok for v in verdicts)
+    # the cache level: keys and values of the old weights that the sync left in the cache
+    cache = verify_cache(engine, long_prompts, seed=2) if generates else None
+    cache_verdict = judge(cache, tolerance, cache_floor) if cache else None
     result = {
-        "ok": logprob_ok and (weights is None or weights.ok),
+        "ok": logprob_ok and (weights is None or weights.ok) and (cache_verdict is None or cache_verdict.ok),
         "logprob_ok": logprob_ok,
+        # None where the engine does not generate
+        "cache_ok": cache_verdict and cache_verdict.ok,
+        "cache_verdict": cache_verdict and cache_verdict.describe(cache),
+        "cache_check": cache and cache.to_dict() | ({"floor": cache_floor.to_dict()} if cache_floor else {}),
         "logprob_verdict": verdicts[worst].describe(checks[worst]),
         "judged_against": "floor" if floor is not None else "tolerance",
         # the weight level: None where the engine cannot read its weights back (servers)
@@ -119,6 +139,17 @@ def format_sync_check(result: dict) -> str:
         f"  logprobs {'ok' if result['logprob_ok'] else 'MISMATCH'} over {result['probe_tokens']} "
         f"tokens: {result['logprob_verdict']}; {judged}"
     )
+    cache = result.get("cache_check")
+    if cache is None:
+        lines.append("  cache: not checked (this engine does not generate)")
+    else:
+        lines.append(
+            f"  cache {'ok' if result['cache_ok'] else 'MISMATCH'} over {cache['tokens']} generated "
+            f"tokens (the engine's sampling logprobs against its own scoring): {result['cache_verdict']}"
+            + (f"; judged against the floor (mean {cache['floor']['mean_abs_diff']:.3g}, "
+               f"p99 {cache['floor']['quantile_abs_diff']:.3g})" if "floor" in cache
+               else f"; judged against the fixed tolerance {result['tolerance']:.3g}")
+        )
     if "servers" in result:
         lines.append(
             f"  over {len(result['servers'])} server(s), {result['wire_bytes'] / 1e6:.3f} MB on the "

@@ -186,6 +186,39 @@ def verify_generation(
     return Verification.of(torch.cat(diffs))
 
 
+# The cache level's probes: prompts longer than one prefix-cache block (vLLM's CPU default is
+# 128 tokens), so their first block is cached by the first request that reads them.
+CACHE_PROBES, CACHE_PROBE_LENGTH, CACHE_TOKENS = 8, 200, 16
+
+
+def cache_probes(vocab_size: int) -> list[list[int]]:
+    """The fixed long prompts `verify_cache` generates from."""
+    return probe_sequences(vocab_size, CACHE_PROBES, CACHE_PROBE_LENGTH, seed=100)
+
+
+def verify_cache(engine, prompts: Sequence[Sequence[int]], seed: int = 0,
+                 max_tokens: int = CACHE_TOKENS) -> Verification:
+    """The cache level: the engine against itself. It generates from `prompts` (generation
+    reads vLLM's prefix cache) and scores the same tokens by prompt logprobs (scoring never
+    reads it), and the two are compared. No trainer takes part, so its noise does not either:
+    on CPU they agree bit for bit while the cache is right (measured on SmolLM2 in bf16 and a
+    tiny qwen2 in float32; docs/verification.md), and keys and values of old weights left in
+    the cache, which neither the weights nor the trainer's comparison can see in bf16, show as
+    a difference. `engine` is a `Generator` and a `Scorer`."""
+    outs = engine.generate(prompts, max_tokens, temperature=1.0, seed=seed)
+    completions = [group[0] for group in outs]
+    sequences = [list(p) + c.token_ids for p, c in zip(prompts, completions)]
+    scored = [s[len(s) - len(c.token_ids):] for s, c in zip(engine.score(sequences), completions)]
+    diffs = [torch.tensor(s) - torch.tensor(c.logprobs) for s, c in zip(scored, completions) if c.token_ids]
+    return Verification.of(torch.cat(diffs))
+
+
+def measure_cache_floor(engine, prompts: Sequence[Sequence[int]]) -> Verification:
+    """`verify_cache` while the cache is right: once to fill it, then again reading it."""
+    verify_cache(engine, prompts, seed=0)
+    return verify_cache(engine, prompts, seed=1)
+
+
 @torch.no_grad()
 def base_weight_change(model: torch.nn.Module, model_dir: str | Path) -> float:
     """Largest absolute change of the trainer's frozen base weights against the checkpoint."""
