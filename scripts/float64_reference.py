@@ -3,8 +3,8 @@
 Samples completions of arithmetic problems from a float32 vLLM engine serving a policy
 (base + adapter, synced by lorasync's streaming sync), then scores the same tokens with the
 trainer in float32 and in float64 (the exact reference, to ~1e-12), and prints how far each
-float32 implementation is from it. Used for the health-check paragraph of README's "A real
-model" section:
+float32 implementation is from it. Used for the health check's float32 tail in
+docs/measurements.md ("The 36-step run"):
 
     .venv/bin/python scripts/float64_reference.py --model models/smollm2 \
         --adapter runs/smollm2_arith/checkpoints/step-000036/adapter --prompts 96

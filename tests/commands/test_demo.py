@@ -50,7 +50,7 @@ def test_demo_flags():
 @pytest.mark.real_model
 def test_demo_on_the_real_model(smollm2, tmp_path):
     """Two steps, 16 problems: the run, both evaluations and the summary, on the real model
-    (the gain itself takes more steps: README, and the issue's note)."""
+    (the gain itself takes more steps: docs/measurements.md, and the issue's note)."""
     from lorasync.commands.demo import run_demo
 
     summary = run_demo(tmp_path, steps=2, eval_problems=16, progress=False)

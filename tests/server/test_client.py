@@ -156,6 +156,28 @@ def test_bad_payload_is_refused_and_the_previous_version_keeps_serving(
     engine.close()
 
 
+def test_non_finite_factors_from_another_client_are_refused_and_nothing_loads(servers, trainer):
+    """The trainer never sends NaN (`weight_sync.check_finite`); the server refuses them from
+    any client too, and keeps serving the previous version. Checked to fail with the
+    receiver's `refuse_non_finite` call removed (the NaN factors load: no error)."""
+    engine = ServerEngine(servers[0].url, TOKEN, timeout=30)
+    sync = factor_sync(trainer, engine)
+    report = sync()
+    probes = probe_sequences(engine.vocab_size)
+    before = engine.score(probes)
+    records = list(lora_records(sync.merger, sync.plan, engine.dtype))
+    i = next(i for i, r in enumerate(records) if r.scale is not None)  # a factor pair
+    b, a = records[i].tensors
+    b = b.clone()
+    b[0, 0] = float("nan")
+    records[i] = type(records[i])(records[i].name, (b, a), records[i].scale)
+    with pytest.raises(ServerSyncError, match="non-finite"):
+        engine.load_records(records)
+    assert engine.served_versions() == [str(report.version)]
+    assert max_diff(engine.score(probes), before) == 0.0
+    engine.close()
+
+
 class Truncating:
     """A server's stream that passes on only its first `keep` bytes, then drops the rest."""
 

@@ -144,13 +144,16 @@ def test_each_request_of_the_update_renews_the_lease():
 
 
 def test_a_request_in_flight_holds_the_lease():
-    """A transfer longer than the lease: the countdown starts when it answers."""
+    """A transfer longer than the lease: the countdown starts when it answers, whatever
+    answers meanwhile."""
 
     async def scenario(app, lease):
         app.hold["/update_weights"] = released = asyncio.Event()
         await request(lease, "/pause", "lease=0.15")
         transfer = asyncio.ensure_future(request(lease, "/update_weights"))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)
+        await request(lease, "/pause")  # another request answers meanwhile: the transfer still holds
+        await asyncio.sleep(0.4)
         assert lease.in_flight == 1 and lease.expiries == 0
         released.set()
         await transfer
@@ -347,10 +350,10 @@ def test_a_client_killed_with_its_payload_received_leaves_a_server_that_resumes_
     """A client paused the server with a 3 s lease, sent it a whole payload and was SIGKILLed
     before loading it: within the lease + 5 s the server serves /v1/completions again, on its
     last complete version (its version and every logprob unchanged: the payload was dropped,
-    not loaded), and the next client syncs to parity. Checked able to fail: with the expiry
-    not run (`PauseLease._run_out` a no-op), the completion waited out its 30 s timeout; with
-    the expiry's discard dropped from `EXPIRY`, its bare finish loaded the dead client's
-    payload (the logprobs moved by 0.1 and more)."""
+    not loaded), and the next client syncs to parity. Checked able to fail: with the expiry's
+    resume dropped from `EXPIRY`, the completion waited out its 30 s timeout; with the
+    expiry's discard dropped, its bare finish loaded the dead client's payload (the
+    logprobs moved by up to 10.3)."""
     engine = ServerEngine(server.url, TOKEN)
     sync = WeightSync(trainer, engine, "factors")
     before = sync().version

@@ -13,8 +13,8 @@ from tests.helpers import Tap, mixed_precision_policy, policy
 
 pytestmark = pytest.mark.vllm
 TOL = TOLERANCES["float32"]
-# What a skipped or corrupted sync must show at least (README: "a skipped or corrupted sync
-# measures > 1e-2"): far above TOL, so a verification that under-reports fails here too.
+# What a skipped or corrupted sync must show at least (docs/measurements.md: "sync skipped or
+# one tensor corrupted: > 1e-2"): far above TOL, so a verification that under-reports fails here too.
 CAUGHT = 1e-2
 
 

@@ -47,6 +47,7 @@ UPDATE_PATHS = frozenset({
 # after a discard, and with no session open both are refused, which is fine); drop KV blocks a
 # half-finished load could have left (with in_flight="keep", frozen requests recompute); resume.
 EXPIRY = (
+    ("/update_weights", b"", {"update_info": {"discard": True}}),
     ("/finish_weight_update", b"", {}),
     ("/reset_prefix_cache", b"reset_running_requests=true", None),
     ("/resume", b"", None),

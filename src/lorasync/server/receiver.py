@@ -56,8 +56,26 @@ from lorasync.sync.merged_weight import MergedWeight
 
 MAX_BYTES_ENV = "LORASYNC_MAX_PAYLOAD_BYTES"
 TIMEOUT_ENV = "LORASYNC_TRANSFER_TIMEOUT"
+# Set to 1 in the server's environment to load NaN or Inf values (refused by default).
+ALLOW_NON_FINITE_ENV = "LORASYNC_ALLOW_NON_FINITE"
 
 log = logging.getLogger(__name__)
+
+
+def refuse_non_finite(records: list[Record]) -> None:
+    """PayloadError naming the first record with a NaN or Inf value or scale: the wire carries
+    any float, and a merge would spread one bad factor over a whole weight. The trainer
+    refuses to send them (`weight_sync.check_finite`); this covers any other client."""
+    for record in records:
+        if record.scale is not None and not torch.isfinite(torch.tensor(record.scale)):
+            raise PayloadError(f"{record.name}: scale {record.scale} is not finite; nothing was loaded")
+        for tensor in record.tensors:
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise PayloadError(
+                    f"{record.name}: {bad} non-finite value(s) (NaN or Inf); nothing was loaded. "
+                    f"A server started with {ALLOW_NON_FINITE_ENV}=1 loads them"
+                )
 
 
 def register() -> None:
@@ -211,6 +229,8 @@ class LoraTransferEngine(WeightTransferEngine):
             )
             with update_info.connect(deadline.left("the connection")) as sock:
                 records = recv_payload(sock, self.layout, self.dtype, self.max_bytes, deadline)
+        if os.environ.get(ALLOW_NON_FINITE_ENV) != "1":
+            refuse_non_finite(records)
         full = {r.name for r in records if r.scale is None}  # sent whole: no base value needed
         for name in self._touched(records):
             if name not in self.pristine and name not in full:
