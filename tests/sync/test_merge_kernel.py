@@ -4,6 +4,7 @@ bytes, however busy the machine was when each started. (That each kernel gives
 `merge_and_unload`'s value: tests/sync/test_merge.py and tests/sync/test_merged_weight.py,
 parametrized over both.)"""
 
+import ast
 import json
 import logging
 import os
@@ -246,24 +247,19 @@ print(torch.backends.cpu.get_cpu_capability(), choice.source, choice.kernel.valu
 """
 
 
-@pytest.mark.timing  # asserts which kernel a real measurement found faster: outside the fast tier, run alone
-def test_without_native_bf16_gemm_the_blocked_kernel_wins(tmp_path):
+@pytest.mark.slow  # a fresh process that imports torch and measures both kernels
+def test_without_native_bf16_gemm_both_kernels_are_measured_and_the_faster_kept(tmp_path):
     """On a CPU without native bf16 GEMM (AVX2, emulated here by capping torch's and oneDNN's
-    ISA) torch's bf16 addmm is 10-80x slower than the blocked float32 kernel; the measured
-    choice must see it. This is the machine kind where streaming was slower than the recipe.
-    (Up to three fresh processes, each with an empty cache so that each measures: another job
-    on both cores once slowed the blocked kernel's many small parallel regions more than
-    addmm's one.)"""
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin:/bin"}
-    outs = []
-    for attempt in range(3):
-        out = subprocess.run(
-            [sys.executable, "-c", EMULATED_AVX2], capture_output=True, text=True, check=True,
-            env=env | {"LORASYNC_CACHE": str(tmp_path / f"attempt{attempt}")},
-        ).stdout
-        capability, source, kernel, seconds = out.split(" ", 3)
-        assert (capability, source) == ("AVX2", "measured"), out
-        outs.append(out)
-        if kernel == "blocked-float32":
-            return
-    raise AssertionError(f"addmm chosen without native bf16 GEMM: {outs}")
+    ISA) the choice is measured, not assumed: both kernels are timed and the one measured
+    faster is kept. Which one that is depends on the machine and its load (torch's bf16 addmm
+    measured 10-80x slower on a quiet AVX2 machine, and once faster under load), so this test
+    asserts only that the choice follows the measurement; `lorasync bench sync` compares them."""
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin:/bin",
+           "LORASYNC_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", EMULATED_AVX2], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    capability, source, kernel, seconds = out.split(" ", 3)
+    assert (capability, source) == ("AVX2", "measured"), out
+    measured = ast.literal_eval(seconds.strip())
+    assert set(measured) == {"addmm", "blocked-float32"}, out
+    assert kernel == min(measured, key=measured.get), out

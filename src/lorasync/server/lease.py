@@ -190,10 +190,9 @@ class PauseLease:
             results.append(f"{path} {await self._call(path, query, body)}")
         resumed = results[-1].endswith(" 200")
         (log.warning if resumed else log.error)(
-            "lorasync: pause lease of %g s ended: %s", seconds,
-            "resumed" if resumed else "RESUMING FAILED, the server is still paused",
+            "lorasync: pause lease of %g s ended: %s (%s)", seconds,
+            "resumed" if resumed else "RESUMING FAILED, the server is still paused", "; ".join(results),
         )
-        log.info("lorasync: pause lease expiry: %s", "; ".join(results))
 
     async def _call(self, path: str, query: bytes, body: dict | None) -> str:
         """POST `path` to the wrapped app, as if a client had (a scope made from the arming
