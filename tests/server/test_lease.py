@@ -70,12 +70,14 @@ class FakeApp:
         return [path for path, _, _ in self.calls]
 
 
-async def request(lease: PauseLease, path: str, query: str = "") -> int:
-    """One POST through the middleware, as uvicorn hands it one; the status answered."""
+async def request(lease: PauseLease, path: str, query: str = "", root_path: str = "") -> int:
+    """One POST through the middleware, as uvicorn hands it one (under `root_path`, as
+    `lorasync serve --root-path` mounts the app: the path keeps it); the status answered."""
     status = None
     scope = {
-        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-        "query_string": query.encode(), "headers": [], "app": "the FastAPI app", "state": {},
+        "type": "http", "method": "POST", "path": root_path + path, "raw_path": (root_path + path).encode(),
+        "root_path": root_path, "query_string": query.encode(), "headers": [], "app": "the FastAPI app",
+        "state": {},
     }
 
     async def receive():
@@ -117,6 +119,19 @@ def test_a_lease_runs_out_and_the_server_discards_then_resumes_itself(caplog):
     assert all(s["app"] == "the FastAPI app" and s["method"] == "POST" for s in app.scopes[2:])
     assert lease.expiries == 1 and lease.seconds is None
     assert "pause lease of 0.2 s ran out" in caplog.text and "ended: resumed" in caplog.text
+
+
+def test_under_a_root_path_the_routed_path_arms_and_expiry_calls_under_it():
+    """With `--root-path /v1` a client's /pause arrives as /v1/pause (root_path /v1): the lease
+    matches the routed path, as the guard does, and its own calls go under the root too.
+    Checked to fail matching the raw scope["path"] (nothing armed)."""
+    async def scenario(app, lease):
+        assert await request(lease, "/pause", "mode=wait&lease=0.1", root_path="/v1") == 200
+        await asyncio.sleep(0.3)
+
+    app, lease = run(scenario)
+    assert app.paths() == ["/v1/pause", *("/v1" + p for p in DISCARD_THEN_RESUME)]
+    assert lease.expiries == 1
 
 
 def test_a_pause_without_a_lease_arms_nothing():

@@ -37,6 +37,8 @@ import math
 from typing import Any
 from urllib.parse import parse_qs
 
+from lorasync.server.guard import route_path
+
 LEASE_PARAM = "lease"  # /pause?lease=S: seconds
 # The requests of an update: each renews an armed lease, and one in flight holds it.
 UPDATE_PATHS = frozenset({
@@ -93,7 +95,8 @@ class PauseLease:
         self._taken = 0  # bumped by each /pause: an expiry under way then stops
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path")
+        # matched as Starlette routes it (root_path removed), as the guard does
+        path = route_path(scope) if scope["type"] == "http" else None
         if scope["type"] != "http" or (path not in UPDATE_PATHS and path != "/resume"):
             return await self.app(scope, receive, send)
         if path == "/resume":
@@ -198,8 +201,9 @@ class PauseLease:
         """POST `path` to the wrapped app, as if a client had (a scope made from the arming
         request's); return its status, or the error it raised, as text."""
         payload = b"" if body is None else json.dumps(body).encode()
+        full = (self._scope or {}).get("root_path", "") + path  # as a client would send it
         scope = dict(self._scope or {}) | {
-            "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+            "type": "http", "method": "POST", "path": full, "raw_path": full.encode(),
             "query_string": query,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
         }
