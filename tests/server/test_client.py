@@ -22,7 +22,7 @@ from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
 from tests.helpers import (
-    TOKEN, Server, Tap, alive, max_diff, openai_scores, policy, run_lorasync, running_servers, train_step, transfer_bytes,
+    TOKEN, Server, Tap, max_diff, openai_scores, policy, run_lorasync, train_step, transfer_bytes,
 )
 
 pytestmark = pytest.mark.vllm
@@ -38,23 +38,6 @@ GUARDED = [
     ("GET", "/weight_info"), ("POST", "/weight_checker"), ("POST", "/v1/completions"),
     ("GET", "/v1/models"), ("GET", "/metrics"),
 ]
-
-
-@pytest.fixture(scope="module")
-def _servers(tiny_model):
-    with running_servers(tiny_model("qwen2")) as both:
-        yield both
-
-
-@pytest.fixture
-def servers(_servers):
-    return alive(_servers)
-
-
-@pytest.fixture
-def trainer(tiny_model):
-    """This test's own policy: all-linear LoRA and a trained lm_head copy."""
-    return policy(tiny_model("qwen2"), targets=["all-linear"], modules_to_save=["lm_head"])
 
 
 def factor_sync(trainer, engine) -> WeightSync:

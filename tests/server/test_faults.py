@@ -34,24 +34,10 @@ from lorasync.server.control import ServerSyncError
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, load_trainable, policy, train_step, trainable, transfer_bytes
+from tests.helpers import TOKEN, load_trainable, train_step, trainable, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 server
-
-
-@pytest.fixture
-def server(qwen2_server):
-    """The module's server, up: one an earlier test killed is started again."""
-    if qwen2_server.process.poll() is not None:
-        qwen2_server.start().wait()
-    return qwen2_server
-
-
-@pytest.fixture
-def trainer(tiny_model):
-    """This test's own policy: all-linear LoRA and a trained lm_head copy."""
-    return policy(tiny_model("qwen2"), targets=["all-linear"], modules_to_save=["lm_head"])
 
 
 def factor_sync(trainer, engine) -> WeightSync:

@@ -31,7 +31,7 @@ from lorasync.server.lease import EXPIRY, PauseLease
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, max_diff, policy, train_step
+from tests.helpers import TOKEN, max_diff, train_step
 
 TOL = 1e-4  # float32 server
 DISCARD_THEN_RESUME = [path for path, _, _ in EXPIRY]
@@ -315,19 +315,6 @@ def test_a_pause_that_timed_out_is_undone_with_the_others():
 
 
 # --- on a real server ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server(qwen2_server):
-    """The module's server, up."""
-    if qwen2_server.process.poll() is not None:
-        qwen2_server.start().wait()
-    return qwen2_server
-
-
-@pytest.fixture
-def trainer(tiny_model):
-    return policy(tiny_model("qwen2"), targets=["all-linear"], modules_to_save=["lm_head"])
 
 
 def weight_version(url: str) -> str:

@@ -26,7 +26,7 @@ from lorasync.server.readback import MAX_HEADER_BYTES, READ_BACK, ReadBackError,
 from lorasync.server.wire import Deadline, PayloadError
 from lorasync.sync.weight_check import Expected, WeightCheck, check_weights, compare
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, alive, bits, policy, running_servers, train_step
+from tests.helpers import TOKEN, bits, policy, train_step
 
 LAYOUT = {"embed.weight": (4, 3), "norm.weight": (2,)}
 
@@ -135,15 +135,7 @@ def test_a_read_back_cut_short_or_running_on_is_refused(raw, match):
 # --- real servers ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _servers(tiny_model):
-    with running_servers(tiny_model("llama")) as both:
-        yield both
-
-
-@pytest.fixture
-def servers(_servers):
-    return alive(_servers)
+SERVER_MODEL = "llama"  # the `servers` fixture's (tests/server/conftest.py)
 
 
 @pytest.fixture
