@@ -201,8 +201,9 @@ def verify_cache(engine, prompts: Sequence[Sequence[int]], seed: int = 0,
     """The cache level: the engine against itself. It generates from `prompts` (generation
     reads vLLM's prefix cache) and scores the same tokens by prompt logprobs (scoring never
     reads it), and the two are compared. No trainer takes part, so its noise does not either:
-    on CPU they agree bit for bit while the cache is right (measured on SmolLM2 in bf16 and a
-    tiny qwen2 in float32; docs/verification.md), and keys and values of old weights left in
+    on an AVX-512 CPU they agreed bit for bit while the cache was right (SmolLM2 in bf16, a
+    tiny qwen2 in float32; docs/verification.md; other ISAs and GPUs are judged against the
+    floor `measure_cache_floor` takes there), and keys and values of old weights left in
     the cache, which neither the weights nor the trainer's comparison can see in bf16, show as
     a difference. `engine` is a `Generator` and a `Scorer`."""
     outs = engine.generate(prompts, max_tokens, temperature=1.0, seed=seed)
