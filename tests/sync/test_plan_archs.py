@@ -1,5 +1,5 @@
 """The plan and the streaming merge on gemma3 and phi3, and what no sync can serve (LoRA on a
-tied embedding), refused by name. No vLLM here; test_parity.py and tests/server/test_client.py
+tied embedding), refused by name. No vLLM here; test_parity.py and tests/server/client/test_engine.py
 run the same models on real engines.
 
 - gemma3: sliding-window and full layers, q/k norms, a scaled embedding tied to the lm_head;
@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasync.checkpoint import checkpoint_layout, weight_groups
+from lorasync.served_model import checkpoint_layout, weight_groups
 from lorasync.models.tiny import make_tiny_model
 from lorasync.sync.merge import Merger
 from lorasync.sync.plan import plan_sync

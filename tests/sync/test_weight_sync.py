@@ -10,7 +10,7 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lorasync.engines.colocated import EngineConfig
-from lorasync.engines.open import STRATEGIES, check_pair, default_strategy
+from lorasync.sync.kinds import STRATEGIES, check_pair, default_strategy
 from lorasync.sync.base import AdapterReceiver, Record, RecordReceiver, Strategy, WeightReceiver
 from lorasync.sync.weight_sync import WeightSync, check_engine
 from tests.helpers import MemoryReceiver, Tap, mixed_precision_policy, peft_model, policy, train_step
@@ -102,7 +102,7 @@ def test_auto_needs_tokens_per_step_and_only_auto_takes_it():
         WeightSync(None, None, strategy="adapter", tokens_per_step=10)
 
 
-# --- which engine takes which strategy: engines/open.py and check_engine ---------------------
+# --- which engine takes which strategy: backend/open.py and check_engine ---------------------
 
 
 def test_each_engine_kind_takes_its_strategies_and_defaults_to_the_first():

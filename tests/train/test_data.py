@@ -6,11 +6,10 @@ import json
 import datasets
 import pytest
 
-from transformers import AutoTokenizer
 
 from lorasync.tasks import arith
 from lorasync.train.config import ConfigError, DataConfig
-from lorasync.train.data import batch_at, encode_prompt, load_rows
+from lorasync.train.data import batch_at, load_rows
 
 ROWS = [{"prompt": f"p{i}", "answer": i} for i in range(5)]
 
@@ -35,18 +34,6 @@ def test_batches_cover_each_epoch_once_and_are_reproducible():
     epoch = [r["prompt"] for step in range(5) for r in batch_at(ROWS, step, 1, seed=3)]
     assert sorted(epoch) == [r["prompt"] for r in ROWS]
     assert batch_at(ROWS, 7, 2, seed=3) == batch_at(ROWS, 7, 2, seed=3)
-
-
-def test_prompts_are_text_or_conversations_through_the_chat_template(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model("qwen2"))
-    assert encode_prompt(tokenizer, "hello") == tokenizer("hello").input_ids
-    messages = arith.rows("test", 1)[0]["prompt"]
-    plain = encode_prompt(tokenizer, messages)  # tiny tokenizers have no template
-    assert tokenizer.decode(plain) == messages[0]["content"] + "\n"
-    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-    assert tokenizer.decode(encode_prompt(tokenizer, messages)) == (
-        f"<user>{messages[0]['content']}<assistant>"
-    )
 
 
 def test_a_task_generates_its_rows():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorasync.engines.open import open_engine
-from lorasync.server.client import ServerEngine
+from lorasync.backend.open import open_engine
+from lorasync.server.client.engine import ServerEngine
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.train.trainer import GRPOTrainer
 from tests.helpers import TOKEN, Server, demo_trainer_config, policy, run_lorasync

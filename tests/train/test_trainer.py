@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lorasync.commands.demo import run_tiny_demo
+from lorasync.recipes.demo import run_tiny_demo
 from lorasync.train.trainer import GRPOTrainer
 from tests.helpers import Tap, demo_trainer_config, run_lorasync
 

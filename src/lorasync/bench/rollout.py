@@ -39,7 +39,7 @@ from pathlib import Path
 from lorasync.bench.rollout_report import (
     ASYNC_RUNS, LAST_STEPS, TINY, format_table, heading, plot_reward_vs_time, ratios,
 )
-from lorasync.server import IN_FLIGHT
+from lorasync.sync.kinds import IN_FLIGHT
 from lorasync.train.config import ROLLOUT_MODES, require
 
 ENGINES = ("colocated", "server")
@@ -132,7 +132,7 @@ def _flag(field: str) -> str:
 def task_defaults(tiny: bool) -> dict:
     """Batch shape, learning rate, LoRA rank and micro-batches of the tiny demo's run
     (`demo_config`) or of the arithmetic run (`real_demo_config`)."""
-    from lorasync.commands.demo import demo_config, real_demo_config
+    from lorasync.recipes.demo import demo_config, real_demo_config
 
     base = demo_config(Path("out")) if tiny else real_demo_config(Path("out"), "model")
     r, o = base.rollout, base.optim
@@ -151,7 +151,7 @@ def tiny_base(out: Path) -> Path:
     """The tiny demo's base model in OUT/base: built and pre-trained there once (seed 0, as
     `lorasync demo --tiny`), then reused. Built aside and moved in, so a half-built one is
     never taken for a finished one."""
-    from lorasync.commands.demo import pretrain
+    from lorasync.recipes.demo import pretrain
     from lorasync.models.tiny import make_tiny_model
 
     base = out / "base"
@@ -184,7 +184,7 @@ def train_config(
 ):
     """The TrainConfig of one run: the task's run with the bench's settings; the runs differ
     only in rollout.mode, rollout.max_staleness, rollout.in_flight and output_dir."""
-    from lorasync.commands.demo import demo_config, real_demo_config
+    from lorasync.recipes.demo import demo_config, real_demo_config
     from lorasync.train.config import EngineSection, ModelConfig, RolloutConfig, SyncSection
 
     out = Path(config.out) / (mode if mode == "sync" else ASYNC_RUNS[in_flight])
@@ -213,7 +213,7 @@ def train_config(
 def bench_engine(config: RolloutBenchConfig, model: str) -> Iterator[tuple[object, list[str]]]:
     """The engine every mode trains with, and the servers' URLs (none when colocated). With
     --engine server: one `lorasync serve` server on the model, stopped on the way out."""
-    from lorasync.engines.open import open_engine
+    from lorasync.backend.open import open_engine
     from lorasync.sync.base import Strategy
 
     if config.engine == "colocated":
@@ -225,7 +225,7 @@ def bench_engine(config: RolloutBenchConfig, model: str) -> Iterator[tuple[objec
         finally:
             engine.close()
         return
-    from lorasync.server.launch import free_port, start_server, wait_healthy
+    from lorasync.server.serve.launch import free_port, start_server, wait_healthy
 
     token, port = secrets.token_hex(16), free_port()
     url = f"http://127.0.0.1:{port}"

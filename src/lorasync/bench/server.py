@@ -16,8 +16,8 @@ import time
 import torch
 
 from lorasync.bench.sync import BenchConfig, bench_model_dir, bench_policy
-from lorasync.server.client import ServerEngine
-from lorasync.server.launch import free_port, start_server, wait_healthy
+from lorasync.server.client.engine import ServerEngine
+from lorasync.server.serve.launch import free_port, start_server, wait_healthy
 from lorasync.sync.base import Strategy
 from lorasync.sync.verify import probe_sequences, verify
 from lorasync.sync.weight_sync import WeightSync

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from lorasync import machine
-from lorasync.checkpoint import DTYPES, check_dtype
+from lorasync.served_model import DTYPES, check_dtype
 from lorasync.models.tiny import ARCHITECTURES, SHAPES, make_tiny_model
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.auto import ADAPTER, STREAMING, Measurements, choose_strategy

@@ -143,7 +143,7 @@ def accuracy(config: TrlBenchConfig, adapter: str | None) -> dict:
 
 def run_lorasync(config: TrlBenchConfig) -> dict:
     """`lorasync train` on the run; its per-step metrics and the saved adapter's folder."""
-    from lorasync.engines.open import open_engine
+    from lorasync.backend.open import open_engine
     from lorasync.train import checkpoints
     from lorasync.train.trainer import GRPOTrainer
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasync import machine
-from lorasync.checkpoint import DTYPES, check_dtype
+from lorasync.served_model import DTYPES, check_dtype
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.policy import AdapterSpec, attach_random_adapter, find_adapter
 from lorasync.sync.verify import (
@@ -57,7 +57,7 @@ from lorasync.sync.verify import (
 from lorasync.sync.weight_check import check_weights
 from lorasync.sync.weight_sync import WeightSync
 from lorasync.tasks import arith
-from lorasync.train.data import encode_prompt
+from lorasync.models.prompt import encode_prompt
 from lorasync.bench.verdict_cases import STEP_STD, cases
 from lorasync.bench.verdict_report import git_commit, summarize
 
@@ -69,7 +69,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 def default_model() -> str:
     """The SmolLM2-135M-Instruct folder `lorasync get-model` makes in the cache (as the tests'
     `smollm2` fixture does)."""
-    from lorasync.models.registry import cache_dir
+    from lorasync.machine import cache_dir
 
     folder = cache_dir() / "models" / SMOLLM2
     if not (folder / "config.json").is_file():

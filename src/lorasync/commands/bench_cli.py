@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from lorasync.checkpoint import DTYPES
+from lorasync.served_model import DTYPES
 from lorasync.models.resolve import resolve_model
 from lorasync.tasks import TASKS
 

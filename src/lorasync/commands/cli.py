@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from lorasync.checkpoint import DTYPES
+from lorasync.served_model import DTYPES
 from lorasync.commands.bench_cli import add_bench_parsers
 from lorasync.models.tiny import ARCHITECTURES
 from lorasync.models.registry import MODELS
@@ -43,7 +43,7 @@ def _make_adapter(args: argparse.Namespace) -> int:
 
 
 def _sync_check(args: argparse.Namespace) -> int:
-    from lorasync.engines.check import SyncCheckConfig, run_sync_check
+    from lorasync.backend.check import SyncCheckConfig, run_sync_check
     from lorasync.sync.check import format_sync_check
 
     config = SyncCheckConfig(
@@ -71,7 +71,7 @@ def _token(args: argparse.Namespace, token: str | None = None, admin: tuple[str 
     the deprecated --token, else $LORASYNC_TOKEN; with `admin` (the file, and the setting that
     named it), the admin token: the file's, else $LORASYNC_ADMIN_TOKEN ("": the token is the
     admin token too). Its warnings go to stderr."""
-    from lorasync.server.launch import resolve_admin_token, resolve_token
+    from lorasync.server.serve.launch import resolve_admin_token, resolve_token
 
     found, warnings = resolve_admin_token(admin[0], flag=admin[1]) if admin else resolve_token(args.token_file, token)
     for warning in warnings:
@@ -98,7 +98,7 @@ def _add_token_file(p: argparse.ArgumentParser, deprecated_flag: bool, who: str,
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lorasync.server.launch import KV_CACHE_WARNING, serve_command, serve_env, unbounded_kv_cache
+    from lorasync.server.serve.launch import KV_CACHE_WARNING, serve_command, serve_env, unbounded_kv_cache
 
     env = serve_env(
         _token(args, args.token), admin_token=_token(args, admin=(args.admin_token_file, "--admin-token-file")),
@@ -151,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from lorasync.commands.torchrun import launch, under_torchrun
-    from lorasync.engines.open import open_engine
+    from lorasync.backend.open import open_engine
     from lorasync.train import distributed
     from lorasync.train.config import load_config
     from lorasync.train.trainer import GRPOTrainer
@@ -195,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lorasync.commands.demo import run_demo, run_tiny_demo
+    from lorasync.recipes.demo import run_demo, run_tiny_demo
 
     if args.tiny:
         summary = run_tiny_demo(args.out, steps=60 if args.steps is None else args.steps, seed=args.seed)

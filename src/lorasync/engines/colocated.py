@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorasync.checkpoint import check_dtype, checkpoint_layout, weight_groups
+from lorasync.served_model import check_dtype, checkpoint_layout, weight_groups
 from lorasync.engines import require_vllm, vllm_compat, worker
 from lorasync.sync.base import Completion
 from lorasync.sync.naming import check_adapter_name

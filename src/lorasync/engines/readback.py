@@ -25,7 +25,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 
-from lorasync.checkpoint import TIED_HEAD, Layout
+from lorasync.served_model import TIED_HEAD, Layout
 from lorasync.engines import vllm_compat
 
 # Checkpoint modules stored as (in, out), loaded transposed by vLLM (GPT-2's Conv1D).

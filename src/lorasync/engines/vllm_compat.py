@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from lorasync.checkpoint import Layout, block_linears
+from lorasync.served_model import Layout, block_linears
 
 
 def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -27,7 +27,7 @@ def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None
 def reload_server_model(vllm_config, model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """The same in-place reload from inside a weight-transfer engine, which holds the model
     and config but not the model runner (private module path). Pinned by
-    tests/server/test_client.py (factor sync parity)."""
+    tests/server/client/test_engine.py (factor sync parity)."""
     from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
     reload_weights(vllm_config, model, weights, None, is_checkpoint_format=True)
@@ -148,7 +148,7 @@ def register_transfer_backend(name: str, module: str, cls: str) -> None:
 
     vLLM calls plugins once per process, but a process may import them again (tests, several
     engines in one process), and a second `register_engine` raises; the registry dict is
-    private. Pinned by tests/server/test_client.py (every server test starts a server).
+    private. Pinned by tests/server/client/test_engine.py (every server test starts a server).
     """
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 

@@ -3,7 +3,7 @@
 vLLM's `LLM.collective_rpc(fn, args=...)` calls `fn(worker, *args)` in each worker. lorasync's
 engines keep vLLM's engine core in the trainer's process (colocated: `ColocatedEngine` and
 TRL's colocate mode alike), so the call is direct: nothing is pickled, the weight generator
-included. The server's receiver (`server/receiver.py`) reloads through `reload_tensors` too.
+included. The server's receiver (`server/serve/receiver.py`) reloads through `reload_tensors` too.
 This module knows nothing of training.
 """
 

@@ -24,7 +24,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lorasync.models.registry import KnownModel, cache_dir, known_model
+from lorasync.machine import cache_dir
+from lorasync.models.registry import KnownModel, known_model
 
 STAMP = ".lorasync-get-model.json"
 Log = Callable[[str], None]

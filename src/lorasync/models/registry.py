@@ -8,11 +8,8 @@ hub, which `resolve_model` maps back to `lorasync get-model`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
-CACHE_ENV = "LORASYNC_CACHE"
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,3 @@ def by_hub_name(hub_name: str) -> KnownModel | None:
     return None
 
 
-def cache_dir() -> Path:
-    """Where downloaded wheels and converted test models live: $LORASYNC_CACHE, by default
-    ~/.cache/lorasync."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorasync")

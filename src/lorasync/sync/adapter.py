@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from lorasync.checkpoint import EMBEDDING_MODULES
+from lorasync.served_model import EMBEDDING_MODULES
 from lorasync.sync.policy import active_lora
 
 

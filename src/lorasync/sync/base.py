@@ -53,7 +53,7 @@ class Completion:
     logprobs: list[float]
     truncated: bool = False  # stopped by the token limit, not by an end of sequence or turn
     # the engine's weight version each token was sampled under: reported by servers syncing
-    # with in_flight="keep" (server/tokens.py), else filled in by the trainer's rollout, which
+    # with in_flight="keep" (server/client/tokens.py), else filled in by the trainer's rollout, which
     # holds the engine's lock while it generates (train/rollout.py)
     versions: list[int] = field(default_factory=list)
 

@@ -4,7 +4,7 @@ the three levels (weights, logprobs, cache), and say it for people (`format_sync
 The engine-free half of `lorasync sync-check`. It takes any engine of `sync/base.py`'s
 interface (a `WeightReceiver`, and `Scorer`s to verify: the engine itself, or one per server),
 so it imports nothing of `engines/` or `server/`; opening the engine (colocated or running
-servers) and what only servers report is `lorasync.engines.check.run_sync_check`'s.
+servers) and what only servers report is `lorasync.backend.check.run_sync_check`'s.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 What makes server mode cheap: per adapted module the trainer sends B, A and the scale (about
 1-2% of the merged tensors' bytes) and the server merges them into its pristine base weights
-(`server/receiver.py`). Tensors that cannot be sent as factors go whole.
+(`server/serve/receiver.py`). Tensors that cannot be sent as factors go whole.
 """
 
 from __future__ import annotations

@@ -42,12 +42,12 @@ from typing import IO, Literal
 import torch
 
 from lorasync import machine
-from lorasync.models.registry import cache_dir
+from lorasync.machine import cache_dir
 
 log = logging.getLogger(__name__)
 
 PIN_ENV = "LORASYNC_MERGE_KERNEL"  # addmm | blocked-float32: this kernel, never timed
-CACHE_FILE = "merge-kernel.json"  # under `models.registry.cache_dir()`
+CACHE_FILE = "merge-kernel.json"  # under `machine.cache_dir()`
 
 
 class Kernel(str, Enum):

@@ -20,7 +20,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.trainable_tokens import TrainableTokensLayer
 
-from lorasync.checkpoint import Layout
+from lorasync.served_model import Layout
 from lorasync.sync.naming import served_name
 from lorasync.sync.policy import active_lora
 

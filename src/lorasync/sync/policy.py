@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, PeftType, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasync.checkpoint import DTYPES
+from lorasync.served_model import DTYPES
 from lorasync.sync.naming import check_adapter_name
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lorasync.checkpoint import TIED_HEAD
+from lorasync.served_model import TIED_HEAD
 from lorasync.sync.base import Strategy, WeightReader
 from lorasync.sync.merged_weight import MergedWeight
 from lorasync.sync.plan import Entry, Source

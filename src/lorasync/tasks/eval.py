@@ -9,7 +9,7 @@ of the policy as training serves it.
 
 `evaluate` and `format_result` take an engine already open (any `Engine`: the demo
 measures the engine it trains with); `run_eval` opens one, as `lorasync eval` does. Prompts
-are encoded as training encodes them (`lorasync.train.data.encode_prompt`).
+are encoded as training encodes them (`lorasync.models.prompt.encode_prompt`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from lorasync.checkpoint import check_dtype
+from lorasync.served_model import check_dtype
 from lorasync.sync.base import Engine
 from lorasync.tasks import TASKS, arith
-from lorasync.train.data import encode_prompt
+from lorasync.models.prompt import encode_prompt
 
 
 BATCH = 64  # prompts per generate call: the progress bar's step
@@ -67,7 +67,7 @@ def run_eval(config: EvalConfig, progress: bool = False) -> dict:
     """Open an engine on the model, sync the adapter (if any) into it, and `evaluate`."""
     from transformers import AutoTokenizer
 
-    from lorasync.engines.open import open_engine
+    from lorasync.backend.open import open_engine
     from lorasync.sync.base import Strategy
     from lorasync.sync.policy import load_policy
     from lorasync.sync.weight_sync import WeightSync

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from lorasync.checkpoint import DTYPES
-from lorasync.engines.open import ENGINE_KINDS, check_pair, default_strategy
-from lorasync.server import IN_FLIGHT
+from lorasync.served_model import DTYPES
+from lorasync.sync.kinds import ENGINE_KINDS, check_pair, default_strategy
+from lorasync.sync.kinds import IN_FLIGHT
 from lorasync.sync.base import Strategy
 
 

@@ -52,15 +52,3 @@ def batch_at(rows: list[dict], step: int, size: int, seed: int) -> list[dict]:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out.append(rows[order[index]])
     return out
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a prompt: text as it is, or a conversation (TRL's conversational format, a
-    list of {"role", "content"} messages) through the tokenizer's chat template, ready for the
-    assistant's turn. A tokenizer without a template (the tiny test models) gets the
-    messages' contents as plain text, one per line."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt).input_ids
-    if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return tokenizer("".join(f"{m['content']}\n" for m in prompt), add_special_tokens=False).input_ids

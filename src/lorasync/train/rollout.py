@@ -19,7 +19,7 @@ import torch
 from lorasync.sync.base import Completion, Generator
 from lorasync.sync.verify import Verification
 from lorasync.train.config import RewardSpec, TrainConfig
-from lorasync.train.data import encode_prompt
+from lorasync.models.prompt import encode_prompt
 from lorasync.train.grpo import group_advantages
 
 

@@ -26,13 +26,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from lorasync.checkpoint import DTYPES, dtype_name
+from lorasync.served_model import DTYPES, dtype_name
 from lorasync.sync.base import Engine
 from lorasync.sync.policy import lora_targets
 from lorasync.sync.verify import default_tolerance
 from lorasync.train import checkpoints, distributed
 from lorasync.train.config import ConfigError, TrainConfig, config_to_dict
-from lorasync.train.data import batch_at, encode_prompt, load_rows
+from lorasync.models.prompt import encode_prompt
+from lorasync.train.data import batch_at, load_rows
 from lorasync.train.grpo import LossParts, grpo_loss
 from lorasync.train.generation import Generation
 from lorasync.train.health import Floor, health_warning, weight_metrics
