@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -483,3 +484,22 @@ class ReplayEngine(MemoryReceiver):
                 group.append(Completion(tokens, text, [-1.0] * length))
             out.append(group)
         return out
+
+
+def kill_at_stop(script: str, args: Sequence[str], log: Path, timeout: float = 120) -> str:
+    """Run `python -c script *args` (a client dying on purpose, the servers' token in its
+    environment) until it prints its first line, saying where it stopped, then SIGKILL it;
+    return that line. Its stderr goes to `log`; `timeout` bounds the wait for the line."""
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=os.environ | {TOKEN_ENV: TOKEN},
+        )
+    watchdog = threading.Timer(timeout, proc.kill)  # bounds the readline below
+    watchdog.start()
+    try:
+        return proc.stdout.readline()
+    finally:
+        watchdog.cancel()
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=60)

@@ -28,7 +28,6 @@ import gc
 import os
 import shlex
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from peft import PeftModel

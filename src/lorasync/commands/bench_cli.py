@@ -102,7 +102,8 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _bench_rollout(args: argparse.Namespace) -> int:
-    from lorasync.bench.rollout import RolloutBenchConfig, format_table, run_rollout_bench
+    from lorasync.bench.rollout import RolloutBenchConfig, run_rollout_bench
+    from lorasync.bench.rollout_report import format_table
 
     config = RolloutBenchConfig(
         model=args.model, modes=tuple(m.strip() for m in args.modes.split(",")),

@@ -11,7 +11,7 @@ nothing changed on either side. It holds two lists:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 

@@ -22,7 +22,7 @@ the weight-level verdict's to see (`weight_check.py`), which has no noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -178,11 +178,20 @@ def verify_generation(
     """Compare the engine's sampling logprobs of completions it generates from `prompts` with
     the trainer's on the same tokens: what training's health check compares. Unlike `verify`'s
     prompt logprobs, generation reads vLLM's prefix cache, so this sees a cache left stale."""
+    return _generated_against(engine, prompts, max_tokens, seed, lambda seqs: trainer_scores(model, seqs))
+
+
+def _generated_against(
+    engine: Generator, prompts: Sequence[Sequence[int]], max_tokens: int, seed: int,
+    score: Callable[[list[list[int]]], list[list[float]]],
+) -> Verification:
+    """The engine's sampling logprobs of one completion per prompt, against `score`'s logprobs
+    of the same tokens (the trainer's, or the engine's own prompt logprobs)."""
     outs = engine.generate(prompts, max_tokens, temperature=1.0, seed=seed)
     completions = [group[0] for group in outs]
     sequences = [list(p) + c.token_ids for p, c in zip(prompts, completions)]
-    trainer = [s[len(s) - len(c.token_ids):] for s, c in zip(trainer_scores(model, sequences), completions)]
-    diffs = [torch.tensor(t) - torch.tensor(c.logprobs) for t, c in zip(trainer, completions) if c.token_ids]
+    scored = [s[len(s) - len(c.token_ids):] for s, c in zip(score(sequences), completions)]
+    diffs = [torch.tensor(s) - torch.tensor(c.logprobs) for s, c in zip(scored, completions) if c.token_ids]
     return Verification.of(torch.cat(diffs))
 
 
@@ -206,12 +215,7 @@ def verify_cache(engine, prompts: Sequence[Sequence[int]], seed: int = 0,
     floor `measure_cache_floor` takes there), and keys and values of old weights left in
     the cache, which neither the weights nor the trainer's comparison can see in bf16, show as
     a difference. `engine` is a `Generator` and a `Scorer`."""
-    outs = engine.generate(prompts, max_tokens, temperature=1.0, seed=seed)
-    completions = [group[0] for group in outs]
-    sequences = [list(p) + c.token_ids for p, c in zip(prompts, completions)]
-    scored = [s[len(s) - len(c.token_ids):] for s, c in zip(engine.score(sequences), completions)]
-    diffs = [torch.tensor(s) - torch.tensor(c.logprobs) for s, c in zip(scored, completions) if c.token_ids]
-    return Verification.of(torch.cat(diffs))
+    return _generated_against(engine, prompts, max_tokens, seed, engine.score)
 
 
 def measure_cache_floor(engine, prompts: Sequence[Sequence[int]]) -> Verification:

@@ -21,12 +21,18 @@ from lorasync.sync.verify import Verification
 from lorasync.train.config import RewardSpec, TrainConfig
 from lorasync.models.prompt import encode_prompt
 from lorasync.train.grpo import group_advantages
+from lorasync.train.prefix import shared_prefix_logprobs
 
 
 def completion_logprobs(
-    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+    shared_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprobs of each completion token given prompt and earlier tokens: (B, T) plus a mask."""
+    """Logprobs of each completion token given prompt and earlier tokens: (B, T) plus a mask.
+    With `shared_prefix`, each run of equal prompts is encoded once (`prefix.py`; the same
+    result within float32 rounding)."""
+    if shared_prefix:
+        return shared_prefix_logprobs(model, prompts, completions, pad_id)
     width = max(len(c) for c in completions)
     seqs = [p + c for p, c in zip(prompts, completions)]
     length = max(len(s) for s in seqs)
@@ -175,7 +181,9 @@ def score(
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            old, _ = completion_logprobs(model, prompts, [c.token_ids for c in samples], tokenizer.pad_token_id)
+            old, _ = completion_logprobs(
+                model, prompts, [c.token_ids for c in samples], tokenizer.pad_token_id, config.optim.shared_prefix
+            )
         model.train(was_training)
     width = max(len(c.token_ids) for c in samples)
     engine_lp = torch.zeros(len(samples), width)

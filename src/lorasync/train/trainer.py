@@ -40,6 +40,7 @@ from lorasync.train.health import Floor, health_warning, weight_metrics
 from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
 from lorasync.train.producer import Producer, StaleBatch
+from lorasync.train.profile import StepProfile
 from lorasync.train.rollout import Generated, Rollout, completion_logprobs, score
 from lorasync.train.snapshots import PolicySnapshots
 
@@ -86,6 +87,7 @@ class GRPOTrainer:
         self.step = 0
         # the policies a batch may still come from: the last max_staleness (0 in sync mode)
         self.snapshots = PolicySnapshots(self.model, rollout.max_staleness + 1 if rollout.mode == "async" else 0)
+        self.profile = StepProfile(self.model)  # where each step's time goes (metrics.jsonl)
 
     def save_checkpoint(self) -> Path:
         """Adapter (PEFT format), optimizer, scheduler and RNG states, and the step; on N ranks
@@ -121,35 +123,38 @@ class GRPOTrainer:
         for k in range(cfg.grad_accum):
             s = slice(k * micro, (k + 1) * micro)
             prompts, completions = batch.prompts[s], batch.completions[s]
-            logprobs, mask = completion_logprobs(self.train_model, prompts, completions, pad)
-            if scoring:
-                batch.old_logprobs[s, : logprobs.shape[1]] = logprobs.detach()
-            ref = None
-            if cfg.beta > 0:
-                with torch.no_grad(), self.model.disable_adapter():
-                    ref, _ = completion_logprobs(self.model, prompts, completions, pad)
-            width = logprobs.shape[1]
-            part = grpo_loss(
-                logprobs, batch.old_logprobs[s, :width], batch.engine_logprobs[s, :width],
-                batch.advantages[s], mask, cfg.clip_eps, cfg.is_cap, cfg.beta, ref, is_mask=cfg.is_mask,
-            )
+            with self.profile.phase("forward"):
+                logprobs, mask = completion_logprobs(self.train_model, prompts, completions, pad, cfg.shared_prefix)
+                if scoring:
+                    batch.old_logprobs[s, : logprobs.shape[1]] = logprobs.detach()
+                ref = None
+                if cfg.beta > 0:
+                    with torch.no_grad(), self.model.disable_adapter():
+                        ref, _ = completion_logprobs(self.model, prompts, completions, pad, cfg.shared_prefix)
+                width = logprobs.shape[1]
+                part = grpo_loss(
+                    logprobs, batch.old_logprobs[s, :width], batch.engine_logprobs[s, :width],
+                    batch.advantages[s], mask, cfg.clip_eps, cfg.is_cap, cfg.beta, ref, is_mask=cfg.is_mask,
+                )
             # the loss is the micro-batch's token mean; times its tokens (those the loss
             # keeps: grpo_loss's `is_mask` leaves some out), the token sum
-            (part.loss * part.tokens).backward()
+            with self.profile.phase("backward"):
+                (part.loss * part.tokens).backward()
             kept += part.tokens
             parts.append(part)
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        # DDP and FSDP2 averaged the ranks' sums: times the ranks over all kept tokens
-        scale = self.dist.world / max(distributed.total(kept, self.dist), 1)
-        for grad in [p.grad for p in trained if p.grad is not None]:
-            grad.mul_(scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-        # a NaN or Inf gradient (the same on every rank: the norm is of the reduced gradient)
-        # would poison the adapter, and through the sync every engine: the update is skipped
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.profile.phase("optimizer"):
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            # DDP and FSDP2 averaged the ranks' sums: times the ranks over all kept tokens
+            scale = self.dist.world / max(distributed.total(kept, self.dist), 1)
+            for grad in [p.grad for p in trained if p.grad is not None]:
+                grad.mul_(scale)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+            # a NaN or Inf gradient (the same on every rank: the norm is of the reduced gradient)
+            # would poison the adapter, and through the sync every engine: the update is skipped
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return parts, float(grad_norm)
 
     def _generate(self, step: int) -> Generated:
@@ -166,11 +171,13 @@ class GRPOTrainer:
         over it, sync once; return the metrics."""
         cfg = self.config
         start = time.perf_counter()
+        self.profile.reset()
         if producer is None:
             generated = self._generate(self.step)
             wait = generated.seconds
         else:
             generated, wait = producer.get(self.step)
+        self.profile.add("generation", wait)
         current = self.generation.weight_version  # the policy this step trains, as served
         staleness = current - generated.version
         if staleness > cfg.rollout.max_staleness:
@@ -183,7 +190,8 @@ class GRPOTrainer:
         # gradients flow all the same), is the current policy, so it gives the old logprobs
         # and saves a forward pass of their own (TRL does the same)
         one_pass = cfg.optim.num_iterations == 1 and cfg.lora.dropout == 0
-        batch = score(generated, self.model, self.tokenizer, cfg, self.rewards, score_old=not one_pass)
+        with self.profile.phase("score"):
+            batch = score(generated, self.model, self.tokenizer, cfg, self.rewards, score_old=not one_pass)
         self.train_model.train(not one_pass)
         parts, norms = [], []
         for _ in range(cfg.optim.num_iterations):
@@ -192,9 +200,12 @@ class GRPOTrainer:
             norms.append(norm)
         # the health check: the engine's sampling logprobs against the policy that sampled
         # them, the trainer's before this update (fresh batch) or a kept snapshot (stale one)
-        health = batch.health() if staleness == 0 else self._stale_health(batch)
-        report = self.generation.sync_policy()
-        weights = self.generation.check_weights()
+        with self.profile.phase("health"):
+            health = batch.health() if staleness == 0 else self._stale_health(batch)
+        with self.profile.phase("sync"):
+            report = self.generation.sync_policy()
+        with self.profile.phase("health"):
+            weights = self.generation.check_weights()
         self.snapshots.record(report.version)
         self.step += 1
         if producer is not None:
@@ -202,7 +213,7 @@ class GRPOTrainer:
         metrics = step_metrics(
             self.step, batch, parts, norms, report, self.scheduler.get_last_lr()[0],
             time.perf_counter() - start, wait, current, health,
-        ) | self.generation.metrics() | weight_metrics(weights)
+        ) | self.generation.metrics() | weight_metrics(weights) | self.profile.metrics()
         return distributed.reduce_metrics(metrics, batch.rewards, self.dist)
 
     def _stale_health(self, batch: Rollout) -> dict[str, float]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +26,13 @@ import pytest
 import torch
 from openai import OpenAI
 
-from lorasync.server import TOKEN_ENV
 from lorasync.server.transports import tcp as transport_tcp
 from lorasync.server.client.engine import ServerEngine
 from lorasync.server.client.control import ServerSyncError
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, load_trainable, train_step, trainable, transfer_bytes
+from tests.helpers import TOKEN, kill_at_stop, load_trainable, train_step, trainable, transfer_bytes
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4  # float32 server
@@ -178,19 +175,7 @@ def test_a_trainer_killed_during_a_sync_leaves_the_server_to_the_next(server, tr
     torch.save(list(lora_records(sync.merger, sync.plan, engine.dtype)), tmp_path / "records.pt")
 
     log = tmp_path / "dying.log"
-    with open(log, "w") as stderr:
-        dying = subprocess.Popen(
-            [sys.executable, "-c", DYING_CLIENT, server.url, str(tmp_path / "records.pt"), stage],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=os.environ | {TOKEN_ENV: TOKEN},
-        )
-    watchdog = threading.Timer(120, dying.kill)  # bounds the readline below
-    watchdog.start()
-    try:
-        line = dying.stdout.readline()
-    finally:
-        watchdog.cancel()
-        dying.kill()
-        dying.wait(timeout=60)
+    line = kill_at_stop(DYING_CLIENT, [server.url, str(tmp_path / "records.pt"), stage], log)
     assert line == "stopped\n", log.read_text()[-3000:]
 
     prompt = probe_sequences(engine.vocab_size, n=1, length=8, seed=4)

@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +21,6 @@ import pytest
 import torch
 from openai import OpenAI
 
-from lorasync.server import TOKEN_ENV
 from lorasync.server.client import update
 from lorasync.server.client.engine import ServerEngine
 from lorasync.server.client.control import Control, ServerSyncError
@@ -32,7 +28,7 @@ from lorasync.server.serve.lease import EXPIRY, PauseLease
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, max_diff, train_step
+from tests.helpers import TOKEN, kill_at_stop, max_diff, train_step
 
 TOL = 1e-4  # float32 server
 DISCARD_THEN_RESUME = [path for path, _, _ in EXPIRY]
@@ -366,19 +362,7 @@ def test_a_client_killed_with_its_payload_received_leaves_a_server_that_resumes_
     torch.save(list(lora_records(sync.merger, sync.plan, engine.dtype)), tmp_path / "records.pt")
     assert max_diff(trainer_scores(trainer, probes), scores) > 1e-2  # a load would show
 
-    with open(tmp_path / "dying.log", "w") as stderr:
-        dying = subprocess.Popen(
-            [sys.executable, "-c", DYING_CLIENT, server.url, str(tmp_path / "records.pt"), "3"],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=os.environ | {TOKEN_ENV: TOKEN},
-        )
-    watchdog = threading.Timer(120, dying.kill)  # bounds the readline below
-    watchdog.start()
-    try:
-        line = dying.stdout.readline()
-    finally:
-        watchdog.cancel()
-        dying.kill()  # SIGKILL
-        dying.wait(timeout=60)
+    line = kill_at_stop(DYING_CLIENT, [server.url, str(tmp_path / "records.pt"), "3"], tmp_path / "dying.log")
     killed = time.monotonic()
     assert line == "stopped\n", (tmp_path / "dying.log").read_text()[-3000:]
 
