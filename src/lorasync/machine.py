@@ -61,3 +61,26 @@ def _cpuinfo(field: str) -> str:
         if key.strip() == field:
             return value.strip()
     return ""
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory afresh (Linux: `5` to /proc/self/clear_refs),
+    so a benchmark can measure each of its sides; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since it started or `reset_peak_rss` (VmHWM);
+    None off Linux."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None

@@ -11,8 +11,9 @@ from transformers import AutoTokenizer
 
 from lorasync.commands.cli import main
 from lorasync.bench.trl import (
-    TrlBenchConfig, format_table, step_rows, train_config, trl_args, trl_rewards,
+    TrlBenchConfig, format_table, step_rows, train_config,
 )
+from lorasync.bench.trl_side import trl_args, trl_rewards
 from lorasync.train.data import batch_at, load_rows
 from tests.helpers import run_lorasync
 
@@ -47,8 +48,20 @@ def test_bench_trl_runs_both_sides_and_reports_consistent_numbers(chat_model, tm
     # TRL's own sync works on some vLLM CPU backends and crashes on others: either is reported
     assert result["trl_sync"] == trl["sync"]
     assert (trl["sync"], trl["own_sync_error"]) == ("trl", None) or trl["sync"] == CRASH
+    assert list(result["sides"]) == ["lorasync", "plain", "trl"]
+    assert result["sides"]["lorasync"]["shared_prefix"] and not result["sides"]["plain"]["shared_prefix"]
     for name, side in result["sides"].items():
         assert side["steps"] == STEPS and [s["step"] for s in side["per_step"]] == [1, 2], name
+        assert side["steps_per_second"] == pytest.approx(STEPS / sum(s["step_seconds"] for s in side["per_step"]))
+        assert side["tokens_per_second"] > 0 and side["peak_rss_bytes"] > 100e6, name
+    # the same run: every side's completions go through the same number of tokens per step
+    # (lorasync's two share the generations: same seed, same weights up to rounding)
+    assert result["sides"]["lorasync"]["per_step"][0]["completion_tokens"] == \
+        result["sides"]["plain"]["per_step"][0]["completion_tokens"]
+    lorasync, plain = (result["sides"][n]["per_step"][0]["trainer_tokens"] for n in ("lorasync", "plain"))
+    assert lorasync < plain  # each prompt once per group
+    assert set(result["ratios"]) == {"lorasync/plain", "lorasync/trl"}
+    for name, side in result["sides"].items():
         for s in side["per_step"]:
             assert 0 < s["generation_seconds"] and 0 < s["sync_seconds"], (name, s)
             assert s["generation_seconds"] + s["sync_seconds"] <= s["step_seconds"], (name, s)
@@ -60,10 +73,10 @@ def test_bench_trl_runs_both_sides_and_reports_consistent_numbers(chat_model, tm
         assert after["n"] == 8 and 0 <= after["accuracy"] <= 1 and after["adapter"] == side["adapter"]
     assert result["accuracy_before"]["n"] == 8 and result["accuracy_before"]["adapter"] is None
     table = format_table(result).splitlines()
-    assert table[2].startswith("lorasync") and table[3].startswith(
-        "TRL (TRL sync)" if trl["sync"] == "trl" else "TRL (lorasync sync)"
-    )
-    assert (len(table) == 5) == (trl["sync"] != "trl")  # a crash is said below the table
+    assert table[2].startswith("lorasync ") and table[3].startswith("lorasync, prefix unshared")
+    assert table[4].startswith("TRL (TRL sync)" if trl["sync"] == "trl" else "TRL (lorasync sync)")
+    assert table[5].startswith("steps per second, lorasync/plain: ")
+    assert (len(table) == 7) == (trl["sync"] != "trl")  # a crash is said below the table
 
 
 @pytest.fixture
@@ -82,6 +95,9 @@ def model_dir(tmp_path) -> str:
         ("dtype", "float16", r"--dtype = 'float16': use one of float32, bfloat16"),
         ("task", "gsm8k", r"--task = 'gsm8k': use one of arith"),
         ("grad_accum", 3, r"--grad-accum = 3: must divide prompts-per-step x num-generations = 64"),
+        ("sides", ("lorasync", "vllm"), r"--sides = 'lorasync,vllm': name each of lorasync, plain, trl at most once"),
+        ("sides", ("trl", "trl"), r"--sides = 'trl,trl': name each of"),
+        ("sides", (), r"--sides = '': name each of"),
     ],
 )
 def test_config_refuses_bad_values_with_the_fix(model_dir, field, value, match):

@@ -78,6 +78,8 @@ def _bench_trl(args: argparse.Namespace) -> int:
                          f"(lorasync bench rollout --model {TINY}); TRL's side needs a chat model: "
                          "pass a model folder or hub name")
     given = {name: getattr(args, name) for name in (*SHAPE_FLAGS, "task", "eval_n", "out")}
+    if args.sides is not None:
+        given["sides"] = tuple(side.strip() for side in args.sides.split(","))
     config = TrlBenchConfig(
         model=resolve_model(args.model), steps=args.steps, dtype=args.dtype, seed=args.seed,
         **{name: value for name, value in given.items() if value is not None},
@@ -146,6 +148,9 @@ def _add_trl_args(p: argparse.ArgumentParser) -> None:
     _add_run_args(p, rollout=False)
     p.add_argument("--eval-n", type=int, default=None, help="held-out problems (default 200)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench_trl)")
+    p.add_argument("--sides", default=None, help="the runs, in order, comma-separated: lorasync "
+                   "(shared-prefix scoring), plain (lorasync scoring each sequence whole), trl "
+                   "(default all three)")
 
 
 TRL_HELP = ("the same GRPO run through TRL's GRPOTrainer (colocated vLLM) and `lorasync train`: "
