@@ -6,6 +6,7 @@ which plans against it. Only safetensors headers are read here, never tensor dat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def weight_groups(layout: Layout, packed_modules: Mapping[str, Sequence[str]]) -
     for name in layout:
         module, _, _ = name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
-        key = f"{parent}.{fused_into[leaf]}" if leaf in fused_into else module
+        key = module
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
@@ -89,3 +90,17 @@ def block_linears(layout: Layout) -> list[str]:
         if name.endswith(".weight") and len(shape) == 2
     }
     return sorted(linears - EMBEDDING_MODULES)
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype: str) -> int:
+    """The bytes of keys and values one token holds in an engine's cache, from the model's
+    config.json: layers x 2 x key-value heads x head size x the dtype's bytes (full attention
+    in every layer: an upper bound for sliding-window layers)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    return layers * 2 * kv_heads * head_dim * DTYPES[dtype].itemsize

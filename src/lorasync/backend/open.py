@@ -26,6 +26,7 @@ def open_engine(
     admin_token: str | None = None,
     max_model_len: int | None = None,
     in_flight: str = "wait",
+    batch_sequences: int | None = None,
 ) -> ColocatedEngine | ServerEngine:
     """The engine to sync into by `strategy`: a colocated engine on the model folder `model`
     in `dtype` (serving adapters up to `lora_rank` when the strategy needs vLLM's LoRA), or
@@ -33,7 +34,8 @@ def open_engine(
     `admin_token`, $LORASYNC_ADMIN_TOKEN or the token). `max_model_len`: the
     colocated engine's context (default: `EngineConfig`'s, capped by the model's); servers
     set theirs at start (`lorasync serve ... --max-model-len N`). `in_flight`: what the
-    servers' requests do during a sync (`ServerEngine`)."""
+    servers' requests do during a sync (`ServerEngine`). `batch_sequences`: the sequences a
+    step generates at once, which size the colocated engine's KV cache (`EngineConfig`)."""
     check_pair(kind, strategy)
     if kind == "server":
         return ServerEngine(servers, token, in_flight=in_flight, admin_token=admin_token)
@@ -42,5 +44,6 @@ def open_engine(
         EngineConfig(
             model=model, dtype=dtype, seed=seed, enable_lora=lora,
             max_lora_rank=max(MAX_LORA_RANK, lora_rank), max_model_len=max_model_len,
+            batch_sequences=batch_sequences,
         )
     )

@@ -161,7 +161,7 @@ def run_lorasync(config: TrlBenchConfig, shared_prefix: bool = True) -> dict:
 
     train = train_config(config, shared_prefix)
     engine = open_engine("colocated", train.sync.strategy, config.model, config.dtype,
-                         seed=config.seed, lora_rank=config.rank)
+                         seed=config.seed, lora_rank=config.rank, batch_sequences=train.rollout.sequences)
     try:
         rows = GRPOTrainer(train, engine).train()
     finally:

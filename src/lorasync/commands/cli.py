@@ -177,6 +177,7 @@ def _train(args: argparse.Namespace) -> int:
         token=_token(args) or None,
         admin_token=_token(args, admin=(config.engine.admin_token_file, "engine.admin_token_file")) or None,
         max_model_len=config.engine.max_model_len, in_flight=config.rollout.in_flight,
+        batch_sequences=config.rollout.sequences,
     )
     try:
         rows = GRPOTrainer(config, engine).train(resume=args.resume)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorasync.served_model import check_dtype, checkpoint_layout, weight_groups
+from lorasync.served_model import check_dtype, checkpoint_layout, kv_bytes_per_token, weight_groups
 from lorasync.engines import require_vllm, vllm_compat, worker
 from lorasync.sync.base import Completion
 from lorasync.sync.naming import check_adapter_name
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 # Tokens per sequence (prompt + completion) an engine holds unless told otherwise: RL rollouts
 # here are short, and the KV cache on CPU is small.
 DEFAULT_MAX_MODEL_LEN = 512
+# The KV cache's largest default size, and the block vLLM's CPU backend allocates it by (tokens).
+MAX_KV_CACHE_BYTES = 1 << 30
+KV_BLOCK_TOKENS = 128
 
 
 def model_context(model_dir: str) -> int | None:
@@ -53,6 +56,10 @@ class EngineConfig:
     35 s per new model shape, far more than a tiny model ever saves from it. `max_model_len`
     (prompt plus completion tokens) defaults to `DEFAULT_MAX_MODEL_LEN`, capped by the model's
     own context (`max_position_embeddings`); more than the model's context is refused.
+    `kv_cache_bytes` defaults to what `batch_sequences` sequences of `max_model_len` tokens
+    need (`served_model.kv_bytes_per_token`), at least one sequence's and at most
+    `MAX_KV_CACHE_BYTES`; without `batch_sequences`, that most. $VLLM_CPU_KVCACHE_SPACE (GiB),
+    where set, wins (vLLM reads it).
     """
 
     model: str
@@ -60,7 +67,8 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = True
-    kv_cache_gib: int = 1
+    kv_cache_bytes: int | None = None
+    batch_sequences: int | None = None  # the sequences a step generates at once (the KV cache's size)
     enable_prefix_caching: bool = True
     # vLLM's own LoRA support, needed by the `adapter` sync strategy (and `auto`, which
     # measures it); adapters of rank above max_lora_rank are refused.
@@ -86,6 +94,13 @@ class EngineConfig:
             )
         if self.max_lora_rank < 1:
             raise ValueError(f"EngineConfig.max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.batch_sequences is not None and self.batch_sequences < 1:
+            raise ValueError(f"EngineConfig.batch_sequences must be >= 1, got {self.batch_sequences}")
+        if self.kv_cache_bytes is None:
+            blocks = -(-self.max_model_len // KV_BLOCK_TOKENS)  # a sequence's blocks, rounded up
+            one = blocks * KV_BLOCK_TOKENS * kv_bytes_per_token(self.model, self.dtype)
+            want = MAX_KV_CACHE_BYTES if self.batch_sequences is None else self.batch_sequences * one
+            self.kv_cache_bytes = max(one, min(want, MAX_KV_CACHE_BYTES))
 
 
 class ColocatedEngine:
@@ -99,7 +114,6 @@ class ColocatedEngine:
         # The engine core must live in this process: weights are streamed to the worker as a
         # Python iterator, which only an in-process executor can take without serializing.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         require_vllm()
         from vllm import LLM
 
@@ -112,6 +126,7 @@ class ColocatedEngine:
             seed=config.seed,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
+            kv_cache_memory_bytes=config.kv_cache_bytes,
             # No chunked prefill on CPU: a split prompt crashes seeded sampling there.
             **vllm_compat.scheduler_args(),
             **(vllm_compat.lora_args(layout, config.max_lora_rank) if config.enable_lora else {}),

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorasync.models.tiny import WORDS, make_tiny_model, synthetic_corpus
 from lorasync.tasks import arith
 from lorasync.train.config import (
-    DataConfig, LoraSettings, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig,
+    DataConfig, EngineSection, LoraSettings, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig,
 )
 
 REAL_MODEL = "smollm2-135m-instruct"
@@ -80,7 +80,8 @@ def run_tiny_demo(out: str | Path = "runs/demo", steps: int = 60, seed: int = 0,
         make_tiny_model(base, arch="qwen2", seed=seed)
         pretrain(base, seed=seed)
     config = demo_config(out, steps=steps, seed=seed)
-    engine = open_engine("colocated", Strategy.STREAMING, str(base), seed=seed)
+    engine = open_engine("colocated", Strategy.STREAMING, str(base), seed=seed,
+                         batch_sequences=config.rollout.sequences)
     try:
         trainer = GRPOTrainer(config, engine)
         probe = demo_prompts(n=4, seed=seed + 7)
@@ -115,6 +116,8 @@ def real_demo_config(out: Path, model_dir: str, steps: int = DEMO_STEPS, seed: i
         lora=LoraSettings(rank=16, alpha=32, targets=["all-linear"]),
         rollout=RolloutConfig(prompts_per_step=8, num_generations=8, max_tokens=16, temperature=1.0),
         optim=OptimConfig(steps=steps, lr=3e-4, schedule="constant", grad_accum=2, seed=seed),
+        # a ~50-token prompt and 16 tokens: 128 holds them, and sizes the KV cache to the batch
+        engine=EngineSection(max_model_len=128),
         output_dir=str(out),
         save_every=0,
     )
@@ -137,7 +140,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seed: int =
     config = real_demo_config(out, str(model_dir), steps, seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     evals = {t: EvalConfig(model=str(model_dir), n=eval_problems, temperature=t, seed=seed) for t in (0.0, 1.0)}
-    engine = open_engine("colocated", Strategy.STREAMING, str(model_dir), seed=seed)
+    engine = open_engine("colocated", Strategy.STREAMING, str(model_dir), seed=seed,
+                         max_model_len=config.engine.max_model_len, batch_sequences=config.rollout.sequences)
     try:
         before = {t: evaluate(engine, tokenizer, c, progress) for t, c in evals.items()}
         trainer = GRPOTrainer(config, engine)

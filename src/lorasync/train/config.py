@@ -119,6 +119,11 @@ class RolloutConfig:
     # recorded per token within each completion (docs/async.md).
     in_flight: str = "wait"
 
+    @property
+    def sequences(self) -> int:
+        """The sequences a step generates at once (the colocated engine's KV cache holds them)."""
+        return self.prompts_per_step * self.num_generations
+
     def __post_init__(self) -> None:
         require(self.mode in ROLLOUT_MODES, "rollout.mode", self.mode, f"use one of {', '.join(ROLLOUT_MODES)}")
         require(self.in_flight in IN_FLIGHT, "rollout.in_flight", self.in_flight, f"use one of {', '.join(IN_FLIGHT)}")
