@@ -503,3 +503,13 @@ def kill_at_stop(script: str, args: Sequence[str], log: Path, timeout: float = 1
         watchdog.cancel()
         proc.kill()  # SIGKILL
         proc.wait(timeout=60)
+
+
+async def read_body(receive) -> bytes:
+    """The whole body of an ASGI request, from its `receive` channel."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body

@@ -76,7 +76,7 @@ def weight_groups(layout: Layout, packed_modules: Mapping[str, Sequence[str]]) -
     for name in layout:
         module, _, _ = name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
-        key = module
+        key = f"{parent}.{fused_into[leaf]}" if leaf in fused_into else module
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 

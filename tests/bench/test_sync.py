@@ -128,17 +128,6 @@ def test_the_machine_the_kernel_and_the_roofline_are_recorded(bench):
     assert result["server"]["merge_kernel"] in {k.value for k in Kernel}
 
 
-def test_bench_dtype_reports_both_dtypes_and_their_ratios(tmp_path):
-    r = run_lorasync("bench", "dtype", "--shape", "tiny", "--repeats", "1", "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout)
-    d = result["dtypes"]
-    assert set(d) == {"float32", "bfloat16"} and result["machine"]["cpu_capability"]
-    for key in ("train_step_s", "decode_s_per_token"):
-        assert all(v[key] > 0 for v in d.values())
-        assert result["bf16_over_fp32"][key] == pytest.approx(d["bfloat16"][key] / d["float32"][key])
-
-
 def test_bench_sync_measures_a_given_model_folder(tiny_model, tmp_path):
     """--model DIR: the strategies on that model (here a tiny llama, not the random qwen2
     the benchmark builds otherwise), every one in parity, nothing built in the cache."""

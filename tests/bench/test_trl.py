@@ -13,7 +13,6 @@ from lorasync.commands.cli import main
 from lorasync.bench.trl import (
     TrlBenchConfig, format_table, step_rows, train_config,
 )
-from lorasync.bench.trl_side import trl_args, trl_rewards
 from lorasync.train.data import batch_at, load_rows
 from tests.helpers import run_lorasync
 
@@ -113,33 +112,9 @@ def test_config_needs_a_model_folder(tmp_path, capsys):
     assert "lorasync bench: error: --model" in capsys.readouterr().err
 
 
-def test_trl_takes_one_optimizer_step_per_generation_batch_of_the_same_shape(model_dir):
-    config = TrlBenchConfig(model=model_dir, prompts_per_step=4, num_generations=6, grad_accum=3)
-    args = trl_args(config)
-    # TRL 1.16: one generation batch of all the step's completions, one optimizer step over it
-    assert args.generation_batch_size == config.completions == 24
-    assert args.steps_per_generation == args.gradient_accumulation_steps == 3
-    assert args.generation_batch_size // args.num_generations == config.prompts_per_step
-    assert (args.max_steps, args.learning_rate, args.beta, args.max_completion_length) == (10, 3e-4, 0.0, 16)
-    train = train_config(config)
-    assert train.optim.grad_accum == 3 and train.lora.alpha == 2 * train.lora.rank
-    assert not args.shuffle_dataset and not args.gradient_checkpointing and not args.bf16
-
-
 def test_trl_reads_lorasync_s_prompts_in_lorasync_s_order(model_dir):
     train = train_config(TrlBenchConfig(model=model_dir, steps=3, prompts_per_step=4))
     rows, all_rows = step_rows(train), load_rows(train.data)
     assert len(rows) == 12 and len({r["prompt"][0]["content"] for r in rows}) == 12  # one epoch
     for step in range(3):
         assert rows[4 * step : 4 * (step + 1)] == batch_at(all_rows, step, 4, train.optim.seed)
-
-
-def test_trl_rewards_score_cut_off_completions_as_lorasync_does(tiny_model):
-    config = TrlBenchConfig(model=tiny_model("qwen2"), max_tokens=3)
-    (correct, number_only), weights = trl_rewards(config)
-    eos = AutoTokenizer.from_pretrained(config.model).eos_token_id
-    ids = [[5, 6, eos], [5, 6, 7], [5, eos]]  # ended at the limit, cut off, ended early
-    scores = correct(prompts=[None] * 3, completions=["42"] * 3, completion_ids=ids, answer=[42] * 3,
-                     trainer_state=None)
-    assert scores == [1.0, 0.0, 1.0] and weights == [1.0, 0.0]
-    assert (correct.__name__, number_only.__name__) == ("correct", "number_only")

@@ -1,4 +1,5 @@
-"""`lorasync train --nproc 2` from the shell, as a user runs it: torchrun starts 2 ranks, each
+"""`lorasync train --nproc 2` from the shell, as a user runs it (`commands/torchrun.py`): a batch
+that does not split over the ranks is refused before torchrun starts; torchrun starts 2 ranks, each
 with its own colocated vLLM engine, on configs/digits.yaml, in both `parallel.mode`s; rank 0
 writes the run folder and the whole adapter; a run resumed on 2 ranks ends exactly where the
 uninterrupted one does. Each run costs about 20 s on 2 cores (two engines)."""

@@ -1,4 +1,6 @@
-"""Seeded sampling on a batch too big for one scheduler step (`vllm_compat.scheduler_args`).
+"""The colocated engine (`engines/colocated.py`): its KV cache is sized to the batch it will
+generate (no engine needed); and on a real vLLM, seeded sampling on a batch too big for one
+scheduler step generates reproducibly, built with `vllm_compat.scheduler_args`.
 
 vLLM on CPU crashed such a batch with "CPU Generator does not use offset": with chunked
 prefill, the prompt that overflows a step's token budget is prefilled in part, and the
@@ -9,7 +11,23 @@ from __future__ import annotations
 
 import pytest
 
+from lorasync.engines.colocated import KV_BLOCK_TOKENS, MAX_KV_CACHE_BYTES, EngineConfig
+from lorasync.served_model import kv_bytes_per_token
 from lorasync.sync.verify import probe_sequences
+
+
+def test_the_kv_cache_holds_the_batch_within_one_sequence_and_the_cap(tiny_model):
+    model = tiny_model("llama")
+    per_token = kv_bytes_per_token(model, "float32")
+    one = 2 * KV_BLOCK_TOKENS * per_token  # 200 tokens: two blocks
+    assert EngineConfig(model, max_model_len=200, batch_sequences=6).kv_cache_bytes == 6 * one
+    assert EngineConfig(model, max_model_len=200, batch_sequences=1).kv_cache_bytes == one
+    assert EngineConfig(model, max_model_len=200).kv_cache_bytes == MAX_KV_CACHE_BYTES  # no batch given
+    huge = EngineConfig(model, max_model_len=200, batch_sequences=10**7)
+    assert huge.kv_cache_bytes == MAX_KV_CACHE_BYTES
+    assert EngineConfig(model, kv_cache_bytes=12345, batch_sequences=6).kv_cache_bytes == 12345  # as given
+    with pytest.raises(ValueError, match="batch_sequences must be >= 1, got 0"):
+        EngineConfig(model, batch_sequences=0)
 
 
 @pytest.mark.vllm

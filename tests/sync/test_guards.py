@@ -1,6 +1,6 @@
 """Verification catches a wrong sync; training continues after a sync; a failed load leaves
 the trainer unmerged; the engine resets its prefix cache. On real vLLM (the refusals that
-need no engine are in test_weight_sync.py)."""
+need no engine are in test_weight_sync.py and test_kinds.py)."""
 
 import pytest
 import torch

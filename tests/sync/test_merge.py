@@ -37,31 +37,6 @@ def test_streamed_tensors_equal_merge_and_unload(tiny_model, variant, kernel):
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_plan_completes_fused_groups(tiny_model):
-    model_dir = tiny_model("qwen2")
-    model = peft_model(model_dir, dict(target_modules=["q_proj"]))
-    layout = checkpoint_layout(model_dir)
-    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
-    changed = {e.checkpoint for e in plan.changed}
-    attn = "model.layers.{}.self_attn.{}_proj.{}"
-    assert changed == {attn.format(i, p, t) for i in (0, 1) for p in "qkv" for t in ("weight", "bias")}
-    assert len(plan.full) == len(layout)
-
-
-def test_plan_sends_modules_to_save_whole_and_tied_embedding_once(tiny_model):
-    model_dir = tiny_model("qwen2-tied")
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = get_peft_model(
-        base, LoraConfig(target_modules=["o_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
-    )
-    layout = checkpoint_layout(model_dir)
-    assert "lm_head.weight" not in layout
-    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
-    changed = [e.checkpoint for e in plan.changed]
-    assert changed.count("model.embed_tokens.weight") == 1
-    assert sorted(changed) == sorted(["model.embed_tokens.weight"] + [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)])
-
-
 def bf16_llama(model_dir):
     """A bf16 llama with a random all-linear adapter, and its sync plan."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)

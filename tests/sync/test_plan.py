@@ -1,6 +1,8 @@
-"""The plan and the streaming merge on gemma3 and phi3, and what no sync can serve (LoRA on a
-tied embedding), refused by name. No vLLM here; test_parity.py and tests/server/client/test_engine.py
-run the same models on real engines.
+"""The sync plan (sync/plan.py): a changed-only sync completes each group the engine fuses
+(q/k/v), a modules_to_save embedding tied to the lm_head is sent once, and on gemma3 and phi3
+every served tensor is planned (and streamed as merge_and_unload has it); what no sync can serve
+(LoRA on a tied embedding) is refused by name. No vLLM here; test_parity.py and
+tests/server/client/test_engine.py run the same models on real engines.
 
 - gemma3: sliding-window and full layers, q/k norms, a scaled embedding tied to the lm_head;
 - phi3: q/k/v and gate/up fused in the checkpoint itself (`qkv_proj`, `gate_up_proj`), which
@@ -45,6 +47,31 @@ def plan_for(model, model_dir):
     layout = checkpoint_layout(model_dir)
     packed = PHI3_PACKED if "phi3" in str(model_dir) else PACKED
     return plan_sync(model, layout, weight_groups(layout, packed)), layout
+
+
+def test_plan_completes_fused_groups(tiny_model):
+    model_dir = tiny_model("qwen2")
+    model = peft_model(model_dir, dict(target_modules=["q_proj"]))
+    layout = checkpoint_layout(model_dir)
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    changed = {e.checkpoint for e in plan.changed}
+    attn = "model.layers.{}.self_attn.{}_proj.{}"
+    assert changed == {attn.format(i, p, t) for i in (0, 1) for p in "qkv" for t in ("weight", "bias")}
+    assert len(plan.full) == len(layout)
+
+
+def test_plan_sends_modules_to_save_whole_and_tied_embedding_once(tiny_model):
+    model_dir = tiny_model("qwen2-tied")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(
+        base, LoraConfig(target_modules=["o_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    )
+    layout = checkpoint_layout(model_dir)
+    assert "lm_head.weight" not in layout
+    plan = plan_sync(model, layout, weight_groups(layout, PACKED))
+    changed = [e.checkpoint for e in plan.changed]
+    assert changed.count("model.embed_tokens.weight") == 1
+    assert sorted(changed) == sorted(["model.embed_tokens.weight"] + [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)])
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lorasync.engines.colocated import EngineConfig
-from lorasync.sync.kinds import STRATEGIES, check_pair, default_strategy
 from lorasync.sync.base import AdapterReceiver, Record, RecordReceiver, Strategy, WeightReceiver
 from lorasync.sync.weight_sync import WeightSync, check_engine
 from tests.helpers import MemoryReceiver, Tap, mixed_precision_policy, peft_model, policy, train_step
@@ -82,17 +81,7 @@ def test_memory_receiver_refuses_what_vllm_would_not_take(tiny_model):
     assert engine.loads == 0 and engine.weight_version == 0
 
 
-# --- strategies by name -----------------------------------------------------------------------
-
-
-def test_strategy_parse_takes_every_name_and_refuses_others_naming_the_field():
-    for strategy in Strategy:
-        assert Strategy.parse(strategy.value) is strategy is Strategy.parse(strategy)
-    with pytest.raises(ValueError, match=r"sync.strategy must be one of streaming, merge-unmerge, "
-                                         r"adapter, factors, auto, got 'merged'"):
-        Strategy.parse("merged", "sync.strategy")
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        WeightSync(None, None, strategy="fastest")
+# --- strategies by name (Strategy.parse itself: test_base.py) -------------------------------
 
 
 def test_auto_needs_tokens_per_step_and_only_auto_takes_it():
@@ -102,33 +91,7 @@ def test_auto_needs_tokens_per_step_and_only_auto_takes_it():
         WeightSync(None, None, strategy="adapter", tokens_per_step=10)
 
 
-# --- which engine takes which strategy: backend/open.py and check_engine ---------------------
-
-
-def test_each_engine_kind_takes_its_strategies_and_defaults_to_the_first():
-    assert default_strategy("colocated") is Strategy.STREAMING
-    assert default_strategy("server") is Strategy.FACTORS
-    for kind, strategies in STRATEGIES.items():
-        for strategy in Strategy:
-            if strategy in strategies:
-                check_pair(kind, strategy)
-            else:
-                with pytest.raises(ValueError, match=f"'{strategy.value}' does not work with "
-                                                     f"engine.kind = '{kind}'"):
-                    check_pair(kind, strategy)
-    assert Strategy.FACTORS not in STRATEGIES["colocated"]
-    assert Strategy.ADAPTER not in STRATEGIES["server"] and Strategy.AUTO not in STRATEGIES["server"]
-
-
-def test_a_refused_pair_names_both_fields_and_the_kind_that_takes_it():
-    with pytest.raises(ValueError, match=r"sync.strategy = 'factors' does not work with engine.kind = "
-                                         r"'colocated', which takes streaming, merge-unmerge, adapter, "
-                                         r"auto: use one of those, or engine.kind = 'server'"):
-        check_pair("colocated", Strategy.FACTORS)
-    with pytest.raises(ValueError, match="or engine.kind = 'colocated'"):
-        check_pair("server", Strategy.ADAPTER)
-    with pytest.raises(ValueError, match="engine.kind must be one of colocated, server, got 'remote'"):
-        check_pair("remote", Strategy.STREAMING)
+# --- which engine takes which strategy: check_engine (the table by kind: test_kinds.py) ------
 
 
 def test_factors_are_refused_on_an_engine_that_does_not_merge_them(tiny_model):

@@ -1,9 +1,8 @@
 """Checkpoints on disk (train/checkpoints.py): a save is whole or absent, whatever kills it and
-wherever; a full disk leaves the earlier checkpoints intact and says so; a torn folder or a torn
-last metrics line is skipped, named; loading unpickles no code. No vLLM: the trainer's own
-objects, a tiny model."""
+wherever; a full disk leaves the earlier checkpoints intact and says so; a torn folder is
+skipped, named (a torn last metrics line: test_metrics.py); loading unpickles no code. No vLLM:
+the trainer's own objects, a tiny model."""
 
-import json
 import random
 
 import pytest
@@ -12,7 +11,6 @@ from transformers import get_scheduler
 
 from lorasync.train import checkpoints
 from lorasync.train.distributed import Dist
-from lorasync.train.metrics import MetricsLog
 from tests.helpers import policy, train_step
 
 
@@ -127,15 +125,3 @@ def test_a_torn_checkpoint_is_skipped_and_named(run, tmp_path, capsys):
     (torn / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     assert checkpoints.latest(tmp_path) == good
     assert "skipping the torn checkpoint" in capsys.readouterr().err
-
-
-def test_a_torn_last_metrics_line_is_skipped_and_named(tmp_path, capsys):
-    log = MetricsLog(tmp_path)
-    log.write({"step": 1, "reward_mean": 0.5})
-    with log.path.open("a") as f:
-        f.write('{"step": 2, "rew')  # a kill mid-write
-    assert log.rows() == [{"step": 1, "reward_mean": 0.5}]
-    assert "torn last line" in capsys.readouterr().err
-    log.truncate_after(1)  # what resume does: the torn line is gone for good
-    assert log.path.read_text() == json.dumps({"step": 1, "reward_mean": 0.5}) + "\n"
-    log.close()

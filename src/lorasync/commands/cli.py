@@ -169,7 +169,7 @@ def _train(args: argparse.Namespace) -> int:
     # process group unless one exists; finding ours, it lays its groups out inside it as
     # "external data parallel" (one per rank), so each rank has an engine of its own. vLLM
     # 0.32 reads torchrun's RANK/LOCAL_RANK only under its external_launcher executor, which
-    # is not used: nothing to scrub. Pinned by tests/commands/test_train_distributed.py.
+    # is not used: nothing to scrub. Pinned by tests/commands/test_torchrun.py.
     dist = distributed.init(config.parallel)
     engine = open_engine(
         config.engine.kind, config.sync.strategy, config.model.base, config.model.dtype,

@@ -131,7 +131,7 @@ def scheduler_args() -> dict:
     does not officially support disabling chunked prefill" for any generative model; for
     the attention-only decoders lorasync serves, the scheduler's unchunked branch is the
     only change (hybrid Mamba models with prefix caching would refuse it). Pinned by
-    tests/engines/test_seeded.py.
+    tests/engines/test_colocated.py.
     """
     from vllm.platforms import current_platform
 
@@ -172,7 +172,8 @@ def linear_weights_repacked(model: torch.nn.Module) -> bool:
     without AVX-512), the plain weight stays, loader and all. TRL 1.16's own sync calls
     `model.load_weights`, which needs those loaders: it crashes on the first kind of machine
     and runs on the second. lorasync reloads through vLLM's layerwise reload, which works on
-    both. Pinned by tests/integrations/test_trl.py (both sides) and tests/engines/test_compat.py.
+    both. Pinned by tests/integrations/test_trl.py (both sides) and
+    tests/engines/test_vllm_compat.py.
     """
     from vllm.model_executor.layers.linear import LinearBase
 

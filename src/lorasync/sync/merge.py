@@ -57,7 +57,7 @@ class Merger:
         """The parameter (`Source.PARAM`) or module an entry is made from. A parameter is read
         from its (cached) module each time, never cached itself: a module's parameters can be
         swapped (FSDP2's gathered whole tensors for a sync, `train/rank_sync.gathered`), and a
-        cached one would send a stale value (tests/train/test_distributed.py, the factors test)."""
+        cached one would send a stale value (tests/train/test_rank_sync.py, the factors test)."""
         if entry.source is Source.PARAM:
             owner, _, name = entry.path.rpartition(".")
             return getattr(self._module(owner), name)

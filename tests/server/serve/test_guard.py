@@ -23,6 +23,7 @@ from lorasync.server.serve.guard import (
 )
 from lorasync.server.serve.launch import VLLM_RUNTIME_LORA_ENV, serve_env
 from lorasync.server.transports.wire import MAX_MANIFEST_BYTES
+from tests.helpers import read_body
 
 TOKEN = "s3cret"
 ADMIN = "adm1n"
@@ -52,13 +53,7 @@ def request(path: str, token: str | None = TOKEN, monkeypatch=None, root_path: s
 
     async def app(scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST":
-            data = b""
-            while True:
-                message = await receive()
-                data += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
-            read.append(data)
+            read.append(await read_body(receive))
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
     chunk = chunk or max(len(body), 1)

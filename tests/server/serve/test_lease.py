@@ -28,7 +28,7 @@ from lorasync.server.serve.lease import EXPIRY, PauseLease
 from lorasync.sync.factors import lora_records
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
 from lorasync.sync.weight_sync import WeightSync
-from tests.helpers import TOKEN, kill_at_stop, max_diff, train_step
+from tests.helpers import TOKEN, kill_at_stop, max_diff, read_body, train_step
 
 TOL = 1e-4  # float32 server
 DISCARD_THEN_RESUME = [path for path, _, _ in EXPIRY]
@@ -48,12 +48,7 @@ class FakeApp:
         self.scopes: list[dict] = []
 
     async def __call__(self, scope, receive, send) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.scopes.append(scope)
         self.calls.append((scope["path"], scope["query_string"].decode(), json.loads(body) if body else None))
         if scope["path"] in self.hold:

@@ -2,8 +2,9 @@
 
 Without a GPU: the rendezvous message (an NCCL unique id in the init request's JSON), the
 checks the receiver makes of it, the join and the record broadcasts, driven through an
-in-process stand-in for NCCL's communicator (`Hub`), and the error paths (a worker that
-fails to join, a broadcast that fails mid-way). With GPUs (marked `gpu`): the same sync as
+in-process stand-in for NCCL's communicator (`Hub`, non-blocking as the real one), and the
+error paths (a worker that fails to join, a broadcast that fails mid-way; the deadlines on the
+join and on a transfer: tests/server/transports/test_nccl_group.py). With GPUs (marked `gpu`): the same sync as
 tests/server/client/test_engine.py with the bytes moved by NCCL broadcast from the trainer's GPU to the server's.
 NCCL refuses two ranks on one device, so those need two GPUs and are skipped otherwise (this
 project's CI has none, so they have not run here; see docs/server.md)."""
@@ -16,7 +17,6 @@ import queue
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,17 +27,15 @@ from lorasync.server.transports import nccl as transport_nccl
 from lorasync.server.transports import nccl_group as nccl
 from lorasync.server.client.engine import ServerEngine
 from lorasync.server.client.control import Pending, ServerSyncError
+from lorasync.server.transports.nccl import pack, recv_records, send_records
 from lorasync.server.transports.nccl_group import (
     UNIQUE_ID_BYTES,
     Meeting,
     join_workers,
-    pack,
     read_rendezvous,
-    recv_records,
     rendezvous,
-    send_records,
 )
-from lorasync.server.transports.wire import PayloadError, check_payload, manifest
+from lorasync.server.transports.wire import Deadline, PayloadError, check_payload, manifest
 from lorasync.sync.base import Record
 from lorasync.sync.verify import probe_sequences, verify
 from lorasync.sync.weight_sync import WeightSync
@@ -51,49 +49,82 @@ LAYOUT = {"layers.0.proj.weight": (4, 6), "embed.weight": (5, 3), "layers.1.proj
 
 
 class Comm:
-    """One rank's communicator of the stand-in: what `PyNcclCommunicator` offers the code."""
+    """One rank's communicator of the stand-in: what `nccl_group.Communicator` offers the code.
+    Non-blocking as that one: `broadcast` only enqueues (a receive completes once the sender's
+    tensor is there, seen by `mark`), and `ready` turns true once every rank has joined."""
 
     def __init__(self, rank: int, world_size: int, peers: dict, fail_after: int | None = None) -> None:
         self.rank, self.world_size, self.peers = rank, world_size, peers
         self.inbox: queue.Queue = queue.Queue()
-        self.disabled = False
-        self.fail_after = fail_after  # broadcasts that succeed before one raises
-        self.count = 0
+        self.pending: list[torch.Tensor] = []  # receives enqueued whose tensor has not come
+        self.disabled = self.aborted = False
+        self.fail_after = fail_after  # broadcasts that are enqueued before one raises
+        self.enqueued = self.count = 0  # broadcasts enqueued, and finished
+        self.error: str | None = None  # an error NCCL reports (ncclCommGetAsyncError)
         self.log: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def ready(self) -> bool:
+        return len(self.peers) == self.world_size  # enqueueing a broadcast is done at once
+
+    def async_error(self) -> str | None:
+        return self.error
 
     def broadcast(self, tensor: torch.Tensor, src: int, stream=None) -> None:
         if self.disabled:
-            return  # as PyNcclCommunicator: a closed communicator skips broadcasts silently
-        if self.fail_after is not None and self.count >= self.fail_after:
+            raise RuntimeError("broadcast on an aborted NCCL communicator")  # as `Communicator`
+        if self.fail_after is not None and self.enqueued >= self.fail_after:
             raise RuntimeError("NCCL error: remote process exited or there was a network error")
         self.log.append((tensor.dtype, tuple(tensor.shape)))
+        self.enqueued += 1
         if self.rank == src:
-            for rank, peer in self.peers.items():
+            for rank, peer in list(self.peers.items()):
                 if rank != src:
                     peer.inbox.put(tensor.clone())
+            self.count += 1
         else:
-            sent = self.inbox.get(timeout=5)
+            self.pending.append(tensor)
+
+    def _progress(self) -> None:
+        while self.pending:
+            try:
+                sent = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            tensor = self.pending.pop(0)
             # NCCL is given (pointer, count, dtype) on each rank, no shape: they must agree
             assert (sent.dtype, sent.numel()) == (tensor.dtype, tensor.numel())
             tensor.view(-1).copy_(sent.reshape(-1))
-        self.count += 1
+            self.count += 1
+
+    def mark(self, stream=None):
+        """Whether every broadcast enqueued so far has finished (a CUDA event, on a GPU)."""
+        target = self.enqueued
+
+        def done() -> bool:
+            self._progress()
+            return self.count >= target
+
+        return done
+
+    def abort(self) -> None:
+        self.aborted = self.disabled = True
 
     def destroy(self) -> None:
         self.disabled = True
 
 
 class Hub:
-    """Stand-in for NCCL's init: ranks meet by unique id. Like `ncclCommInitRank` with no
-    store, a rank waits until all `world_size` ranks have joined (here at most `wait`
-    seconds, then it raises: NCCL would wait on)."""
+    """Stand-in for NCCL's init: ranks meet by unique id. Like `ncclCommInitRankConfig` with
+    blocking=0, a rank's communicator comes at once, and is `ready` once all `world_size`
+    ranks have joined (never, if one does not come)."""
 
-    def __init__(self, wait: float = 5.0) -> None:
-        self.wait = wait
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.groups: dict[bytes, dict] = {}
         self.joins: list[tuple[bytes, int, int]] = []
         self.devices: dict[int, int | None] = {}
         self.fail: dict[int, Exception] = {}  # rank -> raised instead of joining
+        self.made: list[Comm] = []  # every communicator, in the order made
 
     def communicator(self, unique_id: bytes, rank: int, world_size: int, device: int | None) -> Comm:
         assert isinstance(unique_id, bytes) and len(unique_id) == UNIQUE_ID_BYTES
@@ -102,14 +133,18 @@ class Hub:
             self.devices[rank] = device
             if rank in self.fail:
                 raise self.fail[rank]
-            group = self.groups.setdefault(
-                unique_id, {"world_size": world_size, "barrier": threading.Barrier(world_size), "ranks": {}}
-            )
+            group = self.groups.setdefault(unique_id, {"world_size": world_size, "ranks": {}})
             assert group["world_size"] == world_size and 0 <= rank < world_size
             assert rank not in group["ranks"], f"rank {rank} joined twice"
             comm = group["ranks"][rank] = Comm(rank, world_size, group["ranks"])
-        group["barrier"].wait(self.wait)  # threading.BrokenBarrierError when a rank never comes
+            self.made.append(comm)
         return comm
+
+
+def deadline(seconds: float = 5.0) -> Deadline:
+    """A receiver's deadline, as `serve/receiver.py` makes it from LORASYNC_TRANSFER_TIMEOUT."""
+    fix = f"set LORASYNC_TRANSFER_TIMEOUT (seconds, now {seconds:g}) in the server's environment"
+    return Deadline(seconds, fix)
 
 
 @pytest.fixture
@@ -130,8 +165,8 @@ class FakeServer:
     """`Control` for one in-process server: its init route runs `nccl.join_workers` on every
     worker at once, as vLLM's collective_rpc does, and answers 500 with the first error."""
 
-    def __init__(self, workers: int, timeout: float = 10) -> None:
-        self.workers, self.timeout = workers, timeout
+    def __init__(self, workers: int, timeout: float = 10, server_timeout: float = 10) -> None:
+        self.workers, self.timeout, self.server_timeout = workers, timeout, server_timeout
         self.groups: list = []
         self.messages: list[dict] = []
 
@@ -143,14 +178,44 @@ class FakeServer:
         body = json.loads(json.dumps(kwargs["json"]))  # what crosses HTTP: JSON, nothing else
         message = body["init_info"]["nccl"]
         self.messages.append(message)
-        with ThreadPoolExecutor(self.workers) as pool:
-            futures = [
-                pool.submit(join_workers, message, parallel(r, self.workers)) for r in range(self.workers)
-            ]
-            errors = [f.exception() for f in futures if f.exception() is not None]
+        joins = [Call(join_workers, message, parallel(r, self.workers), deadline(self.server_timeout))
+                 for r in range(self.workers)]
+        for join in joins:
+            join.thread.join()
+        errors = [join.error for join in joins if join.error is not None]
         if errors:
             raise ServerSyncError(f"{url}{path} answered 500: {type(errors[0]).__name__}: {errors[0]}")
-        self.groups = [f.result() for f in futures]
+        self.groups = [join.result for join in joins]
+
+
+class Call:
+    """`fn(*args)` on a daemon thread (so that a wait left unbounded cannot hold the test run
+    at exit either): its `result` or its `error` once `thread` has ended."""
+
+    def __init__(self, fn, *args) -> None:
+        self.result = self.error = None
+
+        def run() -> None:
+            try:
+                self.result = fn(*args)
+            except BaseException as err:  # reported by whoever joins the thread
+                self.error = err
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+
+def bounded(fn, *args, limit: float = 3.0):
+    """`fn(*args)`, its result or its exception; still running after `limit` s fails the
+    test instead of hanging the run (the waits under test would never end without their
+    deadline)."""
+    call = Call(fn, *args)
+    call.thread.join(limit)
+    if call.thread.is_alive():
+        pytest.fail(f"still waiting after {limit} s: this wait is not bounded")
+    if call.error is not None:
+        raise call.error
+    return call.result
 
 
 def records(dtype: torch.dtype = torch.bfloat16) -> list[Record]:
@@ -223,7 +288,7 @@ def changed(**fields) -> dict:
 )
 def test_the_receiver_refuses_a_malformed_rendezvous_before_calling_nccl(hub, message, refusal):
     with pytest.raises(PayloadError, match=refusal):
-        join_workers(message, parallel(0, 2))
+        join_workers(message, parallel(0, 2), deadline())
     assert hub.joins == []
 
 
@@ -231,11 +296,11 @@ def test_the_group_must_fit_the_server_and_each_worker_gets_its_own_rank(hub):
     meeting = read_rendezvous(GOOD)  # world size 3: a trainer and two workers
     assert [nccl.worker_rank(meeting, parallel(r, 2)) for r in range(2)] == [1, 2]
     with pytest.raises(PayloadError, match="must be 4"):
-        join_workers(GOOD, parallel(0, 3))  # the server has 3 workers, the group room for 2
+        join_workers(GOOD, parallel(0, 3), deadline())  # the server has 3 workers, the group room for 2
     with pytest.raises(PayloadError, match="must be 2"):
-        join_workers(GOOD, parallel(0, 1))
+        join_workers(GOOD, parallel(0, 1), deadline())
     with pytest.raises(PayloadError, match="data-parallel"):
-        join_workers(GOOD, parallel(0, 2, dp_index=1))  # would be rank 3 of 3
+        join_workers(GOOD, parallel(0, 2, dp_index=1), deadline())  # would be rank 3 of 3
     assert hub.joins == []
 
 
@@ -277,26 +342,29 @@ def test_no_store_no_pickle_on_the_nccl_path():
 @pytest.mark.parametrize(
     "workers, failure",
     [
-        # the server answers at once with its worker's error (the trainer is left waiting)
+        # the server answers at once with its worker's error: this process gives up then
         (1, "answered 500: RuntimeError: NCCL error: unhandled cuda error"),
-        # the other worker waits in NCCL's init, which has no timeout: the request never ends
-        (2, "its workers did not join the NCCL group within 1 s"),
+        # the other worker waits for the group until the server's deadline, longer than the
+        # client's: this process gives up at its own
+        (2, "did not form the NCCL group: its time limit of 1 s passed"),
     ],
 )
 def test_a_worker_that_fails_to_join_fails_the_connection_in_bounded_time(hub, workers, failure):
-    hub.wait = 3.0  # longer than the client's timeout: NCCL's init would wait on
     hub.fail[workers] = RuntimeError("NCCL error: unhandled cuda error")  # the last worker
     start = time.monotonic()
     with pytest.raises(ServerSyncError, match=failure):
-        transport_nccl.open_group(FakeServer(workers, timeout=1), "http://server", workers, 0)
+        server = FakeServer(workers, timeout=1, server_timeout=1.5)
+        bounded(transport_nccl.open_group, server, "http://server", workers, 0)
     assert time.monotonic() - start < 2
+    assert hub.made[0].rank == 0 and hub.made[0].aborted  # this process left the group
 
 
 def test_a_trainer_that_fails_to_join_says_so(hub):
-    hub.wait = 1.0
     hub.fail[0] = RuntimeError("NCCL error: invalid usage")
+    server = FakeServer(workers=1)
     with pytest.raises(ServerSyncError, match="this process could not join.*invalid usage"):
-        transport_nccl.open_group(FakeServer(workers=1), "http://server", 1, 0)
+        transport_nccl.open_group(server, "http://server", 1, 0)
+    assert server.messages == []  # the server was not asked to join: nothing is left waiting
 
 
 @pytest.mark.timing  # asserts on wall-clock time: outside the fast tier, run alone
@@ -306,14 +374,16 @@ def test_workers_that_never_answer_fail_the_connection_after_the_timeout(hub):
             time.sleep(3)
 
     start = time.monotonic()
-    with pytest.raises(ServerSyncError, match="did not join the NCCL group within 1 s"):
-        transport_nccl.open_group(Silent(workers=1, timeout=1), "http://server", 1, 0)
+    with pytest.raises(ServerSyncError, match="did not form the NCCL group: its time limit of 1 s passed"):
+        bounded(transport_nccl.open_group, Silent(workers=1, timeout=1), "http://server", 1, 0)
     assert time.monotonic() - start < 2.5
+    (trainer,) = hub.made
+    assert trainer.aborted  # its join, non-blocking, is not left waiting in NCCL's init
 
 
 def test_a_communicator_that_nccl_left_disabled_is_refused(hub, monkeypatch):
-    """VLLM_DISABLE_PYNCCL builds PyNcclCommunicator disabled, without joining: its
-    broadcasts would do nothing, and the receiver would load uninitialized memory."""
+    """VLLM_DISABLE_PYNCCL builds the communicator disabled, without joining (as vLLM builds
+    its PyNcclCommunicator, whose broadcasts would then do nothing): refused at once."""
 
     def disabled(unique_id, rank, world_size, device):
         comm = Comm(rank, world_size, {})
@@ -322,7 +392,7 @@ def test_a_communicator_that_nccl_left_disabled_is_refused(hub, monkeypatch):
 
     monkeypatch.setattr(nccl, "_communicator", disabled)
     with pytest.raises(RuntimeError, match="VLLM_DISABLE_PYNCCL"):
-        join_workers(GOOD, parallel(0, 2))
+        join_workers(GOOD, parallel(0, 2), deadline())
 
 
 # --- the records -------------------------------------------------------------------------
@@ -337,11 +407,11 @@ def test_records_travel_in_manifest_order_in_their_dtype(hub):
     assert [tuple(t.shape) for t in pack(sent_records)] == [
         tuple(s) for r in head["records"] for s in r["shapes"]
     ]
-    sent = send_records(trainer, sent_records, CPU, None)
+    sent = send_records(trainer, sent_records, CPU, None, deadline())
     assert all(t.is_contiguous() for t in sent)
     checked = check_payload(json.loads(json.dumps(head)), LAYOUT, torch.bfloat16, 1 << 20)
     for worker in server.groups:
-        got = recv_records(worker, checked, torch.bfloat16, CPU)
+        got = recv_records(worker, checked, torch.bfloat16, CPU, deadline())
         assert [(r.name, r.scale) for r in got] == [(r.name, r.scale) for r in sent_records]
         for mine, theirs in zip(sent_records, got):
             assert all(torch.equal(a, b) for a, b in zip(mine.tensors, theirs.tensors))
@@ -360,19 +430,21 @@ def test_a_broadcast_failing_midway_leaves_nothing_loaded(hub, monkeypatch):
     worker.fail_after = 2
     engine = receiver.LoraTransferEngine.__new__(receiver.LoraTransferEngine)
     engine.layout, engine.dtype, engine.device, engine.max_bytes = LAYOUT, torch.bfloat16, CPU, 1 << 20
+    engine.timeout = 5.0
     engine.group, engine._pending, engine.pristine = worker, None, {}
     loads = []
     monkeypatch.setattr(receiver, "reload_tensors", lambda *args: loads.append(args))
     update = receiver.Update(manifest=manifest(records()))
-    send_records(trainer, records(), CPU, None)
-    with pytest.raises(PayloadError, match="failed after 2 of 5 broadcasts.*closed"):
+    send_records(trainer, records(), CPU, None, deadline())
+    # the first record's two broadcasts finished, the second record's first failed
+    with pytest.raises(PayloadError, match="failed after 1 of 3 records arrived.*closed"):
         engine.receive_weights(update)
     engine.finish_weight_update()
-    assert loads == [] and engine.group.disabled
+    assert loads == [] and engine.group.aborted
     with pytest.raises(PayloadError, match="closed.*connect again"):
         engine.receive_weights(update)
     with pytest.raises(PayloadError, match="closed"):
-        send_records(worker, records(), CPU, None)
+        send_records(worker, records(), CPU, None, deadline())
 
 
 # --- on GPUs: the real thing --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The wire format refuses malformed, truncated, oversized and too slow payloads before anything
-is used, and the client bounds what a server declares to it."""
+is used; a stream declared first is written as it is read. (What the client bounds in the
+handshake: test_tcp.py and tests/server/client/test_control.py.)"""
 
 import json
 import re
@@ -7,16 +8,12 @@ import socket
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from lorasync.server.client.control import MAX_RESPONSE_BYTES, Control, ServerSyncError
-from lorasync.server.transports import tcp as transport_tcp
-from lorasync.server.transports.tcp import BrokenStream, Fanout, TcpTransport
-from lorasync.server.transports.wire import MAGIC, MAX_INFO_BYTES, Deadline, PayloadError, recv_payload, send_payload
-from lorasync.sync.base import Record, WeightStream
+from lorasync.server.transports.wire import MAGIC, Deadline, PayloadError, recv_payload, send_payload
+from lorasync.sync.base import Record
 from tests import helpers
 from tests.helpers import DEADLINE_FIX, bits, transfer_bytes
 
@@ -179,131 +176,6 @@ def test_the_deadline_covers_the_wait_for_the_end_of_the_stream():
         assert time.monotonic() - start < 1.3
 
 
-def fake_server(reply: bytes, models: bytes = b'{"data": [{"id": "m"}]}') -> ThreadingHTTPServer:
-    """A stand-in for a server's handshake on loopback: on POST it connects back to the
-    client's listener, proves the nonce, then sends `reply` where a real server's info goes;
-    GET answers `models` (chunked, as a streaming server would: no length announced)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i in range(0, len(models), 1 << 16):
-                piece = models[i : i + (1 << 16)]
-                try:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                except OSError:  # the client stopped reading
-                    return
-            self.wfile.write(b"0\r\n\r\n")
-
-        def do_POST(self) -> None:
-            endpoint = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["init_info"]
-            with socket.create_connection((endpoint["host"], endpoint["port"])) as sock:
-                try:
-                    sock.sendall(MAGIC + bytes.fromhex(endpoint["nonce"]) + reply)
-                except OSError:
-                    pass
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    # polled often: `shutdown()` waits up to one interval (0.5 s by default, per server)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    return server
-
-
-@pytest.mark.parametrize(
-    "reply,message",
-    [
-        (struct.pack("<Q", 1 << 62), f"declares {1 << 62} bytes of server info, over the client's limit of {MAX_INFO_BYTES}"),
-        (struct.pack("<Q", 3) + b"{x}", "server info is not valid JSON"),
-        (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
-    ],
-    ids=["huge", "bad-json", "not-an-object"],
-)
-def test_the_client_caps_and_checks_the_server_info_it_reads(reply, message):
-    expect_handshake_error(fake_server(reply), message)
-
-
-GOOD_INFO = {
-    "layout": {"w": [2, 3]}, "groups": [["w"]], "dtype": "float32", "vocab_size": 8,
-    "max_payload_bytes": 1 << 20, "workers": 1, "merge_kernel": "addmm",
-}
-
-
-def info_reply(info: dict) -> bytes:
-    body = json.dumps(info).encode()
-    return struct.pack("<Q", len(body)) + body
-
-
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        ({"vocab_size": None}, "field 'vocab_size' must be a positive integer, got None"),
-        ({"workers": 0}, "field 'workers' must be a positive integer, got 0"),
-        ({"max_payload_bytes": "1"}, "field 'max_payload_bytes' must be a positive integer, got '1'"),
-        ({"dtype": "float8"}, "field 'dtype' must be one of"),
-        ({"layout": {"w": [2, -3]}}, "field 'layout' must be an object of names to shapes"),
-        ({"layout": ["w"]}, "field 'layout' must be an object of names to shapes"),
-        ({"groups": [["w", 1]]}, "field 'groups' must be a list of lists of names"),
-        ({"merge_kernel": None}, "field 'merge_kernel' must be a string"),
-    ],
-    ids=["missing", "zero", "string-int", "dtype", "negative-size", "layout-list", "group-name", "kernel"],
-)
-def test_the_client_checks_every_field_of_the_server_info(change, message):
-    """A field missing or of the wrong type is the server's error, naming the field and the
-    value, not a KeyError or TypeError later. The good info passes (the check can pass)."""
-    server = fake_server(info_reply(GOOD_INFO))
-    url = f"http://127.0.0.1:{server.server_port}"
-    control = Control("token", timeout=5)
-    try:
-        info = TcpTransport(control, "127.0.0.1", compress=False).handshake(url)
-        assert (info.layout, info.model, info.dtype) == ({"w": (2, 3)}, "m", "float32")
-    finally:
-        control.close()
-        server.shutdown()
-        server.server_close()
-    expect_handshake_error(fake_server(info_reply(GOOD_INFO | change)), message)
-
-
-@pytest.mark.parametrize(
-    "models,message",
-    [
-        (b"[" * 50 + b"x" * (2 << 20), f"the answer is over the client's limit of {MAX_RESPONSE_BYTES} bytes"),
-        (b"{not json", "the answer is not JSON"),
-        (b'{"data": []}', "no model id in"),
-    ],
-    ids=["huge", "bad-json", "no-model"],
-)
-def test_the_client_caps_and_checks_http_answers(models, message):
-    """An answer to a control request is read to at most MAX_RESPONSE_BYTES, even when no
-    length is announced, then checked: a server cannot make the client allocate what it
-    likes, nor fail it with a KeyError."""
-    expect_handshake_error(fake_server(info_reply(GOOD_INFO), models), message)
-
-
-def expect_handshake_error(server: ThreadingHTTPServer, message: str) -> None:
-    """The handshake with `server` raises ServerSyncError naming its URL and saying `message`."""
-    url = f"http://127.0.0.1:{server.server_port}"
-    control = Control("token", timeout=5)
-    try:
-        with pytest.raises(ServerSyncError, match=re.escape(message)) as err:
-            TcpTransport(control, "127.0.0.1", compress=False).handshake(url)
-        assert str(err.value).startswith(url)
-    finally:
-        control.close()
-        server.shutdown()
-        server.server_close()
-
-
 # --- streams: records computed as they are read, declared first -------------------------------
 
 
@@ -345,7 +217,7 @@ def test_a_stream_declared_first_is_written_as_it_is_read(compress):
 def test_a_stream_that_strays_from_its_declaration_is_refused_and_what_went_is_cut_short(stray, message):
     """The client raises, naming the record, before writing any of its bytes. What went is
     cut short, which the receiver refuses, except when every declared record went (long):
-    the transport then resets the streams (next test)."""
+    the transport then resets the streams (`_abandon`: test_tcp.py)."""
     records = good_records()
     sock = helpers._Recorder()
     with pytest.raises(ValueError, match=message):
@@ -355,43 +227,3 @@ def test_a_stream_that_strays_from_its_declaration_is_refused_and_what_went_is_c
     else:
         with pytest.raises(PayloadError, match="truncated"):
             roundtrip(bytes(sock.data))
-
-
-def test_an_abandoned_transfer_is_reset_not_ended():
-    """What a transfer broken off on the client's side leaves the receiver: a reset, where a
-    plain close reads as the end of a complete payload. Checked able to fail: without the
-    zero linger the peer reads b"" (the end of the stream)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        theirs = socket.create_connection(listener.getsockname())
-        ours = listener.accept()[0]
-    ours.sendall(b"all of it")
-    transport_tcp._abandon([ours], [])
-    assert theirs.recv(9) == b"all of it"
-    with pytest.raises(ConnectionResetError):
-        theirs.recv(1)
-    theirs.close()
-
-
-class _Broken:
-    def sendall(self, data) -> None:
-        raise BrokenPipeError(32, "Broken pipe")
-
-
-def test_a_fanout_writes_every_stream_and_names_the_one_that_broke():
-    first, second = helpers._Recorder(), helpers._Recorder()
-    Fanout([first, second]).sendall(b"abc")
-    assert first.data == second.data == b"abc"
-    with pytest.raises(BrokenStream) as broken:
-        Fanout([first, _Broken(), second]).sendall(b"d")
-    assert broken.value.index == 1 and isinstance(broken.value.error, BrokenPipeError)
-
-
-def test_a_weight_stream_yields_what_it_named_in_order_and_refuses_anything_else():
-    pairs = [("a", torch.ones(1)), ("b", torch.zeros(2))]
-    doubled = WeightStream(["a", "b"], iter(pairs)).map(lambda t: t * 2)
-    assert doubled.names == ["a", "b"]
-    assert [(n, t.tolist()) for n, t in doubled] == [("a", [2.0]), ("b", [0.0, 0.0])]
-    for names, message in [(["b", "a"], "tensor 0 is 'a', but it named 'b'"), (["a"], "named 'nothing more'"),
-                           (["a", "b", "c"], "named 3 tensors, gave 2")]:
-        with pytest.raises(ValueError, match=message):
-            list(WeightStream(names, iter(pairs)))

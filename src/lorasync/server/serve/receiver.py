@@ -118,7 +118,8 @@ class LoraTransferEngine(WeightTransferEngine):
         # each sync is complete on its own: what an earlier client (another adapter, other
         # target modules) changed and this payload does not touch goes back to the checkpoint.
         self._dirty: set[int] = set()
-        # seconds for one whole transfer (connecting and every read), not for each read
+        # seconds for one whole transfer (connecting and every read), not for each read, and
+        # for joining an NCCL group
         self.timeout = float(os.environ.get(TIMEOUT_ENV, "120"))
         # A valid payload never exceeds the full size of every checkpoint tensor (factors
         # are smaller than the tensors they change); anything larger is refused unread.
@@ -139,7 +140,7 @@ class LoraTransferEngine(WeightTransferEngine):
             raise ValueError("'only' names what a read-back reads: it needs mode 'read_back'")
         if init_info.nccl is not None:
             self.shutdown()  # a new client: the previous one's group is gone with it
-            self.group = nccl.join_workers(init_info.nccl, self.parallel_config)
+            self.group = nccl.join_workers(init_info.nccl, self.parallel_config, self._deadline())
             return
         hf = self.model_config.hf_config.get_text_config()
         info = {
@@ -168,12 +169,15 @@ class LoraTransferEngine(WeightTransferEngine):
                 f"a read-back of a server with {self.parallel_config.world_size} workers (tensor or "
                 "pipeline parallel) is not supported: each worker holds a shard"
             )
-        fix = f"set {TIMEOUT_ENV} (seconds, now {self.timeout:g}) in the server's environment"
-        deadline = Deadline(self.timeout, fix)
+        deadline = self._deadline()
         hf = self.model_config.hf_config.get_text_config()
         tensors = model_tensors(self.model, self.layout, vllm_compat.packed_modules(self.model), hf.model_type, only)
         sent = tcp.send_model(endpoint, tensors, deadline)
         log.info("lorasync: read back %.1f MB", sent / 1e6)
+
+    def _deadline(self) -> Deadline:
+        """One deadline of `timeout` seconds (a whole transfer, a read-back, an NCCL join)."""
+        return Deadline(self.timeout, f"set {TIMEOUT_ENV} (seconds, now {self.timeout:g}) in the server's environment")
 
     def start_weight_update(self) -> None:
         self._pending = None
@@ -192,13 +196,11 @@ class LoraTransferEngine(WeightTransferEngine):
         if update_info.discard:
             log.info("lorasync: received payload discarded")
             return
+        deadline = self._deadline()
         if update_info.manifest is not None:
             records = nccl.receive(self.group, update_info.manifest, self.layout, self.dtype, self.max_bytes,
-                                   self.device)
+                                   self.device, deadline)
         else:
-            deadline = Deadline(
-                self.timeout, f"set {TIMEOUT_ENV} (seconds, now {self.timeout:g}) in the server's environment"
-            )
             records = tcp.receive_payload(update_info, self.layout, self.dtype, self.max_bytes, deadline)
         if os.environ.get(ALLOW_NON_FINITE_ENV) != "1":
             refuse_non_finite(records)

@@ -1,12 +1,10 @@
-"""The NCCL path of a server sync: the records of `wire.py`, moved by NCCL broadcast.
+"""The NCCL group of a server sync: its rendezvous, its communicator, its bounded waits.
 
 On GPU machines the bytes of a server sync can go from the trainer's GPU to the servers' GPU
-workers over NCCL instead of a TCP stream. Everything else stays as on the TCP path: the
-same records (LoRA factors, or whole tensors), the same manifest, checked by the receiver
-against its checkpoint before any byte moves, and the same two-phase load. Only the bytes
-travel differently: the manifest goes inline in the `/update_weights` request, and the
-tensors follow as one NCCL broadcast each from the trainer (rank 0) to the server's workers
-(ranks 1..n), in manifest order.
+workers over NCCL instead of a TCP stream (`nccl.py` has the transfers: the manifest inline in
+the `/update_weights` request, the tensors as one NCCL broadcast each from the trainer, rank
+0, to the server's workers, ranks 1..n, in manifest order). This module has the group they
+travel in.
 
 Rendezvous: by an NCCL unique id carried in the token-guarded `/init_weight_transfer_engine`
 request; no store, no pickle. The trainer mints the id (`ncclGetUniqueId`: 128 bytes naming
@@ -18,31 +16,47 @@ vLLM's usual rendezvous, a `StatelessProcessGroup` over a TCPStore, is not used:
 code in the server (issue #15). The receiver reads the message as untrusted input
 (`read_rendezvous`, `worker_rank`: exact id length, canonical base64, world size = 1 + its
 workers, ranks in range) and refuses anything else with PayloadError before it calls NCCL.
-The client applies the same checks before it sends: with no store there is no barrier and no
-timeout, so a rank that never comes leaves the others waiting in NCCL's init.
+The client applies the same checks before it sends.
 
-Used by both halves of `nccl.py` (the client's `NcclTransport`, the receiver's
-`join_workers`/`receive`), so it imports neither side. NCCL itself runs only on GPU
-machines: the tests (tests/server/transports/test_nccl.py) drive this module with an in-process stand-in for the communicator; those that need NCCL are
-marked `gpu` and skipped without CUDA.
+Deadlines: with no store there is no barrier, and NCCL's own calls wait on their peers for
+ever (a blocking init for a rank that never comes, a broadcast for a peer that died). So every
+communicator here is non-blocking (`Communicator`: `ncclCommInitRankConfig` with
+`blocking=0`), and each wait is a poll (`await_ready`, `wait`) of the communicator's state
+(`ncclCommGetAsyncError`) and of CUDA events, under one deadline: the join, and the whole of
+one transfer. On expiry or on an error NCCL reports, the communicator is aborted
+(`ncclCommAbort`) and PayloadError says what happened, how far it got, and which setting
+raises the limit (the server's LORASYNC_TRANSFER_TIMEOUT, the client's `timeout`); the group is
+gone then, and refuses later transfers (`check_open`) until the client connects again. The
+waiting is plain Python over four methods of the communicator (`ready`, `async_error`,
+`mark`, `abort`, besides `broadcast`), which the tests' stand-in implements.
+
+Used by both halves of `nccl.py` (the client's `open_group`/`NcclTransport`, the receiver's
+`join_workers`/`receive`), so it imports neither side. NCCL itself runs only on GPU machines:
+the tests (tests/server/transports/test_nccl.py, test_nccl_group.py) drive this module with an
+in-process stand-in for the communicator; those that need NCCL are marked `gpu` and skipped
+without CUDA (so `Communicator` has not run on a GPU here).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lorasync.server.transports.wire import PayloadError
-from lorasync.sync.base import Record
+from lorasync.server.transports.wire import Deadline, PayloadError
 
-# How often the client looks at its broadcasts while it waits for them (seconds).
+# How often a wait looks at the communicator and its broadcasts (seconds).
 _POLL = 0.05
+# ncclResult_t: ncclSuccess, and ncclInProgress (a non-blocking call still under way)
+_SUCCESS, _IN_PROGRESS = 0, 7
 # sizeof(ncclUniqueId), NCCL's NCCL_UNIQUE_ID_BYTES: fixed by NCCL's ABI. Kept here so that
 # the receiver checks a message without loading NCCL.
 UNIQUE_ID_BYTES = 128
@@ -145,42 +159,63 @@ def mint_unique_id() -> bytes:
 
 
 def open_trainer(message: Mapping[str, Any], device: int) -> Any:
-    """Join the group as the trainer (rank 0) on CUDA device `device`; blocks until every
-    worker has joined too. (The caller names the device: it joins on a thread of its own,
-    whose current device is not the caller's.)"""
+    """Start joining the group as the trainer (rank 0) on CUDA device `device`; returns at
+    once (NCCL's init runs on): `await_ready` waits for the workers."""
     meeting = read_rendezvous(message)
     return _opened(_communicator(meeting.unique_id, 0, meeting.world_size, device))
 
 
-def join_workers(message: Mapping[str, Any], parallel_config: Any) -> Any:
+def join_workers(message: Mapping[str, Any], parallel_config: Any, deadline: Deadline) -> Any:
     """Join the group as one of the server's workers, inside vLLM's worker: check the message
-    (PayloadError, before NCCL is called), then join on the worker's current device; blocks
-    until every rank has joined."""
+    (PayloadError, before NCCL is called), then join on the worker's current device and wait
+    until every rank has joined, at most until `deadline`: then, or on an error NCCL reports,
+    the communicator is aborted and PayloadError says so."""
     meeting = read_rendezvous(message)
     rank = worker_rank(meeting, parallel_config)
-    return _opened(_communicator(meeting.unique_id, rank, meeting.world_size, None))
+    group = _opened(_communicator(meeting.unique_id, rank, meeting.world_size, None))
+    await_ready(group, deadline, lambda problem: (
+        f"this worker (rank {rank} of {meeting.world_size}) could not join the NCCL group: "
+        f"{problem}; it left the group (communicator aborted): the client must connect again "
+        "(did the trainer die, or can this machine not reach it?)"))
+    return group
 
 
-def _communicator(unique_id: bytes, rank: int, world_size: int, device: int | None) -> Any:
-    """A `PyNcclCommunicator` built from `unique_id` alone, on `device` (None: the current).
+def await_ready(
+    group: Any, deadline: Deadline, explain: Callable[[str], str], stop: Callable[[], bool] | None = None
+) -> None:
+    """Wait until `group` has joined: every rank is in (see `wait`)."""
+    wait(group, group.ready, deadline, explain, stop)
 
-    Not `PyNcclCommunicator(group)`: that one takes the id from its group's `broadcast_obj`,
-    which unpickles it out of a TCPStore (see the module docstring). vLLM 0.32's store-free
-    constructor, `PyNcclCommunicator.from_unique_id_bytes` (in `nccl_common`'s
-    `uid_init_process_group`, with vLLM's NCCL settings unpinned as for its own groups), calls
-    `ncclCommInitRank` with these bytes, then runs a one-element all_reduce as a warm-up:
-    both sides build theirs here, so they agree on it. The tests replace this function.
-    """
-    from vllm.distributed.weight_transfer.nccl_common import uid_init_process_group
 
-    if device is None:
-        device = torch.accelerator.current_device_index()  # as vLLM's own worker-side join
-    return uid_init_process_group(unique_id, rank, world_size, device)
+def wait(
+    group: Any, done: Callable[[], bool], deadline: Deadline, explain: Callable[[str], str],
+    stop: Callable[[], bool] | None = None,
+) -> None:
+    """Poll until `done()`. On an error NCCL reports for `group`, on `stop()` (the caller's
+    reason to give up: its request failed) or once `deadline` passes: abort `group` and raise
+    PayloadError(`explain(problem)`), taken before the abort (after it, every broadcast that
+    was pending looks finished)."""
+    while True:
+        error = group.async_error()
+        if error is not None:
+            problem = f"NCCL reported: {error}"
+        elif done():
+            return
+        elif stop is not None and stop():
+            problem = "the other side gave up"
+        elif time.monotonic() >= deadline.end:
+            problem = f"its time limit of {deadline.seconds:g} s passed (to give it more: {deadline.fix})"
+        else:
+            time.sleep(_POLL)
+            continue
+        message = explain(problem)
+        group.abort()
+        raise PayloadError(message)
 
 
 def _opened(group: Any) -> Any:
-    """`group`, refused if NCCL is off in it: `PyNcclCommunicator` is built disabled, without
-    joining, when VLLM_DISABLE_PYNCCL is set, and a disabled one skips every broadcast."""
+    """`group`, refused if NCCL is off in it: a communicator is built disabled, without
+    joining, when VLLM_DISABLE_PYNCCL is set."""
     if getattr(group, "disabled", False):
         raise RuntimeError(
             "NCCL is disabled in this process (VLLM_DISABLE_PYNCCL is set): it did not join "
@@ -189,97 +224,126 @@ def _opened(group: Any) -> Any:
     return group
 
 
-def _check_open(group: Any) -> None:
+def check_open(group: Any) -> None:
     if getattr(group, "disabled", False):
         raise PayloadError(
-            "this NCCL group is closed (an earlier transfer on it failed); the client must "
-            "connect again (a new ServerEngine) to open a new one"
+            "this NCCL group is closed (an earlier transfer on it failed, and its communicator "
+            "was aborted); the client must connect again (a new ServerEngine) to open a new one"
         )
 
 
-def pack(records: Sequence[Record]) -> list[torch.Tensor]:
-    """The tensors of `records` in broadcast order: the manifest's, each record's tensors in
-    turn (a lora record's b, then a). Dtypes are kept: the receiver allocates each in the
-    manifest's dtype, which its check made the server's, and NCCL must be given the same
-    dtype and element count on every rank."""
-    return [t for r in records for t in r.tensors]
+def _communicator(unique_id: bytes, rank: int, world_size: int, device: int | None) -> Any:
+    """A `Communicator` joining by `unique_id` alone on CUDA device `device` (None: the current
+    one, as vLLM's own worker-side join). The tests replace this function."""
+    if device is None:
+        device = torch.accelerator.current_device_index()
+    return Communicator(unique_id, rank, world_size, torch.device("cuda", device))
 
 
-def send_records(
-    group: Any, records: Sequence[Record], device: torch.device, stream: torch.cuda.Stream | None
-) -> list[torch.Tensor]:
-    """Enqueue one broadcast per tensor on `stream`, in manifest order; return the tensors.
+class _Config(ctypes.Structure):
+    """The head of NCCL's `ncclConfig_t`, up to `blocking` (NCCL 2.14's layout). NCCL copies
+    `size` bytes of it over its defaults and, for a config declaring version 2.14, takes every
+    later field as unset; so this stays valid for later NCCL versions."""
 
-    The broadcasts go on a stream of their own: if the receiver never joins them (it refused
-    the manifest, or died), they wait forever, and the trainer's own work on its current
-    stream must not wait behind them. NCCL sends `numel` elements from `data_ptr()`, so each
-    tensor goes contiguous on `device`, recorded on `stream` so that the allocator does not
-    hand its memory out again before the broadcast has read it. A CPU `device` (no stream) is
-    for the tests' stand-in communicator.
+    _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint),
+                ("blocking", ctypes.c_int)]
+
+
+class Communicator:
+    """One rank's NCCL communicator, non-blocking: no call on it waits for a peer.
+
+    Not vLLM's `PyNcclCommunicator`: it joins with `ncclCommInitRank`, which blocks until every
+    rank has joined (for ever if one never comes), and vLLM's wrapper (`NCCLLibrary`) lacks
+    `ncclCommInitRankConfig` (the non-blocking init) and `ncclCommGetAsyncError` (the state):
+    they are declared here with ctypes, on the library vLLM loads (VLLM_NCCL_SO_PATH), and
+    vLLM's own functions serve the rest. Built from the id alone (see the module docstring),
+    with vLLM's NCCL settings unpinned while the init runs (as for its own shared groups), and
+    no warm-up all_reduce: both sides build theirs here. A call on it may return
+    ncclInProgress: `ready()` turns true once it is under way, and the next call waits for
+    that. Written against NCCL's documented non-blocking API; not run on a GPU here.
     """
-    _check_open(group)
-    sent = [t.detach().to(device).contiguous() for t in pack(records)]
-    cuda = device.type == "cuda"
-    if cuda:
-        stream.wait_stream(torch.cuda.current_stream(device))  # the copies above are on that stream
-    for tensor in sent:
-        group.broadcast(tensor, src=0, stream=stream)
-        if cuda:
-            tensor.record_stream(stream)
-    return sent
 
+    def __init__(self, unique_id: bytes, rank: int, world_size: int, device: torch.device) -> None:
+        import vllm.envs as envs
+        from vllm.distributed.device_communicators.pynccl_wrapper import NCCLLibrary, ncclComm_t, ncclUniqueId
+        from vllm.utils.nccl import unpinned_nccl_env
 
-def wait_sent(
-    stream: torch.cuda.Stream, running: Callable[[], bool], failed: Callable[[], bool], timeout: float
-) -> None:
-    """Wait, at most `timeout` seconds, for the broadcasts on `stream` to finish.
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.disabled = bool(envs.VLLM_DISABLE_PYNCCL)  # refused by `_opened`
+        if self.disabled:
+            return
+        self.nccl = NCCLLibrary()
+        lib = self.nccl.lib
+        lib.ncclCommInitRankConfig.restype = lib.ncclCommGetAsyncError.restype = ctypes.c_int
+        lib.ncclCommInitRankConfig.argtypes = [
+            ctypes.POINTER(ncclComm_t), ctypes.c_int, ncclUniqueId, ctypes.c_int, ctypes.POINTER(_Config)]
+        lib.ncclCommGetAsyncError.argtypes = [ncclComm_t, ctypes.POINTER(ctypes.c_int)]
+        self.comm = ncclComm_t()
+        self._env = contextlib.ExitStack()  # NCCL's init reads the settings on its own thread
+        self._env.enter_context(unpinned_nccl_env())
+        config = _Config(ctypes.sizeof(_Config), 0xCAFEBEEF, 21400, 0)  # NCCL 2.14.0, blocking=0
+        with torch.cuda.device(device):
+            result = lib.ncclCommInitRankConfig(
+                ctypes.byref(self.comm), world_size, self.nccl.unique_id_from_bytes(unique_id), rank,
+                ctypes.byref(config))
+        if result not in (_SUCCESS, _IN_PROGRESS):
+            self._env.close()
+            self.disabled = True
+            raise RuntimeError(f"NCCL error: {self.nccl.ncclGetErrorString(result)}")
 
-    The receiver refuses a bad manifest before it joins any broadcast, and a dead server never
-    joins; the broadcasts then never finish. So this polls instead of synchronizing: it stops
-    when the request has failed (the caller raises its error), or when time runs out.
-    """
-    deadline = time.monotonic() + timeout
-    while not stream.query():
-        if (not running() and failed()) or time.monotonic() > deadline:
-            raise PayloadError(
-                "the NCCL broadcasts did not complete (the server refused the manifest, died, "
-                f"or took over {timeout:.0f} s); the NCCL group is unusable now: make a new "
-                "ServerEngine to sync again"
-            )
-        time.sleep(_POLL)
+    def _state(self) -> int:
+        state = ctypes.c_int()
+        result = self.nccl.lib.ncclCommGetAsyncError(self.comm, ctypes.byref(state))
+        return result if result != _SUCCESS else state.value
 
+    def ready(self) -> bool:
+        """The last call (the init, a broadcast's enqueueing) is done: the next may come."""
+        if self._state() == _IN_PROGRESS:
+            return False
+        self._env.close()  # the init is over: vLLM's pinned settings come back
+        return True
 
-def recv_records(
-    group: Any,
-    checked: list[tuple[str, float | None, list[tuple[int, ...]]]],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> list[Record]:
-    """Receive the tensors of a checked manifest, in its order, onto `device`.
+    def async_error(self) -> str | None:
+        state = self._state()
+        return None if state in (_SUCCESS, _IN_PROGRESS) else self.nccl.ncclGetErrorString(state)
 
-    All or nothing: a broadcast that fails raises PayloadError and returns none of the
-    tensors, and closes the group, whose state NCCL no longer vouches for (a closed
-    `PyNcclCommunicator` would skip later broadcasts silently; `_check_open` refuses them
-    instead). A CPU `device` is for the tests' stand-in communicator.
-    """
-    _check_open(group)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    total = sum(len(shapes) for _, _, shapes in checked)
-    done, records = 0, []
-    try:
-        for name, scale, shapes in checked:
-            tensors = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
-            for tensor in tensors:
-                group.broadcast(tensor, src=0, stream=stream)
-                done += 1
-            records.append(Record(name, tensors, scale))
-        if stream is not None:
-            stream.synchronize()
-    except Exception as err:
-        group.destroy()
-        raise PayloadError(
-            f"the NCCL transfer failed after {done} of {total} broadcasts "
-            f"({type(err).__name__}: {err}); "
-            "nothing of this transfer is kept, and this server's NCCL group is closed"
-        ) from None
-    return records
+    def broadcast(self, tensor: torch.Tensor, src: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueue a broadcast of `tensor` from rank `src` on `stream` (None: the current)."""
+        from vllm.distributed.device_communicators.pynccl_wrapper import (
+            buffer_type, cudaStream_t, ncclDataTypeEnum)
+
+        if self.disabled:
+            raise RuntimeError("broadcast on an aborted NCCL communicator")
+        assert tensor.device == self.device, f"tensor on {tensor.device}, communicator on {self.device}"
+        stream = stream or torch.cuda.current_stream(self.device)
+        data = buffer_type(tensor.data_ptr())
+        result = self.nccl._funcs["ncclBroadcast"](
+            data if src == self.rank else buffer_type(), data, tensor.numel(),
+            ncclDataTypeEnum.from_torch(tensor.dtype), src, self.comm, cudaStream_t(stream.cuda_stream))
+        if result not in (_SUCCESS, _IN_PROGRESS):
+            raise RuntimeError(f"NCCL error: {self.nccl.ncclGetErrorString(result)}")
+
+    def mark(self, stream: torch.cuda.Stream | None) -> Callable[[], bool]:
+        """Whether what is enqueued on `stream` so far has finished: a CUDA event's query."""
+        event = torch.cuda.Event()
+        event.record(stream or torch.cuda.current_stream(self.device))
+        return event.query
+
+    def abort(self) -> None:
+        """`ncclCommAbort`: ends the communicator's pending work and frees it; callable at any
+        time, init under way included. On a thread, at most 5 s waited for (as vLLM's
+        `destroy`): it must not wedge the caller either."""
+        if self.disabled:
+            return
+        self.disabled = True
+        self._env.close()
+
+        def abort() -> None:
+            with torch.cuda.device(self.device):
+                self.nccl.lib.ncclCommAbort(self.comm)  # its result: the group is gone either way
+
+        thread = threading.Thread(target=abort, name="lorasync-nccl-abort", daemon=True)
+        thread.start()
+        thread.join(5.0)
+
+    destroy = abort  # the callers' name for closing a group (receiver.shutdown, NcclTransport.close)
