@@ -15,9 +15,8 @@ from typing import Any
 import yaml
 
 from lorasync.served_model import DTYPES
-from lorasync.sync.kinds import ENGINE_KINDS, check_pair, default_strategy
-from lorasync.sync.kinds import IN_FLIGHT
 from lorasync.sync.base import Strategy
+from lorasync.sync.kinds import ENGINE_KINDS, IN_FLIGHT, check_pair, default_strategy
 
 
 class ConfigError(ValueError):

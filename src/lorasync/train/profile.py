@@ -8,7 +8,7 @@ not run), `trainer_tokens`, and `trainer_gflops`: an estimate of the passes' flo
 rate, 2 FLOPs per body parameter per token forward and as many again backward (the gradient
 of the activations; the frozen weights get none, the adapter's are small), attention scores
 and the vocabulary projection left out. Beside a machine's measured GEMM rate
-(`machine.float32_gemm_gflops`, which `bench trl` prints) it says how far the trainer is
+(`machine.float32_gemm_gflops`, which `bench sync` prints) it says how far the trainer is
 from its roofline.
 """
 
