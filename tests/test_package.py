@@ -220,6 +220,7 @@ LAYERS = (
     ("engines",),
     ("server",),
     ("backend",),
+    ("environments",),
     ("tasks",),
     ("train",),
     ("integrations",),

@@ -13,7 +13,7 @@ from tests.helpers import run_lorasync
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("task", "gsm8k", "--task must be one of arith, got 'gsm8k'"),
+        ("task", "gsm8k", "--task must be one of arith, calc, got 'gsm8k'"),
         ("split", "valid", "--split must be one of train, test, got 'valid'"),
         ("n", 0, "--n must be >= 1, got 0"),
         ("temperature", -1.0, r"--temperature must be >= 0 \(0: greedy\), got -1.0"),

@@ -32,6 +32,20 @@ def test_example_config_loads():
     assert config.rollout.num_generations == 8 and config.optim.grad_accum == 2
 
 
+def test_the_multi_turn_config_loads_and_names_its_environment():
+    config = load_config(ROOT / "configs" / "smollm2_calc.yaml")
+    assert config.rollout.environment == "lorasync.tasks.calculator:Calculator"
+    assert config.rollout.limits.max_tokens == config.rollout.max_tokens == 24
+    assert config.engine.max_model_len >= 60 + config.rollout.episode_tokens
+
+
+def test_a_bad_environment_setting_names_the_field_and_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.environment = 'calculator': write it as 'package.module:Class'"):
+        load_config(write(tmp_path, minimal()), ["rollout.environment=calculator"])
+    with pytest.raises(ConfigError, match="rollout.env_timeout = 0.0: must be > 0 seconds"):
+        load_config(write(tmp_path, minimal()), ["rollout.env_timeout=0"])
+
+
 def test_overrides_are_parsed_as_yaml(tmp_path):
     config = load_config(write(tmp_path, minimal()), ["optim.lr=1e-3", "rollout.num_generations=4", "output_dir=x"])
     assert config.optim.lr == 1e-3 and config.rollout.num_generations == 4 and config.output_dir == "x"

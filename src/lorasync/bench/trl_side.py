@@ -39,7 +39,7 @@ def trl_rewards(config: TrlBenchConfig) -> tuple[list, list[float]]:
     """The task's reward functions and weights for TRL. `correct` gets the `truncated` column
     lorasync gives it (cut off at max_tokens without ending the turn: scores 0) from TRL's
     `completion_ids`."""
-    from lorasync.tasks import TASKS
+    from lorasync.tasks.registry import TASKS
 
     task, stop = TASKS[config.task], _stop_ids(config.model)
 

@@ -9,7 +9,7 @@ import sys
 
 from lorasync.served_model import DTYPES
 from lorasync.models.resolve import resolve_model
-from lorasync.tasks import TASKS
+from lorasync.tasks.registry import TASKS
 
 
 def _bench_sync(args: argparse.Namespace) -> int:
@@ -143,7 +143,8 @@ def _add_run_args(p: argparse.ArgumentParser, rollout: bool) -> None:
 
 def _add_trl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder or hub name: a chat model (TRL applies its chat template)")
-    p.add_argument("--task", choices=tuple(TASKS), default=None, help="the task (train split; "
+    single_turn = tuple(name for name, task in TASKS.items() if not hasattr(task, "ENVIRONMENT"))
+    p.add_argument("--task", choices=single_turn, default=None, help="the task (train split; "
                    "accuracy on the test split); default arith")
     _add_run_args(p, rollout=False)
     p.add_argument("--eval-n", type=int, default=None, help="held-out problems (default 200)")

@@ -13,7 +13,7 @@ from lorasync.commands.bench_cli import add_bench_parsers
 from lorasync.models.tiny import ARCHITECTURES
 from lorasync.models.registry import MODELS
 from lorasync.models.resolve import resolve_model
-from lorasync.tasks import TASKS
+from lorasync.tasks.registry import TASKS
 from lorasync.tasks.arith import DEFAULT_LEVELS as ARITH_LEVELS
 from lorasync.tasks.arith import SPLITS
 

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from lorasync.environments.episodes import Limits, run_episodes
+from lorasync.environments.protocol import load_environment
 from lorasync.served_model import check_dtype
 from lorasync.sync.base import Engine
-from lorasync.tasks import TASKS, arith
+from lorasync.tasks import arith
+from lorasync.tasks.registry import TASKS
 from lorasync.models.prompt import encode_prompt
 
 
@@ -87,16 +90,26 @@ def run_eval(config: EvalConfig, progress: bool = False) -> dict:
 def evaluate(engine: Engine, tokenizer, config: EvalConfig, progress: bool = False) -> dict:
     """Generate one completion per problem from `engine`, as it serves now, and score it; the
     result as a JSON-ready dict."""
-    rows = arith.rows(config.split, config.n, config.seed, config.levels)
+    task = TASKS[config.task]
+    rows = task.rows(config.split, config.n, config.seed, config.levels)
     prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    environment = getattr(task, "ENVIRONMENT", None)
     start = time.perf_counter()
-    completions = []
+    completions, replied = [], []
     bar = tqdm(total=len(prompts), desc=f"eval {config.task}/{config.split}", disable=not progress)
     for i in range(0, len(prompts), BATCH):
-        groups = engine.generate(prompts[i : i + BATCH], config.max_tokens, config.temperature,
-                                 n=1, seed=config.seed)
-        completions += [group[0] for group in groups]
-        bar.update(len(groups))
+        if environment:  # multi-turn: the episode's last turn is the answer
+            episodes = run_episodes(
+                engine, tokenizer, prompts[i : i + BATCH], rows[i : i + BATCH], load_environment(environment),
+                Limits(max_tokens=config.max_tokens), config.temperature, seed=config.seed,
+            )
+            completions += [e.completion() for e in episodes]
+            replied += [e.replies > 0 for e in episodes]
+        else:
+            groups = engine.generate(prompts[i : i + BATCH], config.max_tokens, config.temperature,
+                                     n=1, seed=config.seed)
+            completions += [group[0] for group in groups]
+        bar.update(len(prompts[i : i + BATCH]))
     bar.close()
     seconds = time.perf_counter() - start
     cut = [c.truncated for c in completions]  # stopped by max_tokens, not by the end of the turn
@@ -116,6 +129,8 @@ def evaluate(engine: Engine, tokenizer, config: EvalConfig, progress: bool = Fal
         "truncated": _mean([float(c) for c in cut]),
         "number_only": _mean(arith.number_only([], texts)),
         "mean_completion_tokens": _mean([len(c.token_ids) for c in completions]),
+        # multi-turn tasks: the share of episodes whose environment answered (a tool call)
+        **({"replied": _mean([float(r) for r in replied])} if environment else {}),
         "temperature": config.temperature,
         "max_tokens": config.max_tokens,
         "seed": config.seed,
@@ -138,6 +153,7 @@ def format_result(result: dict) -> str:
         f"{result['task']}/{result['split']}: accuracy {result['accuracy']:.1%} of {result['n']} "
         f"({levels}) at temperature {result['temperature']:g}; {result['truncated']:.1%} cut off "
         f"at {result['max_tokens']} tokens, {result['mean_completion_tokens']:.1f} tokens on average"
+        + (f"; the environment answered in {result['replied']:.1%} of episodes" if "replied" in result else "")
     ]
     lines += [f"  {s['question']!r} ({s['answer']}): {s['completion']!r}" for s in result["samples"]]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lorasync.environments.episodes import Limits
 from lorasync.served_model import DTYPES
 from lorasync.sync.base import Strategy
 from lorasync.sync.kinds import ENGINE_KINDS, IN_FLIGHT, check_pair, default_strategy
@@ -70,11 +71,10 @@ class DataConfig:
             sum(map(bool, (self.path, self.prompts, self.task))) == 1,
             "data.path / data.prompts / data.task",
             (self.path, len(self.prompts), self.task),
-            "set exactly one: a JSONL file or dataset folder, an inline list of prompts, or a "
-            "task (arith)",
+            "set exactly one: a JSONL file or dataset folder, an inline list of prompts, or a task",
         )
         if self.task:
-            from lorasync.tasks import TASKS
+            from lorasync.tasks.registry import TASKS
 
             require(self.task in TASKS, "data.task", self.task, f"must be one of {', '.join(TASKS)}")
             splits = TASKS[self.task].SPLITS
@@ -90,12 +90,7 @@ class RewardSpec:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        require(
-            ":" in self.function,
-            "rewards[].function",
-            self.function,
-            "write it as 'package.module:function'",
-        )
+        require(":" in self.function, "rewards[].function", self.function, "write it as 'package.module:function'")
 
 
 ROLLOUT_MODES = ("sync", "async")
@@ -117,6 +112,18 @@ class RolloutConfig:
     # loads the new weights and lets them go on (pause mode "keep"): the version change is
     # recorded per token within each completion (docs/async.md).
     in_flight: str = "wait"
+    # multi-turn episodes (docs/environments.md): the environment answering each policy turn,
+    # as package.module:Class; empty, one turn per completion. `max_tokens` bounds each turn,
+    # `episode_tokens` the policy's and the environment's tokens after the prompt together.
+    environment: str = ""
+    max_turns: int = 4
+    episode_tokens: int = 256
+    env_timeout: float = 10.0  # seconds per environment step; past it the episode fails
+    env_workers: int = 8  # environment steps running at once
+
+    @property
+    def limits(self) -> Limits:  # an episode's bounds, as the runner takes them
+        return Limits(self.max_turns, self.max_tokens, self.episode_tokens, self.env_timeout, self.env_workers)
 
     @property
     def sequences(self) -> int:
@@ -126,24 +133,22 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         require(self.mode in ROLLOUT_MODES, "rollout.mode", self.mode, f"use one of {', '.join(ROLLOUT_MODES)}")
         require(self.in_flight in IN_FLIGHT, "rollout.in_flight", self.in_flight, f"use one of {', '.join(IN_FLIGHT)}")
-        require(
-            self.mode == "async" or self.in_flight == "wait", "rollout.in_flight", self.in_flight,
-            "only rollout.mode: async syncs while generating; set rollout.mode=async or drop it",
-        )
+        require(self.mode == "async" or self.in_flight == "wait", "rollout.in_flight", self.in_flight,
+                "only rollout.mode: async syncs while generating; set rollout.mode=async or drop it")
         require(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness, "must be >= 0")
-        require(
-            self.mode == "async" or self.max_staleness == 0, "rollout.max_staleness", self.max_staleness,
-            "only rollout.mode: async runs ahead of the policy; set rollout.mode=async or drop it",
-        )
+        require(self.mode == "async" or self.max_staleness == 0, "rollout.max_staleness", self.max_staleness,
+                "only rollout.mode: async runs ahead of the policy; set rollout.mode=async or drop it")
         require(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "must be >= 1")
-        require(
-            self.num_generations >= 2,
-            "rollout.num_generations",
-            self.num_generations,
-            "GRPO compares completions within a group: use >= 2",
-        )
+        require(self.num_generations >= 2, "rollout.num_generations", self.num_generations,
+                "GRPO compares completions within a group: use >= 2")
         require(self.max_tokens >= 1, "rollout.max_tokens", self.max_tokens, "must be >= 1")
         require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
+        require(not self.environment or ":" in self.environment, "rollout.environment", self.environment,
+                "write it as 'package.module:Class' (or leave it empty: single-turn)")
+        try:
+            self.limits
+        except ValueError as err:  # Limits names the setting as this section does
+            raise ConfigError(f"rollout.{err}") from None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from lorasync.train.config import DataConfig
 def load_rows(config: DataConfig) -> list[dict]:
     """All rows of the prompt dataset; raise ValueError for an empty or malformed one."""
     if config.task:
-        from lorasync.tasks import TASKS
+        from lorasync.tasks.registry import TASKS
 
         task = TASKS[config.task]
         rows = task.rows(config.split, config.size, seed=0, levels=config.levels or task.DEFAULT_LEVELS)

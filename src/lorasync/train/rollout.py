@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lorasync.environments.episodes import Episode, run_episodes
+from lorasync.environments.protocol import load_environment
 from lorasync.sync.base import Completion, Generator
 from lorasync.sync.verify import Verification
 from lorasync.train.config import RewardSpec, TrainConfig
@@ -69,7 +71,7 @@ class Rollout:
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None  # (B, T) the policy that generated them, per the trainer
     engine_logprobs: torch.Tensor  # (B, T) the engine's sampling logprobs
-    mask: torch.Tensor  # (B, T) completion tokens
+    mask: torch.Tensor  # (B, T) the policy's completion tokens (multi-turn: not the environment's)
     seconds: float = 0.0  # generation time
     versions: torch.Tensor | None = None  # (B, T) the engine's weight version of each token
 
@@ -124,6 +126,27 @@ def score_rewards(
     return total, stats
 
 
+def episode_rewards(reward: torch.Tensor, episodes: list[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward functions' sum plus each environment's own reward; 0 for a failed episode
+    (its reason is logged by the runner). And the episodes' columns of metrics.jsonl."""
+    own = torch.tensor([e.reward or 0.0 for e in episodes], dtype=torch.float32)
+    failed = torch.tensor([e.failed for e in episodes])
+    total = (reward + own).masked_fill(failed, 0.0)
+    n = len(episodes)
+    stats = {
+        "episode/turns_mean": sum(len(e.turns) for e in episodes) / n,
+        # the share of episodes in which the environment answered at least once (a tool call)
+        "episode/replied_fraction": sum(e.replies > 0 for e in episodes) / n,
+        "episode/failed_fraction": float(failed.float().mean()),
+        "episode/tokens_mean": sum(len(e.token_ids) for e in episodes) / n,
+    }
+    if any(e.reward is not None for e in episodes):
+        stats["reward/environment_mean"] = float(own.mean())
+    for end in ("environment", "max_turns", "episode_tokens", "failed"):
+        stats[f"episode/end_{end}"] = sum(e.end == end for e in episodes) / n
+    return total, stats
+
+
 @dataclass
 class Generated:
     """One step's completions, as the engine sampled them, before any scoring."""
@@ -133,6 +156,12 @@ class Generated:
     samples: list[Completion]  # `versions` filled in
     seconds: float
     version: int  # the oldest weight version that sampled any of their tokens
+    # multi-turn (`rollout.environment`): each sample is a whole episode after its prompt
+    episodes: list[Episode] | None = None
+
+    def policy_mask(self, i: int) -> list[bool]:
+        """Which tokens of sample `i` the policy sampled (all, single-turn)."""
+        return self.episodes[i].policy if self.episodes else [True] * len(self.samples[i].token_ids)
 
 
 def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict], seed: int) -> Generated:
@@ -147,8 +176,16 @@ def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict]
     start = time.perf_counter()
     version = engine.weight_version
     prompt_ids = [encode_prompt(tokenizer, row[field]) for row in rows]
-    groups = engine.generate(prompt_ids, config.rollout.max_tokens, config.rollout.temperature, n=g, seed=seed)
-    samples = [c for group in groups for c in group]
+    episodes = None
+    if config.rollout.environment:
+        episodes = run_episodes(
+            engine, tokenizer, prompt_ids, rows, load_environment(config.rollout.environment),
+            config.rollout.limits, config.rollout.temperature, n=g, seed=seed,
+        )
+        samples = [e.completion() for e in episodes]
+    else:
+        groups = engine.generate(prompt_ids, config.rollout.max_tokens, config.rollout.temperature, n=g, seed=seed)
+        samples = [c for group in groups for c in group]
     if config.rollout.in_flight == "keep":
         if any(len(c.versions) != len(c.token_ids) for c in samples):
             raise RuntimeError(
@@ -164,7 +201,7 @@ def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict]
     else:
         samples, oldest = [replace(c, versions=[version] * len(c.token_ids)) for c in samples], version
     prompts = [p for p in prompt_ids for _ in range(g)]
-    return Generated(rows, prompts, samples, time.perf_counter() - start, oldest)
+    return Generated(rows, prompts, samples, time.perf_counter() - start, oldest, episodes)
 
 
 def score(
@@ -176,6 +213,9 @@ def score(
     g, field = config.rollout.num_generations, config.data.prompt_field
     samples, prompts = generated.samples, generated.prompts
     reward, stats = score_rewards(rewards, generated.rows, samples, g, field)
+    if generated.episodes:
+        reward, episode_stats = episode_rewards(reward, generated.episodes)
+        stats |= episode_stats
     old = None
     if score_old:  # the policy that generated them, as the engine serves it: no dropout
         was_training = model.training
@@ -192,7 +232,7 @@ def score(
     for i, c in enumerate(samples):
         engine_lp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
         versions[i, : len(c.versions)] = torch.tensor(c.versions, dtype=torch.long)
-        mask[i, : len(c.token_ids)] = True
+        mask[i, : len(c.token_ids)] = torch.tensor(generated.policy_mask(i), dtype=torch.bool)
     return Rollout(
         prompts, samples, reward, stats, group_advantages(reward, g), old, engine_lp, mask,
         generated.seconds, versions,

@@ -124,14 +124,16 @@ class GRPOTrainer:
             s = slice(k * micro, (k + 1) * micro)
             prompts, completions = batch.prompts[s], batch.completions[s]
             with self.profile.phase("forward"):
-                logprobs, mask = completion_logprobs(self.train_model, prompts, completions, pad, cfg.shared_prefix)
+                logprobs, _ = completion_logprobs(self.train_model, prompts, completions, pad, cfg.shared_prefix)
+                width = logprobs.shape[1]
+                # the policy's own tokens (multi-turn: not the environment's, which are context)
+                mask = batch.mask[s, :width]
                 if scoring:
                     batch.old_logprobs[s, : logprobs.shape[1]] = logprobs.detach()
                 ref = None
                 if cfg.beta > 0:
                     with torch.no_grad(), self.model.disable_adapter():
                         ref, _ = completion_logprobs(self.model, prompts, completions, pad, cfg.shared_prefix)
-                width = logprobs.shape[1]
                 part = grpo_loss(
                     logprobs, batch.old_logprobs[s, :width], batch.engine_logprobs[s, :width],
                     batch.advantages[s], mask, cfg.clip_eps, cfg.is_cap, cfg.beta, ref, is_mask=cfg.is_mask,
