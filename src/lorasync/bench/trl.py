@@ -36,7 +36,7 @@ from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasync.bench.trl_side import TASK_REWARDS, _log, run_trl
+from lorasync.bench.trl_side import MAX_MODEL_LEN, TASK_REWARDS, _log, run_trl
 from lorasync.train.config import require
 
 DTYPES_COMPARED = ("float32", "bfloat16")  # TRL: bf16 autocast or none
@@ -94,7 +94,7 @@ def train_config(config: TrlBenchConfig, shared_prefix: bool = True):
     """The lorasync TrainConfig of the run (the TRL side is built to match it); with
     `shared_prefix` off, the `plain` side's."""
     from lorasync.train.config import (
-        DataConfig, LoraSettings, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig,
+        DataConfig, EngineSection, LoraSettings, ModelConfig, OptimConfig, RewardSpec, RolloutConfig, TrainConfig,
     )
 
     rewards = [RewardSpec(f"lorasync.tasks.{config.task}:{name}", weight)
@@ -109,6 +109,7 @@ def train_config(config: TrlBenchConfig, shared_prefix: bool = True):
                               max_tokens=config.max_tokens, temperature=1.0),
         optim=OptimConfig(steps=config.steps, lr=config.lr, grad_accum=config.grad_accum, beta=0.0,
                           seed=config.seed, shared_prefix=shared_prefix),
+        engine=EngineSection(max_model_len=MAX_MODEL_LEN),
         output_dir=str(Path(config.out) / ("lorasync" if shared_prefix else "plain")),
     )
 
@@ -160,8 +161,9 @@ def run_lorasync(config: TrlBenchConfig, shared_prefix: bool = True) -> dict:
     from lorasync.train.trainer import GRPOTrainer
 
     train = train_config(config, shared_prefix)
-    engine = open_engine("colocated", train.sync.strategy, config.model, config.dtype,
-                         seed=config.seed, lora_rank=config.rank, batch_sequences=train.rollout.sequences)
+    engine = open_engine("colocated", train.sync.strategy, config.model, config.dtype, seed=config.seed,
+                         lora_rank=config.rank, max_model_len=train.engine.max_model_len,
+                         batch_sequences=train.rollout.sequences)
     try:
         rows = GRPOTrainer(train, engine).train()
     finally:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from lorasync.bench.trl import TrlBenchConfig
 
 TASK_REWARDS = {"arith": (("correct", 1.0), ("number_only", 0.0))}  # as configs/smollm2_arith.yaml
-MAX_MODEL_LEN = 512  # the colocated engine's (EngineConfig.max_model_len), given to TRL's too
+MAX_MODEL_LEN = 128  # prompt + completion tokens, as configs/smollm2_arith.yaml: both sides' engines
 
 
 def _log(message: str) -> None:
