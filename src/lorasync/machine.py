@@ -76,10 +76,23 @@ def reset_peak_rss() -> bool:
 def peak_rss_bytes() -> int | None:
     """This process's peak resident memory since it started or `reset_peak_rss` (VmHWM);
     None off Linux."""
+    return _status_bytes("VmHWM")
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now (VmRSS); None off Linux."""
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int | None:
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
+    for line in status.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
     for line in status.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024

@@ -74,8 +74,15 @@ def test_bench_trl_runs_both_sides_and_reports_consistent_numbers(chat_model, tm
     table = format_table(result).splitlines()
     assert table[2].startswith("lorasync ") and table[3].startswith("lorasync, prefix unshared")
     assert table[4].startswith("TRL (TRL sync)" if trl["sync"] == "trl" else "TRL (lorasync sync)")
-    assert table[5].startswith("steps per second, lorasync/plain: ")
-    assert (len(table) == 7) == (trl["sync"] != "trl")  # a crash is said below the table
+    # lorasync's sides account for their memory: each part measured or counted, the rest the peak's
+    for i, name in ((5, "lorasync"), (6, "plain")):
+        parts = result["sides"][name]["memory"]
+        assert min(parts["trainer_weights"], parts["optimizer_and_gradients"], parts["kv_cache"]) > 0, parts
+        assert parts["activations"] >= 0 and sum(parts.values()) > 0
+        assert table[i].startswith(f"memory of {name}, GB: process before ") and " = peak " in table[i]
+    assert "memory" not in result["sides"]["trl"]
+    assert table[7].startswith("steps per second, lorasync/plain: ")
+    assert (len(table) == 9) == (trl["sync"] != "trl")  # a crash is said below the table
 
 
 @pytest.fixture

@@ -57,6 +57,8 @@ class Scripted:
             self.row["release"].wait(30)
         if kind == "malformed":
             return "42"  # type: ignore[return-value]
+        if kind == "not text":
+            return Reply.say(42)  # type: ignore[arg-type]
         if kind == "slow":
             time.sleep(0.5)
         if kind == "bump":  # a sync landed while the environment worked
@@ -123,7 +125,8 @@ def test_a_turn_cut_off_goes_on_its_reply_closing_it(tokenizer):
 @pytest.mark.parametrize(
     "kind, reason",
     [("raise", "environment raised ValueError: boom"), ("hang", "environment step timed out after 0.3 s"),
-     ("malformed", "environment answered '42', not a lorasync Reply")],
+     ("malformed", "environment answered '42', not a lorasync Reply"),
+     ("not text", "environment raised TypeError: Reply.text = 42: give a string")],
 )
 def test_a_failing_environment_ends_its_episode_with_the_reason_logged_and_the_batch_goes_on(
     tokenizer, caplog, kind, reason
@@ -162,21 +165,28 @@ def test_limits_name_the_bad_value():
 
 
 @pytest.mark.vllm
-def test_engine_logprobs_equal_the_trainers_on_every_policy_token_of_every_turn(tiny_model, engine_for):
+@pytest.mark.parametrize("kind", ["colocated", "server"])
+def test_engine_logprobs_equal_the_trainers_on_every_policy_token_of_every_turn(tiny_model, engine_for, request, kind):
     """Two prompts x two episodes, two replies each, a sync landing while the environments
     answer the first turn: the turns before it were sampled at version v, those after at v+1,
-    and each token's engine logprob matches the policy of its own version within 1e-4."""
-    from lorasync.sync.base import Strategy
+    and each token's engine logprob matches the policy of its own version within 1e-4. On the
+    colocated engine (streaming sync) the runner stamps each turn's version; on a server with
+    `in_flight: keep` (factors sync) the server labels each token itself."""
     from lorasync.sync.weight_sync import WeightSync
     from lorasync.train.rollout import completion_logprobs
-    from tests.helpers import policy, train_step
+    from tests.helpers import TOKEN, policy, train_step
 
     model_dir = tiny_model("qwen2")
-    engine = engine_for(model_dir)
+    if kind == "colocated":
+        engine, strategy = engine_for(model_dir), "streaming"
+    else:
+        from lorasync.server.client.engine import ServerEngine
+
+        engine, strategy = ServerEngine(request.getfixturevalue("qwen2_server").url, TOKEN, in_flight="keep"), "factors"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = policy(model_dir, seed=3)
     model.eval()
-    sync = WeightSync(model, engine, Strategy.STREAMING)
+    sync = WeightSync(model, engine, strategy)
     sync()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start = engine.weight_version
@@ -209,3 +219,5 @@ def test_engine_logprobs_equal_the_trainers_on_every_policy_token_of_every_turn(
                     checked += 1
     assert checked == sum(sum(e.policy) for e in episodes)
     assert {v for e in episodes for v in e.versions} == {start, start + 1}
+    if kind == "server":
+        engine.close()

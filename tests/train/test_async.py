@@ -15,7 +15,7 @@ from tests.helpers import demo_trainer
 from tests.train.test_iterations import RandomEngine
 
 TIMING = {"step_seconds", "tokens_per_second", "generation_seconds", "wait_seconds", "sync_seconds",
-          "trainer_gflops", *(f"seconds_{phase}" for phase in PHASES)}
+          "trainer_gflops", "activation_bytes", *(f"seconds_{phase}" for phase in PHASES)}
 
 
 def trainer_for(model_dir, out, mode="sync", k=0, steps=3, engine=None, save_every=0):

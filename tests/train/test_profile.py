@@ -65,3 +65,16 @@ def test_a_run_writes_its_profile_to_each_row(tiny_model, tmp_path):
         assert row["seconds_score"] > 0  # two updates a batch: the old logprobs in a pass of their own
         assert row["trainer_gflops"] > 0
         assert sum(row[f"seconds_{p}"] for p in PHASES) <= row["step_seconds"] + 1e-6
+
+
+def test_activation_bytes_are_what_the_forward_pass_keeps(tiny_model):
+    """Memory the forward phase leaves allocated (activations, kept for backward) counts;
+    memory it frees before it ends does not."""
+    profile = StepProfile(policy(tiny_model("qwen2")))
+    with profile.phase("forward"):
+        torch.ones(50_000_000).sum()  # 200 MB, freed inside the phase
+    assert profile.metrics()["activation_bytes"] < 100e6
+    with profile.phase("forward"):
+        kept = torch.ones(50_000_000)  # 200 MB, held past the phase (as backward would)
+    assert profile.metrics()["activation_bytes"] >= 150e6
+    del kept

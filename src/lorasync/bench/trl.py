@@ -160,12 +160,17 @@ def run_lorasync(config: TrlBenchConfig, shared_prefix: bool = True) -> dict:
     from lorasync.train import checkpoints
     from lorasync.train.trainer import GRPOTrainer
 
+    from lorasync import machine
+
     train = train_config(config, shared_prefix)
+    process = machine.rss_bytes() or 0  # the process before the side: libraries, earlier sides' leftovers
     engine = open_engine("colocated", train.sync.strategy, config.model, config.dtype, seed=config.seed,
                          lora_rank=config.rank, max_model_len=train.engine.max_model_len,
                          batch_sequences=train.rollout.sequences)
     try:
-        rows = GRPOTrainer(train, engine).train()
+        trainer = GRPOTrainer(train, engine)
+        rows = trainer.train()
+        memory = memory_parts(trainer, engine.kv_cache_bytes, process, rows)
     finally:
         engine.close()
     keys = ("step_seconds", "generation_seconds", "sync_seconds", "reward_mean", "completion_tokens",
@@ -174,7 +179,30 @@ def run_lorasync(config: TrlBenchConfig, shared_prefix: bool = True) -> dict:
     side["sync"] = f"lorasync ({train.sync.strategy.value})"
     side["shared_prefix"] = shared_prefix
     side["adapter"] = str(checkpoints.latest(Path(train.output_dir)) / "adapter")
+    side["memory"] = memory
     return side
+
+
+def memory_parts(trainer, kv_cache_bytes: int | None, process: int, rows: list[dict]) -> dict[str, int]:
+    """What a lorasync side's memory holds, in bytes: the process before it, the trainer's
+    weights (base and adapter), its optimizer state and gradients, the engine's copy of the
+    weights and its KV cache, and the activations of the largest forward pass (measured,
+    `train/profile.py`); the peak's rest is the allocator's and the libraries' working memory."""
+    import torch
+
+    params = list(trainer.model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    state = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values()
+                for t in s.values() if torch.is_tensor(t))
+    return {
+        "process_before": process,
+        "trainer_weights": weights,
+        "optimizer_and_gradients": state + trained,
+        "engine_weights": weights - trained,  # the served model: the base, the adapter merged in
+        "kv_cache": kv_cache_bytes or 0,
+        "activations": max(r.get("activation_bytes", 0) for r in rows),
+    }
 
 
 # -- the bench -----------------------------------------------------------------------------
@@ -246,6 +274,12 @@ def format_table(result: dict) -> str:
             f"{side['sync_seconds']:7.3f}{side['train_seconds']:7.2f}{side['steps_per_second']:9.4f}"
             f"{tokens:>7}{peak:>9}   {before:.1%} -> {side['accuracy_after']['accuracy']:.1%}"
         )
+    for name, side in result["sides"].items():
+        if side.get("memory") and side["peak_rss_bytes"]:
+            parts = side["memory"]
+            rest = side["peak_rss_bytes"] - sum(parts.values())
+            held = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts.items())
+            lines.append(f"memory of {name}, GB: {held}, rest {rest / 1e9:.2f} = peak {side['peak_rss_bytes'] / 1e9:.2f}")
     if result["ratios"]:
         lines.append("steps per second, " + ", ".join(f"{k}: {v:.2f}x" for k, v in result["ratios"].items()))
     error = result["sides"].get("trl", {}).get("own_sync_error")

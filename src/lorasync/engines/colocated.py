@@ -134,6 +134,7 @@ class ColocatedEngine:
         ColocatedEngine._live += 1
         self._attach(llm, layout, owned=True)
         self.max_lora_rank = config.max_lora_rank if config.enable_lora else 0
+        self.kv_cache_bytes: int | None = config.kv_cache_bytes  # what vLLM was given (None: wrapped)
 
     @classmethod
     def from_llm(cls, llm: LLM, model_dir: str | Path) -> ColocatedEngine:

@@ -9,7 +9,9 @@ rate, 2 FLOPs per body parameter per token forward and as many again backward (t
 of the activations; the frozen weights get none, the adapter's are small), attention scores
 and the vocabulary projection left out. Beside a machine's measured GEMM rate
 (`machine.float32_gemm_gflops`, which `bench sync` prints) it says how far the trainer is
-from its roofline.
+from its roofline. And `activation_bytes`: what the process's resident memory grew by over
+the update's largest forward pass (the activations kept for backward, the logits among them),
+the share of the step's memory that micro-batching (`optim.grad_accum`) bounds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from lorasync.machine import rss_bytes
 
 # generation (or the wait for a batch), reward and old-logprob scoring, the update's forward
 # and backward passes (the KL's reference pass is in forward), the optimizer, the sync, and
@@ -45,6 +49,7 @@ class StepProfile:
     def reset(self) -> None:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.tokens = {"grad": 0, "no_grad": 0}
+        self.activation_bytes = 0
         self._active: str | None = None
 
     def _count(self, module: torch.nn.Module, args: tuple) -> None:
@@ -56,11 +61,14 @@ class StepProfile:
         if name not in self.seconds:
             raise ValueError(f"unknown phase {name!r}: one of {', '.join(PHASES)}")
         start, outer, self._active = time.perf_counter(), self._active, name
+        resident = rss_bytes() if name == "forward" else None
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
             self._active = outer
+            if resident is not None:
+                self.activation_bytes = max(self.activation_bytes, (rss_bytes() or 0) - resident)
 
     def add(self, name: str, seconds: float) -> None:
         """A phase timed elsewhere (generation, in the producer's thread when async)."""
@@ -73,4 +81,5 @@ class StepProfile:
             **{f"seconds_{name}": seconds for name, seconds in self.seconds.items()},
             "trainer_tokens": self.tokens["grad"] + self.tokens["no_grad"],
             "trainer_gflops": flops / passes / 1e9 if passes > 0 else 0.0,
+            "activation_bytes": self.activation_bytes,
         }
