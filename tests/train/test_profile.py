@@ -29,7 +29,7 @@ def test_phases_add_up_and_only_the_scoring_and_update_passes_count_tokens(tiny_
     model(input_ids=ids)  # outside any phase: not counted either
     profile.add("generation", 2.5)
     row = profile.metrics()
-    assert set(row) == {f"seconds_{p}" for p in PHASES} | {"trainer_tokens", "trainer_gflops"}
+    assert set(row) == {f"seconds_{p}" for p in PHASES} | {"trainer_tokens", "trainer_gflops", "activation_bytes"}
     assert row["seconds_generation"] == 2.5 and row["seconds_backward"] >= 0.01
     assert row["seconds_sync"] == 0.0
     assert profile.tokens == {"no_grad": 4, "grad": 3} and row["trainer_tokens"] == 7
