@@ -13,6 +13,7 @@ import pytest
 
 from lorasync.engines.colocated import KV_BLOCK_TOKENS, MAX_KV_CACHE_BYTES, EngineConfig
 from lorasync.served_model import kv_bytes_per_token
+from lorasync.sync.base import prompt_seed
 from lorasync.sync.verify import probe_sequences
 
 
@@ -42,7 +43,7 @@ def test_seeded_batch_larger_than_one_step_generates_reproducibly(tiny_model, en
 
     first = engine.generate(prompts, max_tokens=4, temperature=1.0, n=2, seed=7)
     assert [len(cs) for cs in first] == [2] * len(prompts)
-    assert all(len(c.token_ids) == 4 == len(c.logprobs) for cs in first for c in cs)
+    assert all(1 <= len(c.token_ids) == len(c.logprobs) <= 4 for cs in first for c in cs)  # EOS may stop one
 
     # Same seed, same tokens (the second call also meets the prompts in the prefix cache).
     again = engine.generate(prompts, max_tokens=4, temperature=1.0, n=2, seed=7)
@@ -50,6 +51,19 @@ def test_seeded_batch_larger_than_one_step_generates_reproducibly(tiny_model, en
     # ... and the seed matters.
     other = engine.generate(prompts, max_tokens=4, temperature=1.0, n=2, seed=8)
     assert tokens(other) != tokens(first)
+
+
+@pytest.mark.vllm
+def test_prompts_of_one_call_draw_apart(tiny_model, engine_for):
+    """The same prompt twice in one seeded call gets different samples (`base.prompt_seed`):
+    with one seed for every prompt, both copies drew the same random numbers, token for token."""
+    engine = engine_for(tiny_model("llama"))
+    prompt = probe_sequences(engine.vocab_size, n=1, length=8, seed=5)[0]
+    first, second = engine.generate([prompt, prompt], max_tokens=8, temperature=1.0, n=2, seed=3)
+    assert tokens([first]) != tokens([second])
+    # ... and prompt i of a call is sampled as prompt 0 of a call seeded prompt_seed(seed, i, n)
+    (alone,) = engine.generate([prompt], max_tokens=8, temperature=1.0, n=2, seed=prompt_seed(3, 1, 2))
+    assert tokens([alone]) == tokens([second])
 
 
 def tokens(out) -> list[list[list[int]]]:

@@ -157,6 +157,20 @@ def test_a_weight_change_between_turns_shows_in_the_versions(tokenizer):
     assert episode.versions[:TURN] == first and episode.versions[-TURN:] == [1] * TURN
 
 
+def test_a_sync_during_a_turn_of_an_engine_without_token_versions_is_an_error(tokenizer):
+    """Its tokens would be stamped with the version served when the turn began."""
+
+    class Syncing(TurnEngine):
+        def generate(self, prompts, max_tokens, temperature=1.0, n=1, seed=None):
+            out = super().generate(prompts, max_tokens, temperature, n, seed)
+            self.weight_version += 1  # a sync landed while it generated
+            return out
+
+    engine = Syncing(tokenizer.eos_token_id)
+    with pytest.raises(RuntimeError, match="changed from version 0 to 1 while it generated a turn"):
+        run_episodes(engine, tokenizer, [[1, 2, 3]], [{}], Scripted, Limits(max_tokens=TURN), 1.0)
+
+
 def test_limits_name_the_bad_value():
     with pytest.raises(ValueError, match="max_turns = 0: must be >= 1"):
         Limits(max_turns=0)

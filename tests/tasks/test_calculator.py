@@ -37,4 +37,21 @@ def test_rows_are_arith_rows_with_the_tools_instructions():
     plain, tools = arith.rows("test", 6, seed=3), calculator.rows("test", 6, seed=3)
     assert [r["answer"] for r in plain] == [r["answer"] for r in tools]
     for p, t in zip(plain, tools):
-        assert t["prompt"][0]["content"] == f"{p['prompt'][0]['content']} {INSTRUCTIONS}"
+        assert t["prompt"][-1]["content"] == f"{p['prompt'][0]['content']} {INSTRUCTIONS}"
+        assert t["prompt"][:-1] == calculator.demonstration()
+
+
+def test_the_demonstration_calls_the_tool_and_answers_with_its_result():
+    messages = calculator.demonstration()
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"] * len(calculator.DEMONSTRATION)
+    for question, call, result, answer in zip(*[iter(messages)] * 4):
+        expression = calculator.CALL.fullmatch(call["content"]).group(1)
+        assert result["content"] == answer["content"] == calculate(expression)
+        assert arith.correct([question], [[answer]], answer=[int(result["content"])]) == [1.0]
+
+
+def test_no_demonstrated_question_is_an_arith_problem():
+    """The demonstration must not hand the policy a test answer."""
+    for a, op, b in calculator.DEMONSTRATION:
+        for level in arith.LEVELS.values():
+            assert level.op != op or (a, b) not in level.problems()

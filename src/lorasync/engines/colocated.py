@@ -24,7 +24,7 @@ import torch
 
 from lorasync.served_model import check_dtype, checkpoint_layout, kv_bytes_per_token, weight_groups
 from lorasync.engines import require_vllm, vllm_compat, worker
-from lorasync.sync.base import Completion
+from lorasync.sync.base import Completion, prompt_seed
 from lorasync.sync.naming import check_adapter_name
 from lorasync.sync.policy import MAX_LORA_RANK
 
@@ -258,9 +258,11 @@ class ColocatedEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, logprobs=0
-        )
+        params = [
+            SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
+                           seed=prompt_seed(seed, i, n), logprobs=0)
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
             params,

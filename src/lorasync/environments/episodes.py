@@ -137,6 +137,7 @@ def run_episodes(
     episodes = [Episode(row, list(p)) for p, row in zip(prompts, rows) for _ in range(n)]
     version = engine.weight_version
     groups = engine.generate(list(prompts), min(limits.max_tokens, limits.episode_tokens), temperature, n=n, seed=seed)
+    _check_versions(engine, version, [c for group in groups for c in group])
     for episode, completion in zip(episodes, [c for group in groups for c in group]):
         episode.add(completion, version)
     steps = Steps(make_env, limits)
@@ -155,12 +156,25 @@ def run_episodes(
                 [ready[i].prompt + ready[i].token_ids for i in index], budget, temperature,
                 n=1, seed=None if seed is None else seed + 1_000_003 * turn,
             )
+            _check_versions(engine, version, [group[0] for group in out])
             completions.update({i: group[0] for i, group in zip(index, out)})
         for i, episode in enumerate(ready):
             episode.add(completions[i], version)
         turn += 1
         steps.after_turn(ready)
     return episodes
+
+
+def _check_versions(engine: Generator, version: int, completions: Sequence[Completion]) -> None:
+    """A turn the engine reports no per-token versions for is stamped with the version served
+    when it began (`Episode.add`); a sync during the turn would mislabel its tokens: an error,
+    as in single-turn `rollout.generate` (whose check the episode stamps would otherwise pass)."""
+    if engine.weight_version != version and any(len(c.versions) != len(c.token_ids) for c in completions):
+        raise RuntimeError(
+            f"the engine's weights changed from version {version} to {engine.weight_version} while "
+            f"it generated a turn, and {type(engine).__name__} reports no per-token versions: syncs "
+            "must hold the trainer's engine lock (or use servers with rollout.in_flight: keep)"
+        )
 
 
 class Steps:
