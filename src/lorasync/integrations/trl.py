@@ -78,6 +78,12 @@ def _model_folder(model: str, revision: str | None) -> Path:
     )
 
 
+def served_folder(llm: LLM) -> Path:
+    """The local folder of the checkpoint an `LLM` serves (what `ColocatedEngine.from_llm` reads)."""
+    config = llm.llm_engine.model_config
+    return _model_folder(config.model, config.revision)
+
+
 def use_lorasync_sync(trainer: Trainer) -> WeightSync:
     """Make a TRL GRPOTrainer or RLOOTrainer sync its LoRA policy into vLLM with lorasync.
 
@@ -125,8 +131,7 @@ def use_lorasync_sync(trainer: Trainer) -> WeightSync:
             "use_lorasync_sync syncs PEFT LoRA policies, but the trainer's model is a "
             f"{type(generation.model).__name__}: pass peft_config=LoraConfig(...) to the trainer"
         )
-    config = generation.llm.llm_engine.model_config
-    engine = ColocatedEngine.from_llm(generation.llm, _model_folder(config.model, config.revision))
+    engine = ColocatedEngine.from_llm(generation.llm, served_folder(generation.llm))
     sync = WeightSync(generation.model, engine)
     # TRL calls `self.vllm_generation.sync_weights()` once per optimizer step before
     # generating; the instance attribute shadows the method for this trainer only.
