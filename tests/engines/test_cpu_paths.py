@@ -6,7 +6,7 @@ logits GEMM; where it cannot (bf16 on a CPU without AVX-512), the plain weights 
 (`vllm_compat.linear_weights_repacked`). The sync goes through both: vLLM's layerwise reload,
 and `vllm_compat.retie_lm_head` when a tied embedding was trained. The native side runs in
 tests/sync/test_parity.py; here a subprocess with torch's and oneDNN's ISA capped at AVX2
-takes the other (only bf16 does: float32 is prepacked there too, measured), and must still
+(and torch's AMX probes answering no, which the cap does not reach) takes the other (only bf16 does: float32 is prepacked there too, measured), and must still
 serve the trainer's policy, trained embedding and tied head included, and read back bit for bit
 at the weight level (`engines/readback.py` reads plain weights here, kernels on the other side). Audit finding: on this
 side the head stays tied through the reload by itself (with `retie_lm_head` removed the gap is
@@ -27,6 +27,14 @@ AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 CHECK = """
 import json, sys
+import torch
+
+# The cap above reaches torch's and oneDNN's kernels, not torch's AMX probe, which vLLM asks to
+# pick its prepacked kernel: on an AMX CPU it would pick it and torch's capped brgemm would abort.
+# A CPU without AVX-512 has no AMX either; this runs again in every process vLLM spawns.
+torch.cpu._is_amx_tile_supported = lambda: False
+torch.cpu._is_avx512_bf16_supported = lambda: False
+
 from lorasync.engines import worker
 from lorasync.engines.colocated import ColocatedEngine, EngineConfig
 from lorasync.sync.verify import probe_sequences, verify

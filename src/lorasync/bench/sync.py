@@ -18,6 +18,9 @@ The result records the machine (`machine.describe`) and a roofline: the merge ke
 over the changed tensors, in GFLOP/s beside a plain float32 GEMM's rate and against copying
 the same tensors. To measure a CPU without native bf16 GEMM on one that has it, cap the ISA:
 `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 lorasync bench sync`.
+The cap does not reach torch's AMX probe: on an AMX CPU a bfloat16 engine still picks vLLM's
+AMX kernel under it and aborts in torch's capped brgemm (tests/engines/test_cpu_paths.py
+emulates the whole CPU); float32 is unaffected.
 """
 
 from __future__ import annotations
