@@ -164,7 +164,9 @@ def prompt_seed(seed: int | None, index: int, n: int) -> int | None:
     (a shared system prompt, a demonstration) take the same branch together: a temperature-1
     eval of SmolLM2 on `calc` called the tool in 27% or 100% of 52 episodes, by the seed.
     Prompt `index` gets seed + index * n: every sample of the call has a stream of its own.
-    Pinned by tests/engines/test_colocated.py::test_prompts_of_one_call_draw_apart.
+    Every engine does so (the server engine sends each prompt its own seed). Pinned by
+    tests/engines/test_colocated.py::test_prompts_of_one_call_draw_apart and
+    tests/server/client/test_engine.py::test_prompts_of_one_seeded_call_draw_apart_on_any_server.
     """
     return None if seed is None else seed + index * n
 

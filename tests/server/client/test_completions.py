@@ -90,7 +90,7 @@ def test_generation_groups_the_choices_by_prompt_in_index_order(stand_ins):
 
     (server,) = stand_ins(answer)
     c = client([server])
-    out = c.generate(0, [[1, 2], (3,)], max_tokens=2, temperature=0.5, n=2, seed=7)
+    out = c.generate(0, [[1, 2], (3,)], max_tokens=2, temperature=0.5, n=2, seeds=[None, None])
     c.close()
     assert [[x.token_ids for x in group] for group in out] == [[[0, 1], [10, 11]], [[20, 21], [30, 31]]]
     assert [[x.text for x in group] for group in out] == [["t0", "t1"], ["t2", "t3"]]
@@ -99,7 +99,23 @@ def test_generation_groups_the_choices_by_prompt_in_index_order(stand_ins):
     (request,) = server.requests
     assert request["path"] == "/v1/completions" and request["model"] == "m0"
     assert request["prompt"] == [[1, 2], [3]] and request["return_token_ids"] is True
-    assert (request["logprobs"], request["n"], request["seed"], request["max_tokens"]) == (0, 2, 7, 2)
+    assert (request["logprobs"], request["n"], request.get("seed"), request["max_tokens"]) == (0, 2, None, 2)
+
+
+def test_seeded_prompts_go_one_request_each_with_their_own_seed(stand_ins):
+    """vLLM gives every prompt of a request the request's seed (their samples would share
+    random draws), so seeded prompts go one request each, answered in the prompts' order."""
+
+    def answer(request):
+        (prompt,) = request["prompt"]
+        return [choice(i, [prompt[0], request["seed"]], [-0.1, -0.2]) for i in range(request["n"])]
+
+    (server,) = stand_ins(answer)
+    c = client([server])
+    out = c.generate(0, [[1], [2], [3]], max_tokens=2, temperature=1.0, n=2, seeds=[7, 9, 11])
+    c.close()
+    assert [[x.token_ids for x in group] for group in out] == [[[1, 7]] * 2, [[2, 9]] * 2, [[3, 11]] * 2]
+    assert sorted((r["prompt"], r["seed"]) for r in server.requests) == [([[1]], 7), ([[2]], 9), ([[3]], 11)]
 
 
 def test_scoring_keeps_each_sequences_logprobs_after_its_first_token(stand_ins):
@@ -121,7 +137,7 @@ def test_scoring_keeps_each_sequences_logprobs_after_its_first_token(stand_ins):
 def test_each_request_goes_to_the_server_and_model_it_names(stand_ins):
     first, second = stand_ins(lambda r: [choice(0, [1], [None, -1.0])], lambda r: [choice(0, [2], [-2.0])])
     c = client([first, second], models=["alpha", "beta"])
-    assert c.generate(1, [[9]], max_tokens=1, temperature=1.0, n=1, seed=None)[0][0].token_ids == [2]
+    assert c.generate(1, [[9]], max_tokens=1, temperature=1.0, n=1, seeds=[None])[0][0].token_ids == [2]
     assert c.score(0, [[9, 8]]) == [[-1.0]]
     c.close()
     assert [r["model"] for r in first.requests] == ["alpha"]
@@ -136,7 +152,7 @@ def test_a_servers_failure_is_a_sync_error_naming_it(stand_ins):
     gone.close()  # nothing listens at its URL any more
     c = client([failing, gone])
     with pytest.raises(ServerSyncError, match="InternalServerError") as err:
-        c.generate(0, [[1]], max_tokens=1, temperature=1.0, n=1, seed=None)
+        c.generate(0, [[1]], max_tokens=1, temperature=1.0, n=1, seeds=[None])
     assert str(err.value).startswith(f"{failing.url}/v1/completions: ")
     with pytest.raises(ServerSyncError, match="Is the server running") as err:
         c.score(1, [[1, 2]])

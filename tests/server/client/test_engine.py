@@ -18,6 +18,7 @@ from lorasync.server.client import update
 from lorasync.server.transports import tcp as transport_tcp
 from lorasync.server.client.engine import ServerEngine
 from lorasync.server.client.control import Control, ServerSyncError
+from lorasync.sync.base import prompt_seed
 from lorasync.sync.factors import lora_records
 from lorasync.sync.policy import AdapterSpec, make_random_adapter
 from lorasync.sync.verify import probe_sequences, trainer_scores, verify
@@ -394,6 +395,23 @@ def test_a_sync_resets_the_prefix_cache_of_a_prompt_longer_than_a_kv_block(serve
     new_sync()
     assert greedy_diff(new) <= TOL
     engine.close()
+
+
+@pytest.mark.parametrize("in_flight", ["wait", "keep"])  # the completions API; the token route
+def test_prompts_of_one_seeded_call_draw_apart_on_any_server(servers, trainer, in_flight):
+    """As on the colocated engine (tests/engines/test_colocated.py): the same prompt twice in
+    one seeded call gets different samples, and prompt i is sampled as a call of its own seeded
+    `prompt_seed(seed, i, n)`, on whichever server it lands (the two servers hold one policy).
+    With the call's seed sent for every prompt, both copies drew the same tokens."""
+    engine = ServerEngine([s.url for s in servers], TOKEN, in_flight=in_flight)
+    factor_sync(trainer, engine)()
+    prompt = probe_sequences(engine.vocab_size, n=1, length=8, seed=5)[0]
+    first, second = engine.generate([prompt, prompt], max_tokens=8, temperature=1.0, n=2, seed=3)
+    (alone,) = engine.generate([prompt], max_tokens=8, temperature=1.0, n=2, seed=prompt_seed(3, 1, 2))
+    engine.close()
+    tokens = lambda group: [c.token_ids for c in group]  # noqa: E731
+    assert tokens(first) != tokens(second)
+    assert tokens(alone) == tokens(second)
 
 
 # --- gemma3 and phi3 ------------------------------------------------------------------------

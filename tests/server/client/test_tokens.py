@@ -99,7 +99,7 @@ def answer(*choices) -> bytes:
 def test_an_answer_is_read_in_index_order():
     first, second = choice(1, [("1", 0, 1)]), choice(2, [("2", 0, 2)])
     second["index"] = 1
-    (got,) = generator(answer(second, first)).generate(0, [[1, 2]], 4, 1.0, n=2, seed=0)
+    (got,) = generator(answer(second, first)).generate(0, [[1, 2]], 4, 1.0, n=2, seeds=[0])
     assert [c.versions for c in got] == [[1], [2, 2]]
 
 
@@ -119,7 +119,7 @@ def test_an_answer_is_read_in_index_order():
 )
 def test_a_malformed_answer_is_the_servers_error_naming_the_field(body, message):
     with pytest.raises(ServerSyncError, match=re.escape(message)) as err:
-        generator(body).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+        generator(body).generate(0, [[1, 2]], 4, 1.0, n=1, seeds=[0])
     assert str(err.value).startswith(URL)
 
 
@@ -127,8 +127,8 @@ def test_an_answer_over_the_cap_is_refused_unread(monkeypatch):
     monkeypatch.setattr(tokens, "MAX_ANSWER_BYTES", 1000)
     big = answer(choice(1, [("1", 0, 1)]) | {"text": "x" * 2000})
     with pytest.raises(ServerSyncError, match="MAX_ANSWER_BYTES"):
-        generator(big).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+        generator(big).generate(0, [[1, 2]], 4, 1.0, n=1, seeds=[0])
     with pytest.raises(ServerSyncError, match="MAX_ANSWER_BYTES"):  # an error answer too
-        generator(b"e" * 2000, status=500).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
-    (got,) = generator(answer(choice(1, [("1", 0, 1)]))).generate(0, [[1, 2]], 4, 1.0, n=1, seed=0)
+        generator(b"e" * 2000, status=500).generate(0, [[1, 2]], 4, 1.0, n=1, seeds=[0])
+    (got,) = generator(answer(choice(1, [("1", 0, 1)]))).generate(0, [[1, 2]], 4, 1.0, n=1, seeds=[0])
     assert got[0].versions == [1]

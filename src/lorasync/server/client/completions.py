@@ -8,9 +8,12 @@ scoring, `echo=True` gives the logprob of every token of a sequence given its pr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from lorasync.server.client.control import ServerSyncError
 from lorasync.sync.base import Completion
+
+MAX_PARALLEL = 64  # seeded requests in flight per batch: one per prompt
 
 
 class CompletionsClient:
@@ -28,9 +31,22 @@ class CompletionsClient:
 
     def generate(
         self, index: int, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float,
+        n: int, seeds: Sequence[int | None],
+    ) -> list[list[Completion]]:
+        """`n` completions of each prompt from server `index`: unseeded, in one request; seeded,
+        one request per prompt (in parallel), each with its own seed: vLLM gives every prompt
+        of one request the request's seed, so prompts would share their random draws."""
+        if all(seed is None for seed in seeds):
+            return self._generate(index, prompts, max_tokens, temperature, n, None)
+        with ThreadPoolExecutor(min(MAX_PARALLEL, len(prompts)) or 1) as pool:
+            return [group for out in pool.map(
+                lambda p, s: self._generate(index, [p], max_tokens, temperature, n, s), prompts, seeds,
+            ) for group in out]
+
+    def _generate(
+        self, index: int, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float,
         n: int, seed: int | None,
     ) -> list[list[Completion]]:
-        """`n` completions of each prompt from server `index`, in one request."""
         out = self._create(
             index, prompt=[list(p) for p in prompts], max_tokens=max_tokens,
             temperature=temperature, n=n, seed=seed, logprobs=0, extra_body={"return_token_ids": True},

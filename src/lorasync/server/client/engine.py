@@ -35,10 +35,11 @@ from lorasync.server.transports.tcp import TcpTransport
 from lorasync.server.client.update import PartlyLoaded, update
 from lorasync.server.transports import Transport
 from lorasync.sync.kinds import IN_FLIGHT
-from lorasync.sync.base import Completion, Record, WeightStream
+from lorasync.sync.base import Completion, Record, WeightStream, prompt_seed
 
 TRANSPORTS = ("tcp", "nccl")
 T = TypeVar("T")
+I = TypeVar("I")
 
 
 class ServerEngine:
@@ -211,11 +212,14 @@ class ServerEngine:
         the weight version of each of its tokens, as the server recorded them (`tokens.py`).
         """
         client = self._tokens if self.in_flight == "keep" else self._completions
-        return self._spread(prompts, lambda i, batch: client.generate(i, batch, max_tokens, temperature, n, seed))
+        # each prompt its own seed, by its place in the call, as the colocated engine does
+        seeded = [(list(p), prompt_seed(seed, j, n)) for j, p in enumerate(prompts)]
+        return self._spread(seeded, lambda i, batch: client.generate(
+            i, [p for p, _ in batch], max_tokens, temperature, n, [s for _, s in batch]))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (tokens 1..n-1), spread over the servers."""
-        return self._spread(sequences, self.score_on)
+        return self._spread([list(s) for s in sequences], self.score_on)
 
     def score_on(self, index: int, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Like `score`, on server `index` only: echo=True completions of the sequences."""
@@ -230,10 +234,10 @@ class ServerEngine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _spread(self, items: Sequence[Sequence[int]], run: Callable[[int, list[list[int]]], list[T]]) -> list[T]:
+    def _spread(self, items: Sequence[I], run: Callable[[int, list[I]], list[T]]) -> list[T]:
         """Split `items` round-robin over the servers, run batches in parallel, keep order."""
         k = len(self._servers)
-        batches = [(i, [list(items[j]) for j in range(i, len(items), k)]) for i in range(k)]
+        batches = [(i, [items[j] for j in range(i, len(items), k)]) for i in range(k)]
         batches = [(i, b) for i, b in batches if b]
         with ThreadPoolExecutor(len(batches) or 1) as pool:
             results = list(pool.map(lambda ib: run(*ib), batches))

@@ -129,13 +129,14 @@ class TokenGenerator:
 
     def generate(
         self, index: int, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float,
-        n: int, seed: int | None,
+        n: int, seeds: Sequence[int | None],
     ) -> list[list[Completion]]:
-        """`n` completions of each prompt from server `index`, one request per prompt."""
+        """`n` completions of each prompt from server `index`, one request per prompt, each
+        sampled with its own seed."""
         url = self.urls[index]
-        params = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": seed, "logprobs": 0}
 
-        def one(prompt: Sequence[int]) -> list[Completion]:
+        def one(prompt: Sequence[int], seed: int | None) -> list[Completion]:
+            params = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": seed, "logprobs": 0}
             body = {"token_ids": list(prompt), "sampling_params": params, "output_mode": "text"}
             try:
                 status, answer = self._post(url + ROUTE, body)
@@ -155,7 +156,7 @@ class TokenGenerator:
             return [completion(c, url) for c in choices(answer, url, n)]
 
         with ThreadPoolExecutor(min(MAX_PARALLEL, len(prompts)) or 1) as pool:
-            return list(pool.map(one, prompts))
+            return list(pool.map(one, prompts, seeds))
 
     def _post(self, url: str, body: dict) -> tuple[int, bytes | None]:
         """POST `body`; the status and the answer read to at most MAX_ANSWER_BYTES (None past that)."""
