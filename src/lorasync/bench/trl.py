@@ -55,7 +55,7 @@ class TrlBenchConfig:
     max_tokens: int = 16
     lr: float = 3e-4
     rank: int = 16
-    grad_accum: int = 2
+    grad_accum: int = 4  # configs/smollm2_arith.yaml's
     eval_n: int = 200
     dtype: str = "float32"
     out: str = "runs/bench_trl"

@@ -133,7 +133,7 @@ def _add_run_args(p: argparse.ArgumentParser, rollout: bool) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate, constant " + default("3e-4", "2e-3"))
     p.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha 2 x rank (default 16)")
     p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per optimizer step; must divide prompts x generations " + default("2", "1"))
+                   help="micro-batches per optimizer step; must divide prompts x generations " + default("4", "1"))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="trainers' and engines' dtype"
                    + ("" if rollout else " (TRL: bf16 autocast for bfloat16)"))

@@ -115,7 +115,7 @@ def real_demo_config(out: Path, model_dir: str, steps: int = DEMO_STEPS, seed: i
                  RewardSpec(function="lorasync.tasks.arith:number_only", weight=0.0)],
         lora=LoraSettings(rank=16, alpha=32, targets=["all-linear"]),
         rollout=RolloutConfig(prompts_per_step=8, num_generations=8, max_tokens=16, temperature=1.0),
-        optim=OptimConfig(steps=steps, lr=3e-4, schedule="constant", grad_accum=2, seed=seed),
+        optim=OptimConfig(steps=steps, lr=3e-4, schedule="constant", grad_accum=4, seed=seed),
         # a ~50-token prompt and 16 tokens: 128 holds them, and sizes the KV cache to the batch
         engine=EngineSection(max_model_len=128),
         output_dir=str(out),
