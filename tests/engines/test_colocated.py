@@ -68,3 +68,16 @@ def test_prompts_of_one_call_draw_apart(tiny_model, engine_for):
 
 def tokens(out) -> list[list[list[int]]]:
     return [[c.token_ids for c in completions] for completions in out]
+
+
+@pytest.mark.vllm
+def test_a_sequence_reaching_max_model_len_is_cut_as_if_at_max_tokens(tiny_model, engine_for):
+    """Why the trainer checks its prompts against the engine's `max_model_len` up front
+    (`train/rollout.check_room`): vLLM takes a prompt with less room than `max_tokens` left and
+    stops its completion at `max_model_len`, marked like one cut at `max_tokens`, no error."""
+    engine = engine_for(tiny_model("llama"))
+    room = engine.max_model_len
+    assert room == engine.llm.llm_engine.model_config.max_model_len
+    prompt = probe_sequences(engine.vocab_size, n=1, length=room - 3, seed=6)[0]
+    (completion,) = engine.generate([prompt], max_tokens=16, temperature=0.0)[0]
+    assert len(completion.token_ids) == 3 and completion.truncated

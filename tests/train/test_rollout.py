@@ -30,6 +30,32 @@ def test_batched_logprobs_equal_each_sequence_alone(tiny_model):
         assert out[~mask].abs().sum() == 0
 
 
+def test_prompts_that_leave_the_engine_no_room_are_refused(tmp_path):
+    """A prompt plus `rollout.max_tokens` (single-turn) or `rollout.episode_tokens` (episodes)
+    over the engine's `max_model_len` is a ConfigError naming both and the fix; an exact fit
+    passes, and an engine that does not say its limit is not checked."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from lorasync.train.config import ConfigError
+    from lorasync.train.rollout import check_room
+    from tests.helpers import demo_trainer_config
+
+    single = demo_trainer_config("base", tmp_path, rollout={"max_tokens": 12})
+    episodes = demo_trainer_config("base", tmp_path, rollout={
+        "environment": "tests.train.test_rollout:Flaky", "max_tokens": 6, "episode_tokens": 30})
+    prompts = [[1] * 5, [1] * 8]
+    check_room(SimpleNamespace(max_model_len=20), single, prompts)  # 8 + 12: a fit
+    with pytest.raises(ConfigError, match=r"a prompt of 8 tokens and rollout.max_tokens = 12 need 20 "
+                       r"tokens, over the engine's max_model_len = 19: set engine.max_model_len=20"):
+        check_room(SimpleNamespace(max_model_len=19), single, prompts)
+    with pytest.raises(ConfigError, match=r"rollout.episode_tokens = 30 need 38 tokens, over the "
+                       r"engine's max_model_len = 20: .*or lower rollout.episode_tokens"):
+        check_room(SimpleNamespace(max_model_len=20), episodes, prompts)
+    check_room(SimpleNamespace(), episodes, prompts)  # an engine that does not say its limit
+
+
 def test_episodes_score_only_the_policys_tokens_and_failed_ones_get_reward_0(tiny_model, tmp_path, caplog):
     """A batch of multi-turn episodes (`rollout.environment`): the rollout's mask is the
     policy's tokens alone (the loss, the health check and the versions use it), the

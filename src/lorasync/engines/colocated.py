@@ -153,6 +153,7 @@ class ColocatedEngine:
         model_config = llm.llm_engine.model_config
         self.dtype: torch.dtype = model_config.dtype
         self.vocab_size: int = model_config.get_vocab_size()
+        self.max_model_len: int = model_config.max_model_len  # prompt and completion tokens
         self.weight_version = 0
         # The adapter being served (strategy `adapter`), and where its files live: tmpfs when
         # the machine has one, so installing an adapter never touches a disk.

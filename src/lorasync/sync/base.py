@@ -144,7 +144,9 @@ class Generator(Protocol):
     """An engine the trainer samples from: `n` completions per prompt of token ids.
 
     With a `seed`, prompt `i` is sampled with `prompt_seed(seed, i, n)`, so no two samples of
-    one call share a random stream."""
+    one call share a random stream. An engine that knows how many tokens a sequence may hold
+    (prompt and completion) says so as `max_model_len`; the trainer checks its prompts against
+    it (`train/rollout.check_room`)."""
 
     def generate(
         self,

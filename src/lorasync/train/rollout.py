@@ -20,7 +20,7 @@ from lorasync.environments.episodes import Episode, run_episodes
 from lorasync.environments.protocol import load_environment
 from lorasync.sync.base import Completion, Generator
 from lorasync.sync.verify import Verification
-from lorasync.train.config import RewardSpec, TrainConfig
+from lorasync.train.config import ConfigError, RewardSpec, TrainConfig
 from lorasync.models.prompt import encode_prompt
 from lorasync.train.grpo import group_advantages
 from lorasync.train.prefix import shared_prefix_logprobs
@@ -164,6 +164,26 @@ class Generated:
         return self.episodes[i].policy if self.episodes else [True] * len(self.samples[i].token_ids)
 
 
+def check_room(engine: Generator, config: TrainConfig, prompt_ids: Sequence[Sequence[int]]) -> None:
+    """Refuse prompts that leave the engine no room for a whole completion (single-turn:
+    `rollout.max_tokens`) or episode (`rollout.episode_tokens`): vLLM stops a sequence at its
+    `max_model_len` as if at `max_tokens`, so the cut would pass for the policy's own, its
+    answer scored as truncated. An engine that does not say its limit is not checked."""
+    room = getattr(engine, "max_model_len", None)
+    if room is None or not prompt_ids:
+        return
+    rollout = config.rollout
+    name, tokens = (("rollout.episode_tokens", rollout.episode_tokens) if rollout.environment
+                    else ("rollout.max_tokens", rollout.max_tokens))
+    longest = max(len(p) for p in prompt_ids)
+    if longest + tokens > room:
+        raise ConfigError(
+            f"a prompt of {longest} tokens and {name} = {tokens} need {longest + tokens} tokens, "
+            f"over the engine's max_model_len = {room}: set engine.max_model_len={longest + tokens} "
+            f"or more, or lower {name}"
+        )
+
+
 def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict], seed: int) -> Generated:
     """Sample `num_generations` completions per row from the engine as it serves now, each
     token stamped with the weight version that sampled it.
@@ -176,6 +196,7 @@ def generate(engine: Generator, tokenizer, config: TrainConfig, rows: list[dict]
     start = time.perf_counter()
     version = engine.weight_version
     prompt_ids = [encode_prompt(tokenizer, row[field]) for row in rows]
+    check_room(engine, config, prompt_ids)
     episodes = None
     if config.rollout.environment:
         episodes = run_episodes(

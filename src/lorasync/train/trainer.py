@@ -41,7 +41,7 @@ from lorasync.train.metrics import MetricsLog, plot_report
 from lorasync.train.rewards import load_reward
 from lorasync.train.producer import Producer, StaleBatch
 from lorasync.train.profile import StepProfile
-from lorasync.train.rollout import Generated, Rollout, completion_logprobs, score
+from lorasync.train.rollout import Generated, Rollout, check_room, completion_logprobs, score
 from lorasync.train.snapshots import PolicySnapshots
 
 
@@ -64,6 +64,11 @@ class GRPOTrainer:
         self.rows = load_rows(config.data)
         self.rewards = [(spec, load_reward(spec.function)) for spec in config.rewards]
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.base)
+        # the longest prompts (by characters) against the engine's room, before any work; every
+        # step checks its own batch again (`rollout.check_room`)
+        field = config.data.prompt_field
+        longest = sorted(self.rows, key=lambda row: len(str(row[field])))[-64:]
+        check_room(engine, config, [encode_prompt(self.tokenizer, row[field]) for row in longest])
         base = AutoModelForCausalLM.from_pretrained(config.model.base, dtype=DTYPES[config.model.dtype])
         lora = config.lora
         self.model: PeftModel = get_peft_model(

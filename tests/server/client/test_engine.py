@@ -397,6 +397,19 @@ def test_a_sync_resets_the_prefix_cache_of_a_prompt_longer_than_a_kv_block(serve
     engine.close()
 
 
+def test_the_engine_knows_the_servers_max_model_len(servers, tiny_model):
+    """From /v1/models: what the trainer checks its prompts against (`rollout.check_room`)."""
+    from lorasync.train.rollout import check_room
+    from tests.helpers import demo_trainer_config
+
+    engine = ServerEngine([s.url for s in servers], TOKEN)
+    engine.close()
+    assert engine.max_model_len == 512  # both servers' --max-model-len (helpers.SERVER_ARGS)
+    config = demo_trainer_config(tiny_model("qwen2"), "out", rollout={"max_tokens": 16})
+    with pytest.raises(ValueError, match="over the engine's max_model_len = 512"):
+        check_room(engine, config, [[1] * 500])
+
+
 @pytest.mark.parametrize("in_flight", ["wait", "keep"])  # the completions API; the token route
 def test_prompts_of_one_seeded_call_draw_apart_on_any_server(servers, trainer, in_flight):
     """As on the colocated engine (tests/engines/test_colocated.py): the same prompt twice in

@@ -38,9 +38,10 @@ class ServerInfo:
     workers: int  # vLLM workers of the server (tensor x pipeline parallel): NCCL ranks 1..n
     merge_kernel: str  # how it merges factors received over TCP (`sync.merge_kernel.Kernel`)
     group: object = None  # the NCCL communicator with them, for transport="nccl"
+    max_model_len: int | None = None  # tokens a sequence may hold, as /v1/models says (None: unsaid)
 
     @classmethod
-    def from_report(cls, url: str, info: dict, model: str) -> ServerInfo:
+    def from_report(cls, url: str, info: dict, model: str, max_model_len: object = None) -> ServerInfo:
         """The handshake's JSON object, each field checked for its type before it is used."""
 
         def field(name: str, rule: str, ok) -> object:
@@ -73,6 +74,7 @@ class ServerInfo:
             max_payload_bytes=field("max_payload_bytes", "a positive integer", count),
             workers=field("workers", "a positive integer", count),
             merge_kernel=field("merge_kernel", "a string", lambda v: isinstance(v, str)),
+            max_model_len=max_model_len if count(max_model_len) else None,
         )
 
 

@@ -115,6 +115,8 @@ class ServerEngine:
                 self.transport.join(server)
         self.dtype: torch.dtype = DTYPES[first.dtype]
         self.vocab_size = first.vocab_size
+        limits = [s.max_model_len for s in self._servers]  # the trainer checks its prompts against it
+        self.max_model_len: int | None = None if None in limits else min(limits)
         # how the servers merge the factors: each by its measured kernel in host memory (TCP),
         # or by addmm on its accelerator (NCCL); the sync report names it
         kernels = {"addmm"} if transport == "nccl" else {s.merge_kernel for s in self._servers}

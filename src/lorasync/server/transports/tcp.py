@@ -64,7 +64,7 @@ class TcpTransport:
             assert isinstance(model, str)
         except (KeyError, IndexError, TypeError, AssertionError):
             raise ServerSyncError(f"{url}/v1/models: no model id in {models!r}"[:300]) from None
-        return ServerInfo.from_report(url, info, model)
+        return ServerInfo.from_report(url, info, model, models["data"][0].get("max_model_len"))
 
     def send(self, servers: Sequence[ServerInfo], records: Iterable[Record], declared: Sequence[Record]) -> int:
         """Transfer `records` (as `declared`) to servers with open update sessions, all at
