@@ -6,8 +6,8 @@ logits GEMM; where it cannot (bf16 on a CPU without AVX-512), the plain weights 
 (`vllm_compat.linear_weights_repacked`). The sync goes through both: vLLM's layerwise reload,
 and `vllm_compat.retie_lm_head` when a tied embedding was trained. The native side runs in
 tests/sync/test_parity.py; here a subprocess with torch's and oneDNN's ISA capped at AVX2
-(and torch's AMX probes answering no, which the cap does not reach) takes the other (only bf16 does: float32 is prepacked there too, measured), and must still
-serve the trainer's policy, trained embedding and tied head included, and read back bit for bit
+(and torch's AMX probes answering no, which the cap does not reach) takes the other (only
+bf16 does: float32 is prepacked there too, measured), and must still serve the trainer's policy, trained embedding and tied head included, and read back bit for bit
 at the weight level (`engines/readback.py` reads plain weights here, kernels on the other side). Audit finding: on this
 side the head stays tied through the reload by itself (with `retie_lm_head` removed the gap is
 still 0), so the re-tie is needed, and pinned, on the prepacked side only.

@@ -176,11 +176,13 @@ def check_room(engine: Generator, config: TrainConfig, prompt_ids: Sequence[Sequ
     name, tokens = (("rollout.episode_tokens", rollout.episode_tokens) if rollout.environment
                     else ("rollout.max_tokens", rollout.max_tokens))
     longest = max(len(p) for p in prompt_ids)
-    if longest + tokens > room:
+    need = longest + tokens
+    if need > room:
+        fix = (f"start the servers with --max-model-len {need} or more" if config.engine.kind == "server"
+               else f"set engine.max_model_len={need} or more")
         raise ConfigError(
-            f"a prompt of {longest} tokens and {name} = {tokens} need {longest + tokens} tokens, "
-            f"over the engine's max_model_len = {room}: set engine.max_model_len={longest + tokens} "
-            f"or more, or lower {name}"
+            f"a prompt of {longest} tokens and {name} = {tokens} need {need} tokens, "
+            f"over the engine's max_model_len = {room}: {fix}, or lower {name}"
         )
 
 

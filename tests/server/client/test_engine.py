@@ -405,8 +405,10 @@ def test_the_engine_knows_the_servers_max_model_len(servers, tiny_model):
     engine = ServerEngine([s.url for s in servers], TOKEN)
     engine.close()
     assert engine.max_model_len == 512  # both servers' --max-model-len (helpers.SERVER_ARGS)
-    config = demo_trainer_config(tiny_model("qwen2"), "out", rollout={"max_tokens": 16})
-    with pytest.raises(ValueError, match="over the engine's max_model_len = 512"):
+    config = demo_trainer_config(tiny_model("qwen2"), "out", rollout={"max_tokens": 16},
+                                 engine={"kind": "server", "servers": [s.url for s in servers]})
+    with pytest.raises(ValueError, match="over the engine's max_model_len = 512: start the servers "
+                       "with --max-model-len 516 or more, or lower rollout.max_tokens"):
         check_room(engine, config, [[1] * 500])
 
 
