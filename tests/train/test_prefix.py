@@ -1,20 +1,25 @@
 """Shared-prefix scoring (`train/prefix.py`) is exact: per-token logprobs and the LoRA gradient
 equal the plain batch's (`rollout.completion_logprobs`) within float32 rounding, on tiny qwen2,
 llama, gemma3 (sliding-window and full layers) and gpt2 (absolute positions) models, with
-prompts of different lengths in one batch, completions of different lengths (padding), a
-group of one, and a completion of one token; and each prompt goes through the model once."""
+prompts of different lengths in one batch, completions of different lengths (packed), a
+group of one, and a completion of one token; each prompt goes through the model once, and a
+packed token sees only its prompt and its own completion."""
 
 from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
+
+from hypothesis import given
+from hypothesis import strategies as st
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorasync.train.prefix import runs, shared_prefix_logprobs
+from lorasync.train.prefix import masks, shared_prefix_logprobs, tree
 from lorasync.train.rollout import completion_logprobs
 from tests.helpers import ReplayEngine, demo_trainer_config, policy
 
@@ -47,9 +52,38 @@ def scored(model, fn, prompts, completions, weights):
     return logprobs.detach(), mask, grads
 
 
-def test_runs_are_the_groups_of_equal_consecutive_prompts():
-    assert runs([[1], [1], [2], [1], [1], [1]]) == [(0, 2), (2, 3), (3, 6)]
-    assert runs([[1, 2]]) == [(0, 1)]
+def test_the_tree_has_a_node_per_distinct_prefix():
+    # sequences but their last token: [1, 2, 5] twice, then [1, 3]
+    layout = tree([[1, 2], [1, 2], [1, 3]], [[5, 6], [5, 7], [8]])
+    assert layout.tokens == [1, 2, 5, 3]
+    assert layout.parents == [-1, 0, 1, 0]
+    assert layout.depths == [0, 1, 2, 1]
+    assert layout.predictors == [[1, 2], [1, 2], [3]]
+    assert tree([[4]], [[]]).predictors == [[]]
+
+
+def path(layout, node: int) -> list[int]:
+    tokens = []
+    while node >= 0:
+        tokens.append(layout.tokens[node])
+        node = layout.parents[node]
+    return tokens[::-1]
+
+
+sequences = st.lists(st.integers(0, 3), min_size=1, max_size=5)
+
+
+@given(st.lists(st.tuples(sequences, st.lists(st.integers(0, 3), max_size=4)), min_size=1, max_size=6))
+def test_each_predictor_is_its_tokens_prefix_and_no_prefix_is_a_node_twice(batch):
+    prompts, completions = [p for p, _ in batch], [c for _, c in batch]
+    layout = tree(prompts, completions)
+    for prompt, completion, predictors in zip(prompts, completions, layout.predictors):
+        assert [path(layout, node) for node in predictors] == [(prompt + completion)[: len(prompt) + t]
+                                                               for t in range(len(completion))]
+    prefixes = {tuple((p + c[:-1])[:k]) for p, c in zip(prompts, completions) for k in range(1, len(p + c[:-1]) + 1)}
+    assert sorted(tuple(path(layout, node)) for node in range(len(layout.tokens))) == sorted(prefixes)
+    assert all(layout.depths[node] == len(path(layout, node)) - 1 for node in range(len(layout.tokens)))
+    assert all(parent < node for node, parent in enumerate(layout.parents))
 
 
 def differences(model, prompts, completions) -> tuple[float, float]:
@@ -78,19 +112,39 @@ def test_shared_prefix_logprobs_and_gradient_equal_the_plain_batch(tiny_model, a
     assert grad_diff <= 1e-5
 
 
-def test_a_sliding_window_buckets_prompts_by_length_and_needs_to(tiny_model, monkeypatch):
-    """gemma3's window (8 slots) would reach into the padding between a short prompt and its
-    completions: prompts are scored per length, and scored together they would be wrong."""
+def test_a_sliding_window_is_kept_and_needs_to_be(tiny_model, monkeypatch):
+    """gemma3's sliding layers see 8 positions back; its packed rows reach further (prompts of
+    up to 14 tokens, completions of up to 7), so their masks must hold the window: scored
+    with every layer's mask full, the logprobs are wrong."""
     import lorasync.train.prefix as prefix
 
     model = policy(tiny_model("gemma3"), seed=1)
     model.eval()
     prompts, completions = batch(model.config.vocab_size)
-    assert [len(b) for b in prefix.buckets(model, prompts, completions)] == [1, 1, 1]
-    assert [len(b) for b in prefix.buckets(policy(tiny_model("llama")), prompts, completions)] == [3]
-    monkeypatch.setattr(prefix, "buckets", lambda model, prompts, completions: [prefix.runs(prompts)])
+    assert model.config.sliding_window == 8
+    assert max(len(p) + len(c) for p, c in zip(prompts, completions)) > 8
+    monkeypatch.setattr(prefix, "_sliding_window", lambda model: None)
     logprob_diff, _ = differences(model, prompts, completions)
     assert logprob_diff > 1e-3
+
+
+def test_a_node_sees_itself_and_its_ancestors_only():
+    """[1, 2, 5] and [1, 3] as nodes 0-3 (node 3 is 3's, a child of 1's); under a window of 2
+    positions, node 2 (depth 2) no longer sees node 0 (depth 0)."""
+    layout = tree([[1, 2], [1, 3]], [[5, 6], [7]])
+    embeddings = torch.nn.Embedding(8, 2)
+    plain = SimpleNamespace(get_input_embeddings=lambda: embeddings)
+    seen = masks(plain, layout)[0, 0] == 0
+    assert seen.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, True, True, False],
+        [True, False, False, True],
+    ]
+    slides = SimpleNamespace(config=SimpleNamespace(sliding_window=2),  # every layer
+                             get_input_embeddings=lambda: embeddings)
+    seen = masks(slides, layout)[0, 0] == 0
+    assert seen[2].tolist() == [False, True, True, False]
 
 
 def test_each_prompt_goes_through_the_model_once(tiny_model):
@@ -106,10 +160,9 @@ def test_each_prompt_goes_through_the_model_once(tiny_model):
             completion_logprobs(model, prompts, completions, 0)
     finally:
         hook.remove()
-    # one pair of passes: the prompts once, padded to the longest, then the completions but
-    # their last token, padded to the longest
-    longest = max(len(p) for p in prompts)
-    assert shared_tokens == len(runs(prompts)) * longest + len(prompts) * (max(len(c) for c in completions) - 1)
+    # one pass, a token per distinct prefix: each prompt once, with its completions
+    assert shared_tokens == len(tree(prompts, completions).tokens)
+    assert shared_tokens < sum(len(p) for p in {tuple(p) for p in prompts}) + sum(len(c) for c in completions)
     assert sum(seen) == len(prompts) * max(len(p) + len(c) for p, c in zip(prompts, completions))
 
 
