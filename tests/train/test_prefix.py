@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorasync.train.prefix import masks, shared_prefix_logprobs, tree
+from lorasync.train.prefix import masks, rows, shared_prefix_logprobs, tree
 from lorasync.train.rollout import completion_logprobs
 from tests.helpers import ReplayEngine, demo_trainer_config, policy
 
@@ -60,6 +60,13 @@ def test_the_tree_has_a_node_per_distinct_prefix():
     assert layout.depths == [0, 1, 2, 1]
     assert layout.predictors == [[1, 2], [1, 2], [3]]
     assert tree([[4]], [[]]).predictors == [[]]
+
+
+def test_rows_take_consecutive_sequences_up_to_the_budget():
+    prompts, completions = [[1] * 4] * 4, [[2] * 3, [2] * 5, [], [2] * 9]  # tokens 6, 8, 4, 12
+    assert rows(prompts, completions, 14) == [(0, 2), (2, 3), (3, 4)]  # 12 alone: over, own row
+    assert rows(prompts, completions, 30) == [(0, 4)]
+    assert rows(prompts, completions, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def path(layout, node: int) -> list[int]:
@@ -112,6 +119,23 @@ def test_shared_prefix_logprobs_and_gradient_equal_the_plain_batch(tiny_model, a
     assert grad_diff <= 1e-5
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_a_batch_split_into_rows_scores_the_same(tiny_model, arch, monkeypatch):
+    """A budget of 20 tokens a row: the uneven batch (sequences of 9-20 tokens) takes 5 rows of
+    different lengths (padding slots among them; the last holds two prompts), and still
+    equals the plain batch."""
+    import lorasync.train.prefix as prefix
+
+    monkeypatch.setattr(prefix, "ROW_TOKENS", 20)
+    model = policy(tiny_model(arch), seed=1)
+    model.eval()
+    prompts, completions = batch(model.config.vocab_size)
+    assert rows(prompts, completions, 20) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 6)]
+    logprob_diff, grad_diff = differences(model, prompts, completions)
+    assert logprob_diff <= 1e-5
+    assert grad_diff <= 1e-5
+
+
 def test_a_sliding_window_is_kept_and_needs_to_be(tiny_model, monkeypatch):
     """gemma3's sliding layers see 8 positions back; its packed rows reach further (prompts of
     up to 14 tokens, completions of up to 7), so their masks must hold the window: scored
@@ -134,7 +158,7 @@ def test_a_node_sees_itself_and_its_ancestors_only():
     layout = tree([[1, 2], [1, 3]], [[5, 6], [7]])
     embeddings = torch.nn.Embedding(8, 2)
     plain = SimpleNamespace(get_input_embeddings=lambda: embeddings)
-    seen = masks(plain, layout)[0, 0] == 0
+    seen = masks(plain, [layout], 4)[0, 0] == 0
     assert seen.tolist() == [
         [True, False, False, False],
         [True, True, False, False],
@@ -143,7 +167,7 @@ def test_a_node_sees_itself_and_its_ancestors_only():
     ]
     slides = SimpleNamespace(config=SimpleNamespace(sliding_window=2),  # every layer
                              get_input_embeddings=lambda: embeddings)
-    seen = masks(slides, layout)[0, 0] == 0
+    seen = masks(slides, [layout], 4)[0, 0] == 0
     assert seen[2].tolist() == [False, True, True, False]
 
 

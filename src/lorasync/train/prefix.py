@@ -5,9 +5,9 @@ of each sequence (the demo: a 46-token chat prompt, ~11 completion tokens, and 2
 prompt's tokens, the system prompt and the chat template's, are the same in every prompt).
 `shared_prefix_logprobs` lays the batch's sequences out as a prefix tree (`tree`): a node per
 distinct prefix, so a group's prompt is one path, prompts share their common beginning, and
-completions their common first tokens. The whole tree is one row of one forward pass, each
-node at its depth (`position_ids`) and seeing its ancestors only (a 4D mask, which transformers
-uses as given): a node's output depends only on its prefix, so it is the output each sequence
+completions their common first tokens. The tree is one row of one forward pass, each node at
+its depth (`position_ids`) and seeing its ancestors only (a 4D mask, which transformers uses
+as given): a node's output depends only on its prefix, so it is the output each sequence
 through it would get in the plain batch, and backward sums there what each of them would
 send. The per-token logprobs and their gradient equal the plain batch's
 (`rollout.completion_logprobs`) within float32 rounding (Prefix Grouper, Liu et al., 2025,
@@ -15,10 +15,10 @@ arXiv:2506.05433, shares a group's prompt; the tree shares any prefix). transfor
 such pass for training (its `generate` reuses a prefix's cache, without gradients), so it is
 written here on its custom-mask API.
 
-No token is padding and none is computed twice. The price: the mask is (nodes x nodes), and a
-node's attention spans the row, so attention grows with the square of a micro-batch's tokens
-while the projections, most of the work at these lengths, grow with the tokens alone.
-`optim.grad_accum` bounds the row.
+No prefix is computed twice within a row. A row's attention grows with the square of its
+nodes (the mask is dense), its projections with the nodes alone, so a batch too long for one
+row is split (`rows`: consecutive sequences, at most `ROW_TOKENS` tokens a row), one tree per
+row, the rows padded to the longest and run as one batch.
 """
 
 from __future__ import annotations
@@ -26,6 +26,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+# Tokens a row holds, counted before sharing (each sequence but its last token). The row's
+# attention costs about 4 * hidden * layers FLOPs per token per token of the row, its
+# projections 2 * parameters per token: at 2,048 tokens attention is half the projections on
+# SmolLM2-135M (hidden 576, 30 layers), under a tenth of them on a 7B model. A demo micro-batch is 16
+# sequences of about 60 tokens: one row.
+ROW_TOKENS = 2048
+
+
+def rows(prompts: list[list[int]], completions: list[list[int]], budget: int) -> list[tuple[int, int]]:
+    """(start, end) of each row: consecutive sequences, as many as fit `budget` tokens (each
+    counts len(prompt) + len(completion) - 1, its tokens before sharing); a longer sequence
+    gets a row of its own."""
+    bounds, start, size = [], 0, 0
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        tokens = len(prompt) + max(len(completion) - 1, 0)
+        if i > start and size + tokens > budget:
+            bounds.append((start, i))
+            start, size = i, 0
+        size += tokens
+    bounds.append((start, len(prompts)))
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -67,8 +90,7 @@ def shared_prefix_logprobs(
     model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rollout.completion_logprobs`'s result, (B, T) logprobs and mask, every shared prefix
-    encoded once (`pad_id` unused: nothing is padded)."""
-    layout = tree(prompts, completions)
+    of a row encoded once."""
     width = max(len(c) for c in completions)
     mask = torch.zeros(len(completions), width, dtype=torch.bool)
     for i, c in enumerate(completions):
@@ -76,38 +98,47 @@ def shared_prefix_logprobs(
     out = torch.zeros(len(completions), width, dtype=torch.float32)
     if not mask.any():
         return out, mask
-    # logits at the nodes that predict a completion token only: the vocabulary projection is
-    # a large share of the work (a fifth of SmolLM2's parameters) and of the memory
-    needed = sorted({node for row in layout.predictors for node in row})
+    bounds = rows(prompts, completions, ROW_TOKENS)
+    layouts = [tree(prompts[start:end], completions[start:end]) for start, end in bounds]
+    length = max(len(layout.tokens) for layout in layouts)
+    ids = torch.full((len(layouts), length), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(layouts), length, dtype=torch.long)
+    for r, layout in enumerate(layouts):
+        ids[r, : len(layout.tokens)] = torch.tensor(layout.tokens)
+        positions[r, : len(layout.tokens)] = torch.tensor(layout.depths)
+    # (row, node) of every completion token's predictor; logits only at those nodes (the
+    # union over rows): the vocabulary projection is a large share of the work (a fifth of
+    # SmolLM2's parameters) and of the memory
+    where = [(r, node) for r, (start, end) in enumerate(bounds) for i in range(start, end)
+             for node in layouts[r].predictors[i - start]]
+    needed = sorted({node for _, node in where})
     index = {node: k for k, node in enumerate(needed)}
-    logits = model(
-        input_ids=torch.tensor([layout.tokens]), position_ids=torch.tensor([layout.depths]),
-        attention_mask=masks(model, layout), logits_to_keep=torch.tensor(needed),
-    ).logits[0].float()
+    logits = model(input_ids=ids, position_ids=positions, attention_mask=masks(model, layouts, length),
+                   logits_to_keep=torch.tensor(needed)).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    rows, cols = mask.nonzero(as_tuple=True)
-    at = torch.tensor([index[layout.predictors[i][t]] for i, t in zip(rows.tolist(), cols.tolist())])
-    targets = torch.tensor([completions[i][t] for i, t in zip(rows.tolist(), cols.tolist())])
-    return out.index_put((rows, cols), logprobs[at, targets]), mask
+    sequences, tokens = mask.nonzero(as_tuple=True)  # in the order of `where`: completion, then token
+    targets = torch.tensor([completions[i][t] for i, t in zip(sequences.tolist(), tokens.tolist())])
+    picked = logprobs[torch.tensor([r for r, _ in where]), torch.tensor([index[node] for _, node in where]), targets]
+    return out.index_put((sequences, tokens), picked), mask
 
 
-def masks(model: torch.nn.Module, layout: Tree) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The row's attention masks, additive, (1, 1, nodes, nodes): a node sees itself and its
-    ancestors, and under a sliding window only those fewer than `window` positions back (as
-    transformers counts it: q - k < window). One mask, or one per layer type where a window
-    splits the model's layers."""
-    n = len(layout.tokens)
-    seen = torch.zeros(n, n, dtype=torch.bool)
-    for node, parent in enumerate(layout.parents):  # a parent's row is complete before its child's
-        if parent >= 0:
-            seen[node] = seen[parent]
-        seen[node, node] = True
-    depths = torch.tensor(layout.depths)
-    distance = depths[:, None] - depths[None, :]
+def masks(model: torch.nn.Module, layouts: list[Tree], length: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The rows' attention masks, additive, (rows, 1, length, length): a node sees itself and
+    its ancestors, and under a sliding window only those fewer than `window` positions back
+    (as transformers counts it: q - k < window); a padding slot sees itself only. One mask, or
+    one per layer type where a window splits the model's layers."""
+    seen = torch.eye(length, dtype=torch.bool).repeat(len(layouts), 1, 1)
+    depths = torch.zeros(len(layouts), length, dtype=torch.long)
+    for r, layout in enumerate(layouts):
+        for node, parent in enumerate(layout.parents):  # a parent's row is complete before its child's
+            if parent >= 0:
+                seen[r, node] |= seen[r, parent]
+        depths[r, : len(layout.depths)] = torch.tensor(layout.depths)
+    distance = depths[:, :, None] - depths[:, None, :]
     dtype = _unwrapped(model).get_input_embeddings().weight.dtype  # the attention's: sdpa wants it
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
     window = _sliding_window(model)
     if window is None or int(depths.max()) < window:
