@@ -165,8 +165,9 @@ class OptimConfig:
     is_mask: bool = False  # also drop tokens whose weight is outside [1/is_cap, is_cap]
     max_grad_norm: float = 1.0
     seed: int = 0
-    # score each prompt of a group once, its keys and values shared by the group's completions
-    # (`train/prefix.py`): the same logprobs and gradient, the prompt's tokens computed once
+    # score a micro-batch as a prefix tree (`train/prefix.py`): every shared prefix (a group's
+    # prompt, the system prompt, completions' first tokens) computed once; the same logprobs
+    # and gradient
     shared_prefix: bool = True
 
     def __post_init__(self) -> None:

@@ -31,8 +31,8 @@ def completion_logprobs(
     shared_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprobs of each completion token given prompt and earlier tokens: (B, T) plus a mask.
-    With `shared_prefix`, each run of equal prompts is encoded once (`prefix.py`; the same
-    result within float32 rounding)."""
+    With `shared_prefix`, every prefix the sequences share is encoded once (`prefix.py`; the
+    same result within float32 rounding)."""
     if shared_prefix:
         return shared_prefix_logprobs(model, prompts, completions, pad_id)
     width = max(len(c) for c in completions)
