@@ -169,6 +169,10 @@ def test_a_node_sees_itself_and_its_ancestors_only():
                              get_input_embeddings=lambda: embeddings)
     seen = masks(slides, [layout], 4)[0, 0] == 0
     assert seen[2].tolist() == [False, True, True, False]
+    chunked = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention", "chunked_attention"]),
+                              get_input_embeddings=lambda: embeddings)
+    with pytest.raises(ValueError, match=r"not \['chunked_attention'\]: set optim.shared_prefix: false"):
+        masks(chunked, [layout], 4)
 
 
 def test_each_prompt_goes_through_the_model_once(tiny_model):

@@ -140,17 +140,17 @@ def masks(model: torch.nn.Module, layouts: list[Tree], length: int) -> torch.Ten
     def additive(allowed: torch.Tensor) -> torch.Tensor:
         return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
+    layer_types = getattr(_text_config(model), "layer_types", None)
+    unknown = set(layer_types or ()) - {"full_attention", "sliding_attention"}
+    if unknown:  # chunked attention, for one: its mask would need a rule of its own here
+        raise ValueError(f"shared-prefix scoring knows full and sliding attention layers, not {sorted(unknown)}: "
+                         "set optim.shared_prefix: false for this model")
     window = _sliding_window(model)
     if window is None or int(depths.max()) < window:
         return additive(seen)
     windowed = additive(seen & (distance < window))
-    layer_types = getattr(_text_config(model), "layer_types", None)
     if layer_types is None:  # every layer slides
         return windowed
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise ValueError(f"shared-prefix scoring knows full and sliding attention layers, not {sorted(unknown)}: "
-                         "set optim.shared_prefix: false for this model")
     full = additive(seen)
     return {kind: windowed if kind == "sliding_attention" else full for kind in set(layer_types)}
 
