@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorasync.train.distributed import unwrap
+
 
 # Tokens a row holds, counted before sharing (each sequence but its last token). The row's
 # attention costs about 4 * hidden * layers FLOPs per token per token of the row, its
@@ -106,19 +108,21 @@ def shared_prefix_logprobs(
     for r, layout in enumerate(layouts):
         ids[r, : len(layout.tokens)] = torch.tensor(layout.tokens)
         positions[r, : len(layout.tokens)] = torch.tensor(layout.depths)
-    # (row, node) of every completion token's predictor; logits only at those nodes (the
-    # union over rows): the vocabulary projection is a large share of the work (a fifth of
-    # SmolLM2's parameters) and of the memory
-    where = [(r, node) for r, (start, end) in enumerate(bounds) for i in range(start, end)
-             for node in layouts[r].predictors[i - start]]
-    needed = sorted({node for _, node in where})
+    # (completion, token, row, node) of every completion token's predictor; logits only at
+    # those nodes (the union over rows): the vocabulary projection is a large share of the
+    # work (a fifth of SmolLM2's parameters) and of the memory
+    picks = [(i, t, r, node) for r, (start, end) in enumerate(bounds) for i in range(start, end)
+             for t, node in enumerate(layouts[r].predictors[i - start])]
+    needed = sorted({node for *_, node in picks})
     index = {node: k for k, node in enumerate(needed)}
     logits = model(input_ids=ids, position_ids=positions, attention_mask=masks(model, layouts, length),
                    logits_to_keep=torch.tensor(needed)).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    sequences, tokens = mask.nonzero(as_tuple=True)  # in the order of `where`: completion, then token
-    targets = torch.tensor([completions[i][t] for i, t in zip(sequences.tolist(), tokens.tolist())])
-    picked = logprobs[torch.tensor([r for r, _ in where]), torch.tensor([index[node] for _, node in where]), targets]
+    sequences = torch.tensor([i for i, *_ in picks])
+    tokens = torch.tensor([t for _, t, *_ in picks])
+    targets = torch.tensor([completions[i][t] for i, t, *_ in picks])
+    at = torch.tensor([index[node] for *_, node in picks])
+    picked = logprobs[torch.tensor([r for _, _, r, _ in picks]), at, targets]
     return out.index_put((sequences, tokens), picked), mask
 
 
@@ -134,8 +138,7 @@ def masks(model: torch.nn.Module, layouts: list[Tree], length: int) -> torch.Ten
             if parent >= 0:
                 seen[r, node] |= seen[r, parent]
         depths[r, : len(layout.depths)] = torch.tensor(layout.depths)
-    distance = depths[:, :, None] - depths[:, None, :]
-    dtype = _unwrapped(model).get_input_embeddings().weight.dtype  # the attention's: sdpa wants it
+    dtype = unwrap(model).get_input_embeddings().weight.dtype  # the attention's: sdpa wants it
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:
         return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
@@ -148,6 +151,7 @@ def masks(model: torch.nn.Module, layouts: list[Tree], length: int) -> torch.Ten
     window = _sliding_window(model)
     if window is None or int(depths.max()) < window:
         return additive(seen)
+    distance = depths[:, :, None] - depths[:, None, :]
     windowed = additive(seen & (distance < window))
     if layer_types is None:  # every layer slides
         return windowed
@@ -155,16 +159,9 @@ def masks(model: torch.nn.Module, layouts: list[Tree], length: int) -> torch.Ten
     return {kind: windowed if kind == "sliding_attention" else full for kind in set(layer_types)}
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP's wrapper (FSDP2 shards in place)."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _text_config(model: torch.nn.Module):
-    """The model's text config (multimodal configs looked through), or None."""
-    config = getattr(_unwrapped(model), "config", None)
+    """The model's text config (DDP's wrapper and multimodal configs looked through), or None."""
+    config = getattr(unwrap(model), "config", None)
     if config is None:
         return None
     return config.get_text_config() if hasattr(config, "get_text_config") else config
